@@ -34,7 +34,7 @@ def load_image(path: str | Path, *, ndim: int | None = 3) -> nib.Nifti1Image:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
     except Exception as err:  # nibabel raises many types for damaged files
-        raise ImageError(f"{path}: not a readable image ({err})") from None
+        raise ImageError(f"{path}: not a readable image ({_one_line(err)})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         img = nib.Nifti1Image(data, img.affine, img.header)
     if ndim is not None:
@@ -49,5 +49,34 @@ def load_image(path: str | Path, *, ndim: int | None = 3) -> nib.Nifti1Image:
 
 
 def check_readable(path: str | Path) -> None:
-    """Raise :class:`ImageError` if ``path`` is not a readable 3D image."""
-    load_image(path)
+    """Raise :class:`ImageError` if ``path`` is not an image with a 3D grid.
+
+    Reads the header only (fast enough for planning hundreds of subjects); an
+    uncompressed file shorter than its header promises is caught here too, a
+    truncated ``.nii.gz`` only when :func:`load_image` reads the voxels.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"{path}: file not found")
+    size = path.stat().st_size
+    if size < 348:
+        raise ImageError(f"{path}: not a readable image (file is {size} bytes)")
+    try:
+        img = nib.load(str(path))
+    except Exception as err:
+        raise ImageError(f"{path}: not a readable image ({_one_line(err)})") from None
+    shape = img.shape
+    if len(shape) < 3 or (len(shape) > 3 and int(np.prod(shape[3:])) != 1):
+        raise ImageError(f"{path}: expected a 3D image, got shape {shape}")
+    if not str(path).endswith(".gz") and hasattr(img.header, "get_data_offset"):
+        expected = int(img.header.get_data_offset()) + int(
+            np.prod(shape) * img.get_data_dtype().itemsize
+        )
+        if size < expected:
+            raise ImageError(
+                f"{path}: truncated image (file is {size} bytes, header needs {expected})"
+            )
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
