@@ -27,6 +27,7 @@ __all__ = [
     "atomic_write_text",
     "bids_uri",
     "build_path",
+    "parse_entities",
     "dataset_description",
     "staged_relpath",
     "write_dataset_description",
@@ -254,3 +255,27 @@ def write_dataset_description(
     return atomic_write_json(
         Path(out_dir) / "dataset_description.json", dataset_description(source_datasets)
     )
+
+
+_SHORT_TO_LONG = {short: long for long, short in ENTITY_KEYS.items()}
+
+
+def parse_entities(path: str | os.PathLike[str]) -> tuple[dict[str, str], str, str]:
+    """Entities, suffix and extension of a BIDS file name.
+
+    ``sub-01_ses-a_run-2_T1w.nii.gz`` gives
+    ``({"subject": "01", "session": "a", "run": "2"}, "T1w", ".nii.gz")``.
+    """
+    name = Path(path).name
+    stem, dot, rest = name.partition(".")
+    extension = dot + rest if dot else ""
+    *pairs, suffix = stem.split("_")
+    entities: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("-")
+        if not sep or key not in _SHORT_TO_LONG:
+            raise DerivativeNameError(f"{name}: '{pair}' is not a BIDS entity")
+        entities[_SHORT_TO_LONG[key]] = value
+    if "subject" not in entities:
+        raise DerivativeNameError(f"{name}: a BIDS file name starts with sub-<label>")
+    return entities, suffix, extension

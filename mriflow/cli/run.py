@@ -1,0 +1,230 @@
+"""The ``mriflow`` command: a BIDS App (``mriflow BIDS_DIR OUT_DIR participant|group``).
+
+Exit codes follow the BIDS App convention: 0 when every selected subject
+succeeded, 1 when any failed (the others are still written), 2 on usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+# Nipype asks a web service for its latest version at import unless told not to;
+# mriflow must work offline.
+os.environ.setdefault("NIPYPE_NO_ET", "1")
+
+from mriflow import __version__  # noqa: E402
+from mriflow.config import Config, ConfigError, load_config  # noqa: E402
+
+__all__ = ["main", "build_parser"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+log = logging.getLogger("mriflow")
+
+
+class UsageError(Exception):
+    """Bad command line or paths: one line, exit 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mriflow",
+        description=(
+            "Fast, offline preprocessing of anatomical brain MRI to ML-ready BIDS derivatives. "
+            "DICOM conversion: 'mriflow convert --help'."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("bids_dir", type=Path, help="the raw BIDS dataset")
+    parser.add_argument("output_dir", type=Path, help="where the derivatives are written")
+    parser.add_argument(
+        "analysis_level", choices=["participant", "group"], help="processing stage"
+    )
+    parser.add_argument("--version", action="version", version=f"mriflow {__version__}")
+
+    select = parser.add_argument_group("selecting data")
+    select.add_argument(
+        "--participant-label",
+        "--participant_label",
+        nargs="+",
+        metavar="LABEL",
+        help="subjects to process, with or without 'sub-' (default: all)",
+    )
+    select.add_argument(
+        "--session-label", nargs="+", metavar="LABEL", help="sessions to process (default: all)"
+    )
+
+    run = parser.add_argument_group("execution")
+    run.add_argument("-w", "--work-dir", type=Path, default=Path("work"), help="Nipype work dir")
+    run.add_argument("--nprocs", "--nthreads", type=int, help="processes (0: all cores)")
+    run.add_argument("--omp-nthreads", type=int, help="threads per step (ITK/ANTs/BLAS)")
+    run.add_argument("--mem-gb", type=float, help="memory available to the run (GB)")
+    run.add_argument("--plugin", help="Nipype plugin: MultiProc, Linear, SLURM, SLURMGraph, ...")
+    run.add_argument(
+        "--plugin-args",
+        help="plugin arguments as JSON ('{\"sbatch_args\": \"-p short\"}') or a JSON/TOML file",
+    )
+    run.add_argument(
+        "--stop-on-first-crash", action="store_true", default=None, help="abort at first error"
+    )
+
+    conf = parser.add_argument_group("configuration (defaults < --config file < flags)")
+    conf.add_argument("--config", type=Path, help="TOML config, e.g. a previous mriflow_config.toml")
+    conf.add_argument("--voxel-size", type=float, help="isotropic voxel size in mm")
+    conf.add_argument("--seed", type=int, help="seed of every random step")
+    conf.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="set any config value, e.g. --set n4.shrink_factor=2 (repeatable)",
+    )
+
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="count", default=0, help="more output")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="errors and summary only")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    """Defaults, then ``--config``, then flags; a bad value is a usage error."""
+    try:
+        config = load_config(args.config)
+        flags = {
+            "spatial.voxel_size": args.voxel_size,
+            "seed": args.seed,
+            "execution.nprocs": args.nprocs,
+            "execution.omp_nthreads": args.omp_nthreads,
+            "execution.mem_gb": args.mem_gb,
+            "execution.plugin": args.plugin,
+            "execution.stop_on_first_crash": args.stop_on_first_crash,
+        }
+        for key, value in flags.items():
+            if value is not None:
+                config.set(key, value)
+        if args.plugin_args:
+            config.set("execution.plugin_args", _parse_plugin_args(args.plugin_args))
+        for override in args.overrides:
+            key, sep, value = override.partition("=")
+            if not sep:
+                raise ConfigError(f"--set {override!r}: expected SECTION.KEY=VALUE")
+            config.set(key.strip(), value.strip(), source=f"--set {override}")
+    except ConfigError as err:
+        raise UsageError(str(err)) from None
+    return config
+
+
+def _parse_plugin_args(text: str) -> dict:
+    path = Path(text)
+    if path.is_file():
+        if path.suffix == ".toml":
+            from mriflow.config import tomllib
+
+            return tomllib.loads(path.read_text())
+        text = path.read_text()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--plugin-args: not JSON nor a JSON/TOML file ({err})") from None
+    if not isinstance(value, dict):
+        raise ConfigError("--plugin-args: expected a JSON object")
+    return value
+
+
+def check_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
+    bids_dir = args.bids_dir.resolve()
+    out_dir = args.output_dir.resolve()
+    work_dir = args.work_dir.resolve()
+    if not bids_dir.is_dir():
+        raise UsageError(f"BIDS_DIR {args.bids_dir} does not exist or is not a folder")
+    if out_dir == bids_dir or bids_dir in out_dir.parents:
+        raise UsageError(
+            f"OUT_DIR {args.output_dir} is inside BIDS_DIR {args.bids_dir}: "
+            "write derivatives outside the raw dataset (e.g. next to it)"
+        )
+    if work_dir == bids_dir or bids_dir in work_dir.parents:
+        raise UsageError(f"--work-dir {args.work_dir} is inside BIDS_DIR {args.bids_dir}")
+    return bids_dir, out_dir, work_dir
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(format="%(message)s", level=level, stream=sys.stderr, force=True)
+    from nipype import logging as nlogging
+
+    nipype_level = "INFO" if verbose else "WARNING"
+    if quiet:
+        nipype_level = "CRITICAL"
+    for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
+        nlogging.getLogger(name).setLevel(nipype_level)
+    logging.getLogger("bidsschematools").setLevel(logging.WARNING)
+
+
+def _set_thread_env(omp_nthreads: int) -> None:
+    threads = str(max(1, omp_nthreads))
+    for var in (
+        "OMP_NUM_THREADS",
+        "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS",
+        "OPENBLAS_NUM_THREADS",
+        "MKL_NUM_THREADS",
+    ):
+        os.environ[var] = threads
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "convert":
+        return _convert(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits 2 on bad usage
+    try:
+        config = resolve_config(args)
+        bids_dir, out_dir, work_dir = check_paths(args)
+        _setup_logging(args.verbose, args.quiet)
+        _set_thread_env(config.execution.omp_nthreads)
+        if args.analysis_level == "participant":
+            from mriflow.cli.participant import run_participant
+
+            return run_participant(
+                bids_dir=bids_dir,
+                out_dir=out_dir,
+                work_dir=work_dir,
+                config=config,
+                participant_labels=args.participant_label,
+                session_labels=args.session_label,
+            )
+        from mriflow.cli.group import run_group
+
+        return run_group(
+            bids_dir=bids_dir,
+            out_dir=out_dir,
+            work_dir=work_dir,
+            config=config,
+            participant_labels=args.participant_label,
+        )
+    except UsageError as err:
+        print(f"mriflow: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _convert(argv: list[str]) -> int:
+    from mriflow.cli.convert import add_convert_arguments, run_convert
+
+    parser = argparse.ArgumentParser(
+        prog="mriflow convert",
+        description="Convert a folder of DICOM files into a BIDS raw dataset.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_convert_arguments(parser)
+    return run_convert(parser.parse_args(argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

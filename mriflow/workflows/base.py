@@ -1,0 +1,100 @@
+"""Top-level workflows: one per subject, all subjects in one Nipype graph."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from mriflow.bids.discovery import SubjectInputs
+from mriflow.bids.outputs import anat_derivatives
+from mriflow.config import Config
+from mriflow.interfaces.bids import DerivativesDataSink, PublishDerivatives
+from mriflow.workflows.anatomical import init_anat_preproc_wf
+
+__all__ = ["init_mriflow_wf", "init_single_subject_wf", "subject_workflow_name"]
+
+
+def subject_workflow_name(subject: str) -> str:
+    return f"sub_{subject}_wf"
+
+
+def init_mriflow_wf(
+    subjects: Sequence[SubjectInputs],
+    *,
+    config: Config,
+    bids_dir: str | Path,
+    out_dir: str | Path,
+    work_dir: str | Path,
+    name: str = "mriflow_wf",
+) -> pe.Workflow:
+    """All runnable subjects, each as an independent sub-workflow (they run in parallel)."""
+    workflow = pe.Workflow(name=name, base_dir=str(work_dir))
+    for subject in subjects:
+        if subject.error:
+            continue
+        workflow.add_nodes(
+            [
+                init_single_subject_wf(
+                    subject, config=config, bids_dir=bids_dir, out_dir=out_dir
+                )
+            ]
+        )
+    return workflow
+
+
+def init_single_subject_wf(
+    subject: SubjectInputs,
+    *,
+    config: Config,
+    bids_dir: str | Path,
+    out_dir: str | Path,
+    name: str | None = None,
+) -> pe.Workflow:
+    """Preprocess every anatomical image of one subject and publish its derivatives.
+
+    The subject's derivatives are staged by one sink per output and copied into
+    ``out_dir`` by a single publishing node after all of them exist.
+    """
+    workflow = pe.Workflow(name=name or subject_workflow_name(subject.subject))
+    sinks: list[pe.Node] = []
+    for image in subject.images:
+        anat_wf = init_anat_preproc_wf(
+            config=config, contrast=image.suffix, name=f"anat_{image.key}_wf"
+        )
+        anat_wf.inputs.inputnode.in_file = str(image.path)
+        for spec in anat_derivatives(image.suffix):
+            sink = pe.Node(
+                DerivativesDataSink(
+                    source_file=str(image.path),
+                    raw_relpath=image.relpath,
+                    suffix=spec.suffix or image.suffix,
+                    entities=dict(spec.entities),
+                    metadata=dict(spec.metadata),
+                    step_names=list(spec.steps),
+                ),
+                name=f"ds_{image.key}_{spec.output}",
+                run_without_submitting=True,
+            )
+            if spec.data_dtype:
+                sink.inputs.data_dtype = spec.data_dtype
+            workflow.connect([
+                (anat_wf, sink, [
+                    (f"outputnode.{spec.output}", "in_file"),
+                    ("outputnode.steps", "steps"),
+                ]),
+            ])  # fmt:skip
+            sinks.append(sink)
+
+    collect = pe.Node(niu.Merge(len(sinks)), name="collect_derivatives")
+    for index, sink in enumerate(sinks, start=1):
+        workflow.connect(sink, "staged", collect, f"in{index}")
+    publish = pe.Node(
+        PublishDerivatives(out_dir=str(Path(out_dir).resolve())),
+        name="publish",
+        run_without_submitting=True,
+    )
+    workflow.connect(collect, "out", publish, "in_files")
+    return workflow

@@ -1,0 +1,48 @@
+"""Workflow factories compose into users' own Nipype workflows."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from mriflow.config import Config
+from mriflow.workflows.anatomical import init_anat_preproc_wf
+from tests.helpers import write_phantom_t1w
+
+
+def _voxel_count(in_file):
+    import nibabel as nib
+    import numpy as np
+
+    return int(np.count_nonzero(np.asanyarray(nib.load(in_file).dataobj)))
+
+
+def test_anat_preproc_wf_runs_inside_a_user_workflow(tmp_path):
+    t1w = write_phantom_t1w(tmp_path / "sub-01_T1w.nii.gz")
+    config = Config()
+    config.set("spatial.voxel_size", 3.0)
+
+    user = pe.Workflow(name="user_wf", base_dir=str(tmp_path / "work"))
+    source = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="source")
+    source.inputs.t1w = str(t1w)
+    anat_wf = init_anat_preproc_wf(config=config, name="mriflow_anat_wf")
+    count = pe.Node(
+        niu.Function(input_names=["in_file"], output_names=["n"], function=_voxel_count),
+        name="count",
+    )
+    user.connect([
+        (source, anat_wf, [("t1w", "inputnode.in_file")]),
+        (anat_wf, count, [("outputnode.preproc", "in_file")]),
+    ])  # fmt:skip
+    graph = user.run(plugin="Linear")
+
+    nodes = {node.fullname: node for node in graph.nodes()}
+    preproc = nodes["user_wf.mriflow_anat_wf.conform"].result.outputs.out_file
+    img = nib.load(preproc)
+    assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
+    assert np.allclose(img.header.get_zooms()[:3], 3.0)
+    assert nodes["user_wf.count"].result.outputs.n > 0
+    steps = nodes["user_wf.mriflow_anat_wf.outputnode"].result.outputs.steps
+    assert steps[0]["Name"] == "conform" and steps[0]["Parameters"]["voxel_size_mm"] == 3.0
