@@ -12,11 +12,12 @@ from mriflow.workflows.anatomical import init_anat_preproc_wf
 from tests.helpers import write_phantom_t1w
 
 
-def _voxel_count(in_file):
+def _summarize(in_file, steps):
     import nibabel as nib
     import numpy as np
 
-    return int(np.count_nonzero(np.asanyarray(nib.load(in_file).dataobj)))
+    n = int(np.count_nonzero(np.asanyarray(nib.load(in_file).dataobj)))
+    return n, steps
 
 
 def test_anat_preproc_wf_runs_inside_a_user_workflow(tmp_path):
@@ -29,12 +30,14 @@ def test_anat_preproc_wf_runs_inside_a_user_workflow(tmp_path):
     source.inputs.t1w = str(t1w)
     anat_wf = init_anat_preproc_wf(config=config, name="mriflow_anat_wf")
     count = pe.Node(
-        niu.Function(input_names=["in_file"], output_names=["n"], function=_voxel_count),
+        niu.Function(
+            input_names=["in_file", "steps"], output_names=["n", "steps"], function=_summarize
+        ),
         name="count",
     )
     user.connect([
         (source, anat_wf, [("t1w", "inputnode.in_file")]),
-        (anat_wf, count, [("outputnode.preproc", "in_file")]),
+        (anat_wf, count, [("outputnode.preproc", "in_file"), ("outputnode.steps", "steps")]),
     ])  # fmt:skip
     graph = user.run(plugin="Linear")
 
@@ -44,5 +47,5 @@ def test_anat_preproc_wf_runs_inside_a_user_workflow(tmp_path):
     assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
     assert np.allclose(img.header.get_zooms()[:3], 3.0)
     assert nodes["user_wf.count"].result.outputs.n > 0
-    steps = nodes["user_wf.mriflow_anat_wf.outputnode"].result.outputs.steps
+    steps = nodes["user_wf.count"].result.outputs.steps
     assert steps[0]["Name"] == "conform" and steps[0]["Parameters"]["voxel_size_mm"] == 3.0
