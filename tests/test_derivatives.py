@@ -21,16 +21,36 @@ from mriflow.bids.derivatives import (
 @pytest.mark.parametrize(
     "entities,suffix,ext,expected",
     [
-        ({"subject": "01", "desc": "preproc"}, "T1w", ".nii.gz",
-         "sub-01/anat/sub-01_desc-preproc_T1w.nii.gz"),
-        ({"desc": "brain", "ses": "retest", "sub": "01", "run": "2"}, "mask", ".nii.gz",
-         "sub-01/ses-retest/anat/sub-01_ses-retest_run-2_desc-brain_mask.nii.gz"),
-        ({"sub": "01", "space": "MNI152NLin2009aSym", "desc": "preproc", "acq": "mprage"}, "T1w",
-         ".nii.gz", "sub-01/anat/sub-01_acq-mprage_space-MNI152NLin2009aSym_desc-preproc_T1w.nii.gz"),
-        ({"sub": "01", "label": "GM", "space": "MNI152NLin2009aSym"}, "probseg", ".nii.gz",
-         "sub-01/anat/sub-01_space-MNI152NLin2009aSym_label-GM_probseg.nii.gz"),
-        ({"sub": "01", "from": "T1w", "to": "MNI152NLin2009aSym", "mode": "image"}, "xfm", ".h5",
-         "sub-01/anat/sub-01_from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.h5"),
+        (
+            {"subject": "01", "desc": "preproc"},
+            "T1w",
+            ".nii.gz",
+            "sub-01/anat/sub-01_desc-preproc_T1w.nii.gz",
+        ),
+        (
+            {"desc": "brain", "ses": "retest", "sub": "01", "run": "2"},
+            "mask",
+            ".nii.gz",
+            "sub-01/ses-retest/anat/sub-01_ses-retest_run-2_desc-brain_mask.nii.gz",
+        ),
+        (
+            {"sub": "01", "space": "MNI152NLin2009aSym", "desc": "preproc", "acq": "mprage"},
+            "T1w",
+            ".nii.gz",
+            "sub-01/anat/sub-01_acq-mprage_space-MNI152NLin2009aSym_desc-preproc_T1w.nii.gz",
+        ),
+        (
+            {"sub": "01", "label": "GM", "space": "MNI152NLin2009aSym"},
+            "probseg",
+            ".nii.gz",
+            "sub-01/anat/sub-01_space-MNI152NLin2009aSym_label-GM_probseg.nii.gz",
+        ),
+        (
+            {"sub": "01", "from": "T1w", "to": "MNI152NLin2009aSym", "mode": "image"},
+            "xfm",
+            ".h5",
+            "sub-01/anat/sub-01_from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.h5",
+        ),
     ],
 )
 def test_build_path_follows_smriprep_naming(entities, suffix, ext, expected):
@@ -52,7 +72,9 @@ def test_build_path_rejects_invalid_entities(entities, match):
 
 def test_parse_entities_round_trips_build_path():
     rel = build_path(
-        {"sub": "02", "ses": "hfs", "run": "1", "desc": "preproc"}, suffix="T1w", extension=".nii.gz"
+        {"sub": "02", "ses": "hfs", "run": "1", "desc": "preproc"},
+        suffix="T1w",
+        extension=".nii.gz",
     )
     entities, suffix, ext = parse_entities(rel)
     assert entities == {"subject": "02", "session": "hfs", "run": "1", "description": "preproc"}

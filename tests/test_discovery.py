@@ -41,12 +41,24 @@ def test_unreadable_image_fails_only_its_subject(tmp_path):
     "layout,n_subjects,first_t1w",
     [
         ("ds001", 16, ["sub-01/anat/sub-01_T1w.nii.gz"]),
-        ("ds114", 10, ["sub-01/ses-retest/anat/sub-01_ses-retest_T1w.nii.gz",
-                       "sub-01/ses-test/anat/sub-01_ses-test_T1w.nii.gz"]),
+        (
+            "ds114",
+            10,
+            [
+                "sub-01/ses-retest/anat/sub-01_ses-retest_T1w.nii.gz",
+                "sub-01/ses-test/anat/sub-01_ses-test_T1w.nii.gz",
+            ],
+        ),
         # 7t_trt: sub-01's second session has no anat folder
         ("7t_trt", 22, ["sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz"]),
-        ("synthetic", 5, ["sub-01/ses-01/anat/sub-01_ses-01_T1w.nii",
-                          "sub-01/ses-02/anat/sub-01_ses-02_T1w.nii"]),
+        (
+            "synthetic",
+            5,
+            [
+                "sub-01/ses-01/anat/sub-01_ses-01_T1w.nii",
+                "sub-01/ses-02/anat/sub-01_ses-02_T1w.nii",
+            ],
+        ),
     ],
 )
 def test_real_layouts(data_dir, layout, n_subjects, first_t1w):

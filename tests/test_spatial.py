@@ -161,7 +161,9 @@ def test_crop_to_mask_keeps_mask_and_margin(ornt, margin):
     out = crop_to_mask(img, mask_img, margin_mm=margin)
     out_mask = crop_to_mask(mask_img, mask_img, margin_mm=margin)
     assert out_mask.get_fdata().sum() == mask.sum()  # the whole mask is inside the box
-    expected = np.minimum(np.array([5, 8, 4]) + 2 * np.ceil(margin / np.array([1, 1, 2])), (30, 30, 20))
+    expected = np.minimum(
+        np.array([5, 8, 4]) + 2 * np.ceil(margin / np.array([1, 1, 2])), (30, 30, 20)
+    )
     assert np.all(np.asarray(out.shape) <= expected)
     # voxel (0,0,0) of the crop is the same world point and value as in the input
     ijk_in = np.rint(nib.affines.apply_affine(np.linalg.inv(affine), out.affine[:3, 3])).astype(int)

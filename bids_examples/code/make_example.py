@@ -70,9 +70,20 @@ def main(dicom_root: Path, out: Path) -> None:
     for session, folder in (("hfs", "HFS/3_t1_fl2d_sag"), ("hfdl", "HFDL/2_t1_fl2d_sag")):
         with tempfile.TemporaryDirectory() as tmp:
             subprocess.run(
-                [binary, "-z", "y", "-ba", "y", "-f", "series", "-o", tmp,
-                 str(dicom_root / "decubitus_t1" / folder)],
-                check=True, capture_output=True,
+                [
+                    binary,
+                    "-z",
+                    "y",
+                    "-ba",
+                    "y",
+                    "-f",
+                    "series",
+                    "-o",
+                    tmp,
+                    str(dicom_root / "decubitus_t1" / folder),
+                ],
+                check=True,
+                capture_output=True,
             )
             write_pair(
                 Path(tmp) / "series.nii.gz",

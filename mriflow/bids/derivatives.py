@@ -143,7 +143,7 @@ def build_path(
     extension: str,
     datatype: str | None = "anat",
 ) -> str:
-    """Relative path of a derivative, e.g. ``sub-01/ses-a/anat/sub-01_ses-a_desc-preproc_T1w.nii.gz``.
+    """Relative path of a derivative, e.g. ``sub-01/anat/sub-01_desc-preproc_T1w.nii.gz``.
 
     Parameters
     ----------

@@ -173,7 +173,9 @@ def _last_error_line(traceback: list[str]) -> str:
 
 def format_summary(outcomes: list[SubjectOutcome], elapsed: float) -> str:
     ok = sum(o.ok for o in outcomes)
-    lines = [f"mriflow participant: {ok} of {len(outcomes)} subject(s) succeeded in {elapsed:.0f} s"]
+    lines = [
+        f"mriflow participant: {ok} of {len(outcomes)} subject(s) succeeded in {elapsed:.0f} s"
+    ]
     for outcome in outcomes:
         status = "ok" if outcome.ok else f"FAILED  {outcome.reason}"
         lines.append(f"  sub-{outcome.subject}  {status}")
@@ -190,8 +192,11 @@ def _write_summary(
             "ElapsedSeconds": round(elapsed, 1),
             "CrashDir": str(crash_dir),
             "Subjects": [
-                {"participant_id": f"sub-{o.subject}", "status": "ok" if o.ok else "failed",
-                 "reason": o.reason}
+                {
+                    "participant_id": f"sub-{o.subject}",
+                    "status": "ok" if o.ok else "failed",
+                    "reason": o.reason,
+                }
                 for o in outcomes
             ],
         },

@@ -43,9 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("bids_dir", type=Path, help="the raw BIDS dataset")
     parser.add_argument("output_dir", type=Path, help="where the derivatives are written")
-    parser.add_argument(
-        "analysis_level", choices=["participant", "group"], help="processing stage"
-    )
+    parser.add_argument("analysis_level", choices=["participant", "group"], help="processing stage")
     parser.add_argument("--version", action="version", version=f"mriflow {__version__}")
 
     select = parser.add_argument_group("selecting data")
@@ -68,14 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--plugin", help="Nipype plugin: MultiProc, Linear, SLURM, SLURMGraph, ...")
     run.add_argument(
         "--plugin-args",
-        help="plugin arguments as JSON ('{\"sbatch_args\": \"-p short\"}') or a JSON/TOML file",
+        help='plugin arguments as JSON (\'{"sbatch_args": "-p short"}\') or a JSON/TOML file',
     )
     run.add_argument(
         "--stop-on-first-crash", action="store_true", default=None, help="abort at first error"
     )
 
     conf = parser.add_argument_group("configuration (defaults < --config file < flags)")
-    conf.add_argument("--config", type=Path, help="TOML config, e.g. a previous mriflow_config.toml")
+    conf.add_argument(
+        "--config", type=Path, help="TOML config, e.g. a previous mriflow_config.toml"
+    )
     conf.add_argument("--voxel-size", type=float, help="isotropic voxel size in mm")
     conf.add_argument("--seed", type=int, help="seed of every random step")
     conf.add_argument(

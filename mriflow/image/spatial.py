@@ -180,9 +180,7 @@ def _window(
     return _new_image(out, affine, img)
 
 
-def crop_or_pad(
-    img: nib.spatialimages.SpatialImage, shape: Sequence[int]
-) -> nib.Nifti1Image:
+def crop_or_pad(img: nib.spatialimages.SpatialImage, shape: Sequence[int]) -> nib.Nifti1Image:
     """Center-crop and/or zero-pad to ``shape`` voxels, keeping world coordinates.
 
     Like TorchIO's ``CropOrPad``: when a dimension shrinks by an odd number of

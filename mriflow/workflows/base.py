@@ -36,11 +36,7 @@ def init_mriflow_wf(
         if subject.error:
             continue
         workflow.add_nodes(
-            [
-                init_single_subject_wf(
-                    subject, config=config, bids_dir=bids_dir, out_dir=out_dir
-                )
-            ]
+            [init_single_subject_wf(subject, config=config, bids_dir=bids_dir, out_dir=out_dir)]
         )
     return workflow
 
