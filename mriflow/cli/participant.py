@@ -51,6 +51,7 @@ def run_participant(
     from mriflow.cli.run import EXIT_FAILED, EXIT_OK, UsageError
 
     started = time.monotonic()
+    started_wall = time.time()
     try:
         subjects = collect_inputs(bids_dir, participant_labels, session_labels)
     except DiscoveryError as err:
@@ -112,7 +113,7 @@ def run_participant(
             outcomes.append(SubjectOutcome(label, False, subject.error))
         elif label in crashes:
             outcomes.append(SubjectOutcome(label, False, crashes[label]))
-        elif not _published(work_dir / workflow_name, label):
+        elif not _published(work_dir / workflow_name, label, since=started_wall):
             outcomes.append(SubjectOutcome(label, False, "did not complete (run stopped early)"))
         else:
             outcomes.append(SubjectOutcome(label, True))
@@ -123,11 +124,12 @@ def run_participant(
     return EXIT_OK if all(o.ok for o in outcomes) else EXIT_FAILED
 
 
-def _published(workflow_dir: Path, subject: str) -> bool:
+def _published(workflow_dir: Path, subject: str, since: float) -> bool:
+    """Whether the subject's publishing node ran in this run (it reruns every time)."""
     from mriflow.workflows.base import subject_workflow_name
 
     result = workflow_dir / subject_workflow_name(subject) / "publish" / "result_publish.pklz"
-    return result.is_file()
+    return result.is_file() and result.stat().st_mtime >= since - 1
 
 
 def subject_failures(crash_dir: Path) -> dict[str, str]:

@@ -8,6 +8,7 @@ succeeded, so a failed subject leaves nothing half-written in the output folder.
 
 from __future__ import annotations
 
+import filecmp
 import os
 import shutil
 from pathlib import Path
@@ -135,7 +136,11 @@ class _PublishOutputSpec(TraitedSpec):
 
 
 class PublishDerivatives(SimpleInterface):
-    """Copy a subject's staged derivatives into the output dataset, each file atomically."""
+    """Copy a subject's staged derivatives into the output dataset, each file atomically.
+
+    A file already in place with identical content is left untouched, so a rerun
+    does not rewrite outputs whose inputs and config did not change.
+    """
 
     input_spec = _PublishInputSpec
     output_spec = _PublishOutputSpec
@@ -145,10 +150,18 @@ class PublishDerivatives(SimpleInterface):
         published = []
         for staged in _flatten(self.inputs.in_files):
             target = out_dir / staged_relpath(staged)
-            atomic_copy(staged, target)
+            if not _same_content(staged, target):
+                atomic_copy(staged, target)
             published.append(str(target))
         self._results["out_files"] = published
         return runtime
+
+
+def _same_content(a: str | Path, b: str | Path) -> bool:
+    b = Path(b)
+    if not b.is_file() or Path(a).stat().st_size != b.stat().st_size:
+        return False
+    return filecmp.cmp(a, b, shallow=False)
 
 
 def _flatten(items) -> list[str]:

@@ -91,6 +91,7 @@ def init_single_subject_wf(
         PublishDerivatives(out_dir=str(Path(out_dir).resolve())),
         name="publish",
         run_without_submitting=True,
+        overwrite=True,  # cheap, and restores outputs deleted since the last run
     )
     workflow.connect(collect, "out", publish, "in_files")
     return workflow
