@@ -73,9 +73,7 @@ def test_slice_is_the_same_anatomy_whatever_the_voxel_order(orientation, axis):
     ras = nib.Nifti1Image(ras_data, ras_affine)
     # Build the same image in another voxel order with nibabel's own orientation tools.
     target = np.array([[p, s] for p, s in zip(perm, signs, strict=True)])
-    transform = nib.orientations.ornt_transform(
-        nib.orientations.io_orientation(ras_affine), target
-    )
+    transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(ras_affine), target)
     data = nib.orientations.apply_orientation(ras_data, transform)
     affine = ras_affine @ nib.orientations.inv_ornt_aff(transform, ras.shape)
 
