@@ -181,7 +181,11 @@ def extract_slice(data: np.ndarray, layout: SliceLayout, index: int) -> np.ndarr
     n = data.shape[layout.voxel_axis]
     if not 0 <= index < n:
         raise ValueError(f"slice index {index} is outside 0..{n - 1} for axis {layout.axis}")
-    plane = np.take(data, index, axis=layout.voxel_axis)
+    # Basic indexing gives a view; np.take would first copy a Fortran-ordered volume
+    # (as nibabel loads NIfTI) into C order, once per slice.
+    where: list[int | slice] = [slice(None)] * 3
+    where[layout.voxel_axis] = index
+    plane = data[tuple(where)]
     # The two remaining voxel axes keep their order; put the row axis first.
     remaining = [a for a in range(3) if a != layout.voxel_axis]
     if remaining.index(layout.row_voxel_axis) != 0:
