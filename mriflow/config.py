@@ -139,6 +139,8 @@ class SplitConfig:
     """0 for a train/val/test split by ``fractions``; k > 1 for k folds."""
     stratify_by: str = ""
     group_by: str = ""
+    stratify_bins: int = 0
+    """> 1: bin a numeric ``stratify_by`` column (e.g. age) into this many quantile classes."""
 
 
 @dataclass

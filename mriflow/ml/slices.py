@@ -1,0 +1,420 @@
+"""Export a volume (and its mask / dseg) as 2D slices with a CSV index.
+
+One call of :func:`export_slices` writes, into ``out_dir``:
+
+- one file per selected slice and axis, ``<stem>_axis-<axis>_slice-<NNN>_<suffix>.png``
+  (or ``.npy``), plus the mask and dseg slices under the same name with the suffix
+  ``mask`` / ``dseg``;
+- ``<stem>_slices.csv``: one row per slice (participant_id, session_id, space, axis, index,
+  world coordinate, brain fraction, the files and the intensity scaling);
+- ``<stem>_slices.json``: the space that was sliced, the display orientation, the
+  formats and the scaling formula.
+
+Files in the CSV are relative to the CSV's folder. Every file is written atomically,
+the index last, so an index never lists a file that is not complete on disk.
+
+Scaling (PNG): ``stored = clip(rint((value - offset) / scale), 0, 2**bits - 1)``;
+``value ~ offset + scale * stored``, with ``offset``/``scale`` in the CSV row
+(:func:`load_slice` applies it). Mask and dseg PNGs hold the label values unscaled
+(offset 0, scale 1). NPY slices keep the values as float32 (image) or the
+smallest unsigned integer type (labels), also with offset 0 and scale 1.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import nibabel as nib
+import numpy as np
+from PIL import Image
+
+from mriflow.image.slices import (
+    SLICE_AXES,
+    LinearScaling,
+    brain_fractions,
+    extract_slice,
+    label_dtype,
+    linear_scaling,
+    select_slices,
+    slice_layout,
+    slice_world_coordinate,
+)
+from mriflow.ml._files import atomic_write, atomic_write_json, atomic_write_table
+
+__all__ = [
+    "SLICE_INDEX_COLUMNS",
+    "SliceExport",
+    "SliceExportError",
+    "export_slices",
+    "read_slice_index",
+    "load_slice",
+    "slice_filename",
+]
+
+SLICE_INDEX_COLUMNS: tuple[str, ...] = (
+    "participant_id",
+    "session_id",
+    "space",
+    "axis",
+    "index",
+    "world_mm",
+    "brain_fraction",
+    "file",
+    "mask_file",
+    "dseg_file",
+    "value_offset",
+    "value_scale",
+)
+
+_LABEL = re.compile(r"^[A-Za-z0-9]+$")
+# zlib level 1: measured 5x faster than Pillow's default 6 on 224x224 16-bit MRI slices,
+# for files about 6 % larger; the export writes hundreds of slices per subject.
+PNG_COMPRESS_LEVEL = 1
+
+
+class SliceExportError(ValueError):
+    """Inputs of a slice export do not fit together; the message names what and why."""
+
+
+@dataclass
+class SliceExport:
+    """What :func:`export_slices` wrote."""
+
+    index_file: Path
+    json_file: Path
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def files(self) -> list[Path]:
+        """Every slice file written (image, mask, dseg), as absolute paths."""
+        out = []
+        for row in self.rows:
+            for key in ("file", "mask_file", "dseg_file"):
+                if row.get(key):
+                    out.append(self.index_file.parent / row[key])
+        return out
+
+
+def slice_filename(stem: str, axis: str, index: int, suffix: str, ext: str, width: int = 3) -> str:
+    """``<stem>_axis-<axis>_slice-<index, zero padded>_<suffix>.<ext>``."""
+    return f"{stem}_axis-{axis}_slice-{index:0{width}d}_{suffix}.{ext}"
+
+
+def _bids_id(label: str | None, prefix: str, what: str) -> str:
+    """``"01"`` or ``"sub-01"`` -> ``"sub-01"`` (prefixed, so CSV readers keep it a string)."""
+    if label is None or label == "":
+        return ""
+    label = str(label)
+    if label.startswith(prefix):
+        label = label[len(prefix) :]
+    if not _LABEL.match(label):
+        raise SliceExportError(f"{what} label must be alphanumeric (BIDS), got {label!r}")
+    return prefix + label
+
+
+def _same_grid(img: nib.spatialimages.SpatialImage, other, name: str) -> np.ndarray:
+    data = np.asanyarray(other.dataobj)
+    if data.ndim == 4 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.shape != img.shape[:3]:
+        raise SliceExportError(
+            f"{name} has shape {data.shape}, the image {img.shape[:3]}: both must be on one grid"
+        )
+    if not np.allclose(other.affine, img.affine, atol=1e-3):
+        raise SliceExportError(
+            f"{name} affine differs from the image's: both must be on one grid "
+            f"({other.affine.tolist()} vs {img.affine.tolist()})"
+        )
+    return data
+
+
+def _write_png(path: Path, array: np.ndarray) -> None:
+    def write(tmp: Path) -> None:
+        Image.fromarray(array).save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+
+    atomic_write(path, write)
+
+
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.save(handle, array, allow_pickle=False)
+
+    atomic_write(path, write)
+
+
+def export_slices(
+    image: nib.spatialimages.SpatialImage,
+    out_dir: str | Path,
+    stem: str,
+    *,
+    subject: str,
+    space: str,
+    session: str | None = None,
+    mask: nib.spatialimages.SpatialImage | None = None,
+    dseg: nib.spatialimages.SpatialImage | None = None,
+    axes: Sequence[str] = ("axial",),
+    index_range: tuple[int, int] | None = None,
+    min_brain_fraction: float = 0.05,
+    fmt: Literal["png", "npy"] = "png",
+    png_bit_depth: Literal[8, 16] = 16,
+    value_range: tuple[float, float] | None = None,
+    suffix: str = "T1w",
+) -> SliceExport:
+    """Write 2D slices of ``image`` (and ``mask``/``dseg``) with a CSV index.
+
+    Parameters
+    ----------
+    image : 3D nibabel image
+        The volume to slice (e.g. the MNI-space preprocessed T1w).
+    out_dir : path
+        Folder for the slice files and the index (created if needed).
+    stem : str
+        File name prefix, e.g. ``sub-01_ses-1_space-MNI152NLin2009aSym_desc-preproc``.
+    subject, session : str
+        BIDS labels (with or without ``sub-``/``ses-``); written to every row as
+        ``participant_id`` (``sub-01``) and ``session_id`` (``ses-1``, empty if none).
+    space : str
+        The space the volume is in (``MNI152NLin2009aSym``, ``T1w`` for native...),
+        recorded so that users know whether slice numbers correspond across subjects.
+    mask, dseg : 3D nibabel image, optional
+        On the image's grid. The mask gives each slice's brain fraction; the dseg is
+        exported alongside. Both are written with the image's file names and the
+        suffixes ``mask`` and ``dseg``.
+    axes : sequence of {"axial", "coronal", "sagittal"}
+        Found from the affine, not from the voxel order.
+    index_range : (start, stop), optional
+        Half-open voxel index range along each axis (``None``: all slices).
+    min_brain_fraction : float
+        Skip slices whose fraction of mask pixels is below this ("brain only");
+        needs ``mask``. 0 keeps every slice in the range.
+    fmt : {"png", "npy"}
+    png_bit_depth : {8, 16}
+    value_range : (low, high), optional
+        Intensity range mapped to 0..2**bits-1 in PNGs; values outside are clipped.
+        Default: the volume's min..max (nothing clipped).
+    suffix : str
+        Suffix of the image slice files (the image's BIDS suffix).
+
+    Returns
+    -------
+    SliceExport
+        The index and JSON paths and the rows of the index.
+
+    Notes
+    -----
+    Old slice files of the same ``stem`` that the new index does not list are
+    deleted, so that the folder always matches the index.
+    """
+    out_dir = Path(out_dir)
+    if fmt not in ("png", "npy"):
+        raise SliceExportError(f"fmt must be 'png' or 'npy', got {fmt!r}")
+    if png_bit_depth not in (8, 16):
+        raise SliceExportError(f"png_bit_depth must be 8 or 16, got {png_bit_depth!r}")
+    if not axes:
+        raise SliceExportError("axes must name at least one of axial, coronal, sagittal")
+    for axis in axes:
+        if axis not in SLICE_AXES:
+            raise SliceExportError(f"axes must be among {list(SLICE_AXES)}, got {axis!r}")
+    if len(set(axes)) != len(axes):
+        raise SliceExportError(f"axes must not repeat, got {list(axes)}")
+    if not stem or "/" in stem or "\\" in stem:
+        raise SliceExportError(f"stem must be a file name prefix without folders, got {stem!r}")
+    if not space:
+        raise SliceExportError("space must name the space of the sliced volume (e.g. 'T1w')")
+    if not 0.0 <= min_brain_fraction <= 1.0:
+        raise SliceExportError(f"min_brain_fraction must be in [0, 1], got {min_brain_fraction}")
+    if min_brain_fraction > 0 and mask is None:
+        raise SliceExportError(
+            f"min_brain_fraction={min_brain_fraction} selects brain slices and needs a mask; "
+            "pass mask= or set min_brain_fraction=0"
+        )
+    if not subject:
+        raise SliceExportError("subject label must not be empty")
+    subject = _bids_id(subject, "sub-", "subject")
+    session = _bids_id(session, "ses-", "session")
+
+    data = np.asanyarray(image.dataobj)
+    if data.ndim == 4 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise SliceExportError(f"image must be 3D, got shape {data.shape}")
+    affine = image.affine
+    mask_data = _same_grid(image, mask, "mask") if mask is not None else None
+    dseg_data = _same_grid(image, dseg, "dseg") if dseg is not None else None
+    dseg_type = label_dtype(dseg_data) if dseg_data is not None else None
+
+    scaling: LinearScaling | None = None
+    if fmt == "png":
+        scaling = linear_scaling(data, png_bit_depth, value_range)
+    width = max(3, len(str(max(data.shape) - 1)))
+
+    rows: list[dict[str, Any]] = []
+    layouts = {}
+    written: set[str] = set()
+    for axis in axes:
+        layout = slice_layout(affine, axis)
+        layouts[axis] = layout
+        n = data.shape[layout.voxel_axis]
+        fractions = brain_fractions(mask_data, layout) if mask_data is not None else None
+        for index in select_slices(
+            n,
+            fractions=fractions,
+            index_range=index_range,
+            min_brain_fraction=min_brain_fraction,
+        ):
+            name = slice_filename(stem, axis, index, suffix, fmt, width)
+            plane = extract_slice(data, layout, index)
+            if fmt == "png":
+                _write_png(out_dir / name, scaling.to_stored(plane))
+            else:
+                _write_npy(out_dir / name, plane.astype(np.float32))
+            row: dict[str, Any] = {
+                "participant_id": subject,
+                "session_id": session,
+                "space": space,
+                "axis": axis,
+                "index": index,
+                "world_mm": round(slice_world_coordinate(affine, data.shape, layout, index), 4),
+                "brain_fraction": (
+                    round(float(fractions[index]), 6) if fractions is not None else None
+                ),
+                "file": name,
+                "mask_file": None,
+                "dseg_file": None,
+                "value_offset": repr(scaling.offset) if scaling else "0.0",
+                "value_scale": repr(scaling.scale) if scaling else "1.0",
+            }
+            written.add(name)
+            if mask_data is not None:
+                mask_name = slice_filename(stem, axis, index, "mask", fmt, width)
+                mask_plane = (extract_slice(mask_data, layout, index) > 0).astype(np.uint8)
+                if fmt == "png":
+                    # 0/255 keeps a PNG mask visible in viewers; > 0 reads it back.
+                    _write_png(out_dir / mask_name, mask_plane * np.uint8(255))
+                else:
+                    _write_npy(out_dir / mask_name, mask_plane)
+                row["mask_file"] = mask_name
+                written.add(mask_name)
+            if dseg_data is not None:
+                dseg_name = slice_filename(stem, axis, index, "dseg", fmt, width)
+                dseg_plane = extract_slice(dseg_data, layout, index).astype(dseg_type)
+                if fmt == "png":
+                    _write_png(out_dir / dseg_name, dseg_plane)
+                else:
+                    _write_npy(out_dir / dseg_name, dseg_plane)
+                row["dseg_file"] = dseg_name
+                written.add(dseg_name)
+            rows.append(row)
+
+    _remove_stale(out_dir, stem, written)
+    json_file = out_dir / f"{stem}_slices.json"
+    index_file = out_dir / f"{stem}_slices.csv"
+    atomic_write_json(
+        json_file,
+        {
+            "ParticipantID": subject,
+            "SessionID": session or None,
+            "Space": space,
+            "Format": fmt,
+            "PNGBitDepth": png_bit_depth if fmt == "png" else None,
+            "Scaling": (
+                {
+                    "Formula": "stored = clip(rint((value - offset) / scale), 0, 2**bits - 1); "
+                    "value ~ offset + scale * stored",
+                    "Offset": scaling.offset,
+                    "Scale": scaling.scale,
+                    "ValueRange": list(value_range) if value_range else None,
+                    "Clipped": bool(value_range is not None),
+                }
+                if scaling
+                else {"Formula": "value = stored (float32 NPY, unscaled)"}
+            ),
+            "MaskValues": (
+                ("0 outside, 255 inside (read as > 0)" if fmt == "png" else "0/1")
+                if mask is not None
+                else None
+            ),
+            "DsegValues": "label values unscaled (1=GM, 2=WM, 3=CSF)" if dseg is not None else None,
+            "IndexRange": list(index_range) if index_range else None,
+            "MinBrainFraction": min_brain_fraction,
+            "ImageShape": [int(s) for s in data.shape],
+            "Affine": np.asarray(affine).tolist(),
+            "Axes": {
+                axis: {
+                    "VoxelAxis": lay.voxel_axis,
+                    "Rows": lay.rows,
+                    "Columns": lay.columns,
+                    "RowVoxelAxis": lay.row_voxel_axis,
+                    "RowFlipped": lay.row_flipped,
+                    "ColumnVoxelAxis": lay.col_voxel_axis,
+                    "ColumnFlipped": lay.col_flipped,
+                }
+                for axis, lay in layouts.items()
+            },
+            "NSlices": len(rows),
+            "IndexFile": index_file.name,
+        },
+    )
+    atomic_write_table(index_file, rows, SLICE_INDEX_COLUMNS)
+    return SliceExport(index_file=index_file, json_file=json_file, rows=rows)
+
+
+def _remove_stale(out_dir: Path, stem: str, keep: set[str]) -> None:
+    """Delete slice files of this stem from an earlier export that the new index omits."""
+    pattern = re.compile(
+        re.escape(stem) + r"_axis-(axial|coronal|sagittal)_slice-\d+_[A-Za-z0-9]+\.(png|npy)$"
+    )
+    for path in out_dir.iterdir():
+        if path.name not in keep and pattern.match(path.name):
+            path.unlink()
+
+
+def read_slice_index(path: str | Path) -> list[dict[str, Any]]:
+    """Read a slice index CSV; numbers become int/float, empty fields ``None``."""
+    path = Path(path)
+    if not path.is_file():
+        raise SliceExportError(f"{path}: slice index not found")
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in ("axis", "index", "file") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise SliceExportError(f"{path}: not a slice index (missing columns {missing})")
+        rows = []
+        for raw in reader:
+            row: dict[str, Any] = {k: (v if v != "" else None) for k, v in raw.items()}
+            row["index"] = int(row["index"])
+            for key in ("world_mm", "brain_fraction", "value_offset", "value_scale"):
+                if row.get(key) is not None:
+                    row[key] = float(row[key])
+            rows.append(row)
+    return rows
+
+
+def load_slice(
+    path: str | Path, offset: float = 0.0, scale: float = 1.0, *, labels: bool = False
+) -> np.ndarray:
+    """Read one slice file (PNG or NPY); intensity slices are unscaled to float64.
+
+    ``value = offset + scale * stored``, with ``offset``/``scale`` from the index
+    row (``value_offset``, ``value_scale``). With ``labels=True`` the stored
+    integers are returned as they are (mask and dseg slices).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SliceExportError(f"{path}: slice file not found")
+    if path.suffix == ".npy":
+        stored = np.load(path, allow_pickle=False)
+    elif path.suffix == ".png":
+        with Image.open(path) as img:
+            stored = np.asarray(img)
+    else:
+        raise SliceExportError(f"{path}: expected a .png or .npy slice")
+    if labels:
+        return stored
+    return offset + scale * stored.astype(np.float64)
