@@ -7,11 +7,13 @@ an interrupted run never leaves a half-written file under its final name.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +24,10 @@ __all__ = [
     "STAGING_DIRNAME",
     "DerivativeNameError",
     "atomic_copy",
+    "atomic_write",
     "atomic_write_bytes",
     "atomic_write_json",
+    "atomic_write_table",
     "atomic_write_text",
     "bids_uri",
     "build_path",
@@ -188,24 +192,34 @@ def staged_relpath(path: str | os.PathLike[str]) -> str:
     return posix.rsplit(marker, 1)[1]
 
 
-def _atomic(path: Path, write) -> Path:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_path)`` and move the result onto ``path`` atomically.
+
+    The temporary file sits in the target folder (``os.replace`` is atomic only
+    within one file system) and keeps the target's suffixes, so writers that pick
+    a format by extension (nibabel, Pillow, numpy) behave as for the final name.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=f".part{''.join(path.suffixes)}", dir=path.parent
+    )
+    os.close(fd)
+    tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
+        write(tmp)
+        with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    return _atomic(Path(path), lambda handle: handle.write(data))
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
@@ -216,10 +230,25 @@ def atomic_write_json(path: str | os.PathLike[str], payload: Any) -> Path:
     return atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
 
 
+def atomic_write_table(
+    path: str | os.PathLike[str],
+    rows: Iterable[Mapping[str, Any]],
+    columns: Sequence[str],
+    *,
+    delimiter: str = ",",
+) -> Path:
+    """Write ``rows`` as CSV/TSV with a header; ``None`` is written as an empty field."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, delimiter=delimiter, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow(["" if row.get(c) is None else row.get(c) for c in columns])
+    return atomic_write_text(path, buffer.getvalue())
+
+
 def atomic_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
     """Copy ``src`` to ``dst`` so that ``dst`` is either absent, old, or complete."""
-    with open(src, "rb") as source:
-        return _atomic(Path(dst), lambda handle: shutil.copyfileobj(source, handle, 1 << 20))
+    return atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def dataset_description(

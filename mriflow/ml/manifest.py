@@ -33,8 +33,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from mriflow.bids.derivatives import atomic_write, atomic_write_json, atomic_write_table
 from mriflow.image.slices import label_dtype
-from mriflow.ml._files import atomic_write, atomic_write_json, atomic_write_table
 from mriflow.ml.slices import SLICE_INDEX_COLUMNS, read_slice_index
 from mriflow.ml.splits import (
     MISSING,

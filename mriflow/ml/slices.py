@@ -33,6 +33,7 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
+from mriflow.bids.derivatives import atomic_write, atomic_write_json, atomic_write_table
 from mriflow.image.slices import (
     SLICE_AXES,
     LinearScaling,
@@ -44,7 +45,6 @@ from mriflow.image.slices import (
     slice_layout,
     slice_world_coordinate,
 )
-from mriflow.ml._files import atomic_write, atomic_write_json, atomic_write_table
 
 __all__ = [
     "SLICE_INDEX_COLUMNS",
