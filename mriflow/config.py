@@ -124,6 +124,10 @@ class SegmentationConfig:
 class ExportConfig:
     target_shape: list[int] = field(default_factory=lambda: [160, 192, 160])
     crop_margin_mm: float = 10.0
+    fit: Literal["crop_or_pad", "resize"] = "crop_or_pad"
+    """Keep 1 mm voxels and crop/pad to the shape, or resample the brain box to it."""
+    slices: bool = True
+    """Write 2D slices of the model-ready MNI-space volume."""
     slice_axes: list[Literal["axial", "coronal", "sagittal"]] = field(
         default_factory=lambda: ["axial"]
     )

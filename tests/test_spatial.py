@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from mriflow.image.spatial import (
     crop_or_pad,
     crop_to_mask,
+    fit_to_shape,
     reorient_to_ras,
     resample_to_voxel_size,
     resize_to_shape,
@@ -199,3 +200,21 @@ def test_bad_voxel_size_is_rejected(bad):
     img = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4))
     with pytest.raises(ValueError, match="voxel_size"):
         resample_to_voxel_size(img, bad)
+
+
+@pytest.mark.parametrize("mode", ["crop_or_pad", "resize"])
+def test_fit_to_shape_keeps_brain_and_world_coordinates(mode):
+    affine = _affine((0, 1, 2), (-1, 1, 1), (1.0, 1.0, 1.0), (90.0, -126.0, -72.0))
+    img = _blob_image((90, 100, 80), (40.2, 55.7, 38.1), affine, sigma=4.0)
+    mask = nib.Nifti1Image((np.asanyarray(img.dataobj) > 1).astype(np.uint8), affine)
+    out = fit_to_shape(img, mask, (64, 64, 64), margin_mm=5, mode=mode)
+    out_mask = fit_to_shape(mask, mask, (64, 64, 64), margin_mm=5, mode=mode,
+                            interpolation="nearest")
+    assert out.shape == out_mask.shape == (64, 64, 64)
+    assert np.allclose(out.affine, out_mask.affine)
+    assert set(np.unique(np.asanyarray(out_mask.dataobj)).tolist()) == {0, 1}
+    tolerance = max(_max_zoom(out), 1.0)
+    assert _within_half_voxel(_world_centroid(out), _world_centroid(img), tolerance)
+    if mode == "crop_or_pad":  # nothing of the brain is lost, voxel size kept
+        assert np.asanyarray(out_mask.dataobj).sum() == np.asanyarray(mask.dataobj).sum()
+        assert np.allclose(out.header.get_zooms()[:3], 1.0)

@@ -157,7 +157,7 @@ def build_path(
     suffix : str
         ``T1w``, ``mask``, ``dseg``, ``probseg``, ``xfm``, ...
     extension : str
-        With the leading dot: ``.nii.gz``, ``.json``, ``.h5``.
+        With the leading dot: ``.nii.gz``, ``.json``, ``.h5``; ``""`` for a stem.
     datatype : str or None
         Folder under the subject/session (``anat``); ``None`` puts the file in the subject folder.
     """
@@ -166,7 +166,7 @@ def build_path(
         raise DerivativeNameError("a derivative name needs the 'subject' entity")
     if not suffix.isalnum():
         raise DerivativeNameError(f"BIDS suffix must be alphanumeric, got {suffix!r}")
-    if not extension.startswith("."):
+    if extension and not extension.startswith("."):
         raise DerivativeNameError(f"extension must start with '.', got {extension!r}")
     parts = [f"{ENTITY_KEYS[name]}-{canonical[name]}" for name in ENTITY_ORDER if name in canonical]
     filename = "_".join([*parts, suffix]) + extension

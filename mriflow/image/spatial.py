@@ -20,6 +20,7 @@ __all__ = [
     "crop_to_mask",
     "crop_or_pad",
     "resize_to_shape",
+    "fit_to_shape",
     "world_to_voxel",
     "voxel_to_world",
 ]
@@ -213,3 +214,27 @@ def resize_to_shape(
     new_to_old[:3, 3] = -0.5 + scale / 2
     affine = img.affine @ new_to_old
     return _resample(img, tuple(int(s) for s in target), affine, order)
+
+
+def fit_to_shape(
+    img: nib.spatialimages.SpatialImage,
+    mask: nib.spatialimages.SpatialImage,
+    shape: Sequence[int],
+    *,
+    margin_mm: float = 10.0,
+    mode: Literal["crop_or_pad", "resize"] = "crop_or_pad",
+    interpolation: Interpolation = "linear",
+) -> nib.Nifti1Image:
+    """A fixed-shape, model-ready grid: crop to the brain box (+ margin), then fit ``shape``.
+
+    ``crop_or_pad`` keeps the voxel size (centered on the brain box; a brain larger
+    than ``shape`` loses its outermost margin first); ``resize`` resamples the box
+    to ``shape`` (voxel size changes). Apply with the same ``mask`` to an image, its
+    mask and its labels (``interpolation="nearest"``) to get them on one grid.
+    """
+    if mode not in ("crop_or_pad", "resize"):
+        raise ValueError(f"mode must be 'crop_or_pad' or 'resize', got {mode!r}")
+    cropped = crop_to_mask(img, mask, margin_mm=margin_mm)
+    if mode == "resize":
+        return resize_to_shape(cropped, shape, interpolation)
+    return crop_or_pad(cropped, shape)

@@ -1,0 +1,131 @@
+"""Nipype interfaces of the ML export (thin wrappers of :mod:`mriflow.image.spatial`
+and :mod:`mriflow.ml.slices`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+
+from mriflow.bids.derivatives import STAGING_DIRNAME, build_path, parse_entities
+from mriflow.image.io import load_image
+from mriflow.image.spatial import fit_to_shape
+from mriflow.interfaces.base import step_record
+from mriflow.ml.slices import export_slices
+
+
+class _ModelReadyInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="image (normally MNI space, normalized)")
+    mask_file = File(exists=True, mandatory=True, desc="brain mask on the same grid")
+    dseg_file = File(exists=True, desc="tissue labels on the same grid")
+    target_shape = traits.List(traits.Int, [160, 192, 160], usedefault=True, minlen=3, maxlen=3)
+    margin_mm = traits.Float(10.0, usedefault=True)
+    fit = traits.Enum("crop_or_pad", "resize", usedefault=True)
+
+
+class _ModelReadyOutputSpec(TraitedSpec):
+    out_file = File(exists=True)
+    out_mask = File(exists=True)
+    out_dseg = File()
+    step = traits.Dict()
+
+
+class ModelReady(SimpleInterface):
+    """Crop to the brain box and fit a fixed shape; mask and labels on the same grid."""
+
+    input_spec = _ModelReadyInputSpec
+    output_spec = _ModelReadyOutputSpec
+
+    def _run_interface(self, runtime):
+        mask = load_image(self.inputs.mask_file)
+        options = dict(
+            shape=self.inputs.target_shape, margin_mm=self.inputs.margin_mm, mode=self.inputs.fit
+        )
+        outputs = {
+            "out_file": (self.inputs.in_file, "linear"),
+            "out_mask": (self.inputs.mask_file, "nearest"),
+        }
+        if isdefined(self.inputs.dseg_file):
+            outputs["out_dseg"] = (self.inputs.dseg_file, "nearest")
+        for key, (path, interpolation) in outputs.items():
+            fitted = fit_to_shape(load_image(path), mask, interpolation=interpolation, **options)
+            out_path = os.path.join(runtime.cwd, f"{key}.nii.gz")
+            nib.save(fitted, out_path)
+            self._results[key] = out_path
+        self._results["step"] = step_record(
+            "model_ready",
+            {"target_shape": list(self.inputs.target_shape), "crop_margin_mm": options["margin_mm"],
+             "fit": self.inputs.fit},
+            ["nibabel"],
+        )
+        return runtime
+
+
+class _ExportSlicesInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True)
+    mask_file = File(exists=True)
+    dseg_file = File(exists=True)
+    source_file = traits.Str(mandatory=True, desc="raw BIDS file (for the name entities)")
+    entities = traits.Dict(traits.Str, traits.Str, desc="entities of the sliced volume")
+    space = traits.Str(mandatory=True, desc="space of the volume (said in the index)")
+    axes = traits.List(traits.Enum("axial", "coronal", "sagittal"), ["axial"], usedefault=True)
+    min_brain_fraction = traits.Float(0.05, usedefault=True)
+    fmt = traits.Enum("png", "npy", usedefault=True)
+    png_bit_depth = traits.Enum(16, 8, usedefault=True)
+
+
+class _ExportSlicesOutputSpec(TraitedSpec):
+    index_file = File(exists=True)
+    staged = traits.List(File(exists=True), desc="every staged file (slices, index, JSON)")
+    step = traits.Dict()
+
+
+class ExportSlices(SimpleInterface):
+    """2D slices with a CSV index, staged for publishing under ``sub-XX/[ses-YY/]slices/``."""
+
+    input_spec = _ExportSlicesInputSpec
+    output_spec = _ExportSlicesOutputSpec
+
+    def _run_interface(self, runtime):
+        entities, suffix, _ = parse_entities(self.inputs.source_file)
+        entities.update(self.inputs.entities or {})
+        stem_path = build_path(entities, suffix=suffix, extension="", datatype="slices")
+        out_dir = Path(runtime.cwd) / STAGING_DIRNAME / Path(stem_path).parent
+        mask = load_image(self.inputs.mask_file) if isdefined(self.inputs.mask_file) else None
+        dseg = load_image(self.inputs.dseg_file) if isdefined(self.inputs.dseg_file) else None
+        export = export_slices(
+            load_image(self.inputs.in_file),
+            out_dir,
+            Path(stem_path).name,
+            subject=entities["subject"],
+            session=entities.get("session"),
+            space=self.inputs.space,
+            mask=mask,
+            dseg=dseg,
+            axes=self.inputs.axes,
+            min_brain_fraction=self.inputs.min_brain_fraction,
+            fmt=self.inputs.fmt,
+            png_bit_depth=self.inputs.png_bit_depth,
+            suffix=suffix,
+        )
+        self._results["index_file"] = str(export.index_file)
+        self._results["staged"] = [
+            str(p) for p in (export.index_file, export.json_file, *export.files)
+        ]
+        self._results["step"] = step_record(
+            "slices",
+            {"axes": list(self.inputs.axes), "min_brain_fraction": self.inputs.min_brain_fraction,
+             "format": self.inputs.fmt, "space": self.inputs.space,
+             "n_slices": len(export.rows)},
+            ["Pillow"],
+        )
+        return runtime
