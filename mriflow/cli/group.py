@@ -1,15 +1,54 @@
-"""The group level: steps that need every subject's participant outputs."""
+"""The group level: subject-level splits, the dataset manifest, group-fitted steps."""
 
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from pathlib import Path
 
+from mriflow.bids.derivatives import DerivativeNameError, parse_entities
 from mriflow.config import Config
 
 log = logging.getLogger("mriflow")
 
-__all__ = ["run_group"]
+__all__ = ["run_group", "find_model_ready"]
+
+MODEL_SUFFIXES = {"T1w": "image", "mask": "mask", "dseg": "dseg"}
+
+
+def find_model_ready(out_dir: Path, subjects: list[str]) -> list:
+    """One manifest entry per subject/session from the ``desc-model`` files on disk."""
+    from mriflow.ml.manifest import ManifestEntry
+
+    found: dict[tuple[str, str], dict[str, Path]] = defaultdict(dict)
+    for subject in subjects:
+        for path in sorted((out_dir / subject).rglob("*_desc-model_*.nii.gz")):
+            try:
+                entities, suffix, _ = parse_entities(path)
+            except DerivativeNameError:
+                continue
+            if suffix in MODEL_SUFFIXES:
+                key = (f"sub-{entities['subject']}", entities.get("session", ""))
+                found[key][MODEL_SUFFIXES[suffix]] = path
+        for index in sorted((out_dir / subject).rglob("slices/*_desc-model_*slices.csv")):
+            entities, _, _ = parse_entities(index)
+            key = (f"sub-{entities['subject']}", entities.get("session", ""))
+            found[key]["slices"] = index
+    entries = []
+    for (participant, session), files in sorted(found.items()):
+        if "image" not in files:
+            continue
+        entries.append(
+            ManifestEntry(
+                participant_id=participant,
+                session_id=f"ses-{session}" if session else "",
+                image=files["image"],
+                mask=files.get("mask"),
+                dseg=files.get("dseg"),
+                slices=files.get("slices"),
+            )
+        )
+    return entries
 
 
 def run_group(
@@ -21,6 +60,14 @@ def run_group(
     participant_labels: list[str] | None = None,
 ) -> int:
     from mriflow.cli.run import EXIT_OK, UsageError
+    from mriflow.ml.manifest import ManifestError, build_manifest, write_manifest
+    from mriflow.ml.splits import (
+        ParticipantsError,
+        SplitError,
+        read_participants,
+        split_participants,
+        write_splits,
+    )
 
     if not (out_dir / "dataset_description.json").is_file():
         raise UsageError(
@@ -32,5 +79,45 @@ def run_group(
         subjects = [s for s in subjects if s in wanted]
     if not subjects:
         raise UsageError(f"OUT_DIR {out_dir}: no participant outputs (sub-*) found")
-    print(f"mriflow group: {len(subjects)} subject(s) with participant outputs")
+
+    participants_tsv = bids_dir / "participants.tsv"
+    split_cfg = config.split
+    try:
+        participants = read_participants(participants_tsv) if participants_tsv.is_file() else None
+        if participants is None and (split_cfg.stratify_by or split_cfg.group_by):
+            raise UsageError(
+                f"{participants_tsv}: not found, but split.stratify_by/group_by need its columns"
+            )
+        splits = split_participants(
+            subjects,
+            participants,
+            fractions=split_cfg.fractions,
+            n_folds=split_cfg.n_folds,
+            seed=config.seed,
+            stratify_by=split_cfg.stratify_by,
+            group_by=split_cfg.group_by,
+            stratify_bins=split_cfg.stratify_bins,
+        )
+    except (ParticipantsError, SplitError) as err:
+        raise UsageError(str(err)) from None
+    tsv, _ = write_splits(splits, out_dir / "splits.tsv", out_dir / "splits.json")
+    lines = [f"mriflow group: {len(subjects)} subject(s); splits {splits.counts()} -> {tsv.name}"]
+
+    entries = find_model_ready(out_dir, subjects)
+    if entries:
+        try:
+            rows = build_manifest(entries, splits, out_dir)
+        except ManifestError as err:
+            raise UsageError(f"{out_dir}: {err}") from None
+        csv_path, _ = write_manifest(
+            rows, out_dir, metadata={"seed": config.seed, "space": config.registration.template}
+        )
+        lines.append(f"  manifest: {len(rows)} row(s) -> {csv_path.name}")
+        if any(e.slices for e in entries):
+            from mriflow.ml.manifest import write_slices_manifest
+
+            lines.append(f"  slices: -> {write_slices_manifest(rows, out_dir).name}")
+    else:
+        log.warning("no model-ready (desc-model) volumes found: manifest not written")
+    print("\n".join(lines))
     return EXIT_OK
