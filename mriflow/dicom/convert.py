@@ -48,7 +48,7 @@ from mriflow.dicom.deid import (
     collect_phi_values,
     contains_phi,
     deidentify_sidecar,
-    scrub_nifti_header,
+    write_nifti_gz,
 )
 from mriflow.dicom.heuristic import (
     BidsTarget,
@@ -229,7 +229,9 @@ def _convert_series(
     dcm_images: list[ConvertedImage] = []
     dcm_error = ""
     try:
-        dcm_images = run_dcm2niix(files, work / "dcm2niix", anonymize=deidentify)
+        dcm_images = run_dcm2niix(
+            files, work / "dcm2niix", anonymize=deidentify, compress=False
+        )
     except ConverterError as err:
         if converter == "dcm2niix":
             raise _SeriesFailure(str(err)) from None
@@ -239,7 +241,7 @@ def _convert_series(
     d2n_error = ""
     if converter == "dicom2nifti" or verify:
         try:
-            d2n_img = run_dicom2nifti(files, work / "dicom2nifti.nii.gz")
+            d2n_img = run_dicom2nifti(files, work / "dicom2nifti.nii")
         except ConverterError as err:
             if converter == "dicom2nifti":
                 raise _SeriesFailure(str(err)) from None
@@ -271,7 +273,7 @@ def _convert_series(
     else:
         assert d2n_img is not None
         check = dict(check_base)
-        out = work / "primary.nii.gz"
+        out = work / "primary.nii"
         if len(dcm_images) == 1:
             ref = dcm_images[0]
             if verify:
@@ -423,10 +425,10 @@ def _stage_and_move(
         dst = staging / f"{k:03d}_{target.name}"
         if text is not None:
             dst.write_text(text, encoding="utf-8")
+        elif dst.name.endswith(".nii.gz"):
+            write_nifti_gz(source, dst, scrub=deidentify)
         else:
             shutil.copyfile(source, dst)
-            if deidentify and dst.name.endswith((".nii", ".nii.gz")):
-                scrub_nifti_header(dst)
         staged.append((dst, target))
     moved: list[Path] = []
     try:

@@ -163,6 +163,7 @@ def run_dcm2niix(
     *,
     anonymize: bool = True,
     basename: str = "series",
+    compress: bool = True,
     timeout: float = 1800.0,
 ) -> list[ConvertedImage]:
     """Convert one series with dcm2niix into ``out_dir``.
@@ -179,6 +180,9 @@ def run_dcm2niix(
     basename : str
         Base name of the output files (never derived from the headers, so no
         patient data can reach a file name).
+    compress : bool
+        Write ``.nii.gz`` (True) or ``.nii`` (False, faster when the caller
+        rewrites the file anyway).
     timeout : float
         Seconds before the conversion is abandoned.
 
@@ -204,7 +208,7 @@ def run_dcm2niix(
         dcm2niix_binary(),
         "-b", "y",
         "-ba", "y" if anonymize else "n",
-        "-z", "y",
+        "-z", "y" if compress else "n",
         "-w", "1",
         "-f", basename,
         "-o", str(nii_dir),

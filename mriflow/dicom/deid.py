@@ -33,6 +33,7 @@ __all__ = [
     "deidentify_sidecar",
     "acquisition_datetime",
     "scrub_nifti_header",
+    "write_nifti_gz",
     "contains_phi",
 ]
 
@@ -282,6 +283,28 @@ def scrub_nifti_header(path: str | Path, *, descrip: str = "") -> None:
             raw = _patch_header(raw, path, text)
             fh.seek(0)
             fh.write(raw)
+
+
+def write_nifti_gz(
+    source: str | Path, target: str | Path, *, scrub: bool = True, compresslevel: int = 6
+) -> None:
+    """Write ``source`` (``.nii`` or ``.nii.gz``) to ``target`` as ``.nii.gz``.
+
+    With ``scrub`` the header's text fields and extensions are blanked as in
+    :func:`scrub_nifti_header`. The gzip header carries no file name or time.
+    """
+    source, target = Path(source), Path(target)
+    if not 0 <= compresslevel <= 9:
+        raise ValueError(f"compresslevel must be in 0..9, got {compresslevel}")
+    opener = gzip.open if source.name.endswith(".gz") else open
+    with opener(source, "rb") as fh:
+        raw = bytearray(fh.read())
+    if scrub:
+        raw = _patch_header(raw, source, b"")
+    with open(target, "wb") as fh_out:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=fh_out, mtime=0,
+                           compresslevel=compresslevel) as gz:  # fmt: skip
+            gz.write(raw)
 
 
 def _vox_offset(raw: bytearray, path: Path) -> int:
