@@ -22,12 +22,28 @@ pytestmark = pytest.mark.data
 
 # dcm2niix's reference conversions of siemens_orientation/, named <protocol>_<series number>.
 REFERENCES = [
-    "ax_asc_35sl_6", "ax_desc_35sl_7", "ax_int_35sl_8", "ax_asc_36sl_9", "ax_desc_36sl_10",
-    "ax_asc_36sl_11", "ax_int_36sl_12", "cor_asc_36sl_13", "cor_desc_36sl_14",
-    "cor_int_36sl_15", "cor_asc_35sl_16", "cor_desc_35sl_17", "cor_int_35sl_18",
-    "sag_asc_36sl_19", "sag_desc_36sl_20", "sag_int_36sl_21", "sag_asc_35sl_22",
-    "sag_desc_35sl_23", "sag_int_35sl_24", "fMRI_MB_asc_25", "fMRI_MB_int_26",
-]  # fmt: skip
+    "ax_asc_35sl_6",
+    "ax_desc_35sl_7",
+    "ax_int_35sl_8",
+    "ax_asc_36sl_9",
+    "ax_desc_36sl_10",
+    "ax_asc_36sl_11",
+    "ax_int_36sl_12",
+    "cor_asc_36sl_13",
+    "cor_desc_36sl_14",
+    "cor_int_36sl_15",
+    "cor_asc_35sl_16",
+    "cor_desc_35sl_17",
+    "cor_int_35sl_18",
+    "sag_asc_36sl_19",
+    "sag_desc_36sl_20",
+    "sag_int_36sl_21",
+    "sag_asc_35sl_22",
+    "sag_desc_35sl_23",
+    "sag_int_35sl_24",
+    "fMRI_MB_asc_25",
+    "fMRI_MB_int_26",
+]
 
 
 class _Records(logging.Handler):
@@ -101,8 +117,7 @@ def test_series_matches_dcm2niix_reference(siemens: dict, ref_name: str) -> None
 
     sidecar = json.loads(ours.with_name(ours.name.replace(".nii.gz", ".json")).read_text())
     reference = json.loads((ref_dir / f"{ref_name}.json").read_text())
-    for key in ("RepetitionTime", "EchoTime", "FlipAngle", "SliceTiming",
-                "PhaseEncodingDirection"):  # fmt: skip
+    for key in ("RepetitionTime", "EchoTime", "FlipAngle", "SliceTiming", "PhaseEncodingDirection"):
         assert sidecar[key] == reference[key], key
     # A BIDS bold file: in func/, with the TaskName its task entity says.
     assert ours.parent.name == "func" and ours.name.endswith("_bold.nii.gz")
@@ -116,9 +131,10 @@ def test_cross_check_flags_mirrored_mosaics(siemens: dict, ref_name: str) -> Non
     sidecar = json.loads(_nifti(outcome).with_suffix("").with_suffix(".json").read_text())
     check = sidecar["ConversionCheck"]
     warnings = [
-        m for m in siemens["messages"]
+        m
+        for m in siemens["messages"]
         if m.startswith("WARNING CONVERTERS DISAGREE") and outcome.series.label in m
-    ]  # fmt: skip
+    ]
     if ref_name.startswith(("cor", "sag")):
         assert check["Status"] == "disagree"
         assert check["Correlation"] < 0.9
@@ -169,14 +185,23 @@ def test_decubitus_t1_found_and_matches_dcm2niix(
     assert ours.name.endswith("_T1w.nii.gz")
     sidecar = json.loads(ours.with_suffix("").with_suffix(".json").read_text())
     assert sidecar["PatientPosition"] == position
-    for key in ("RepetitionTime", "EchoTime", "FlipAngle", "SliceTiming",
-                "PhaseEncodingDirection", "ImageOrientationPatientDICOM"):  # fmt: skip
+    for key in (
+        "RepetitionTime",
+        "EchoTime",
+        "FlipAngle",
+        "SliceTiming",
+        "PhaseEncodingDirection",
+        "ImageOrientationPatientDICOM",
+    ):
         assert sidecar[key] == reference[key], key
 
     # Geometry: dcm2niix run directly on this position's folder is the reference.
     folder = next((src / position).iterdir())
-    subprocess.run([dcm2niix_binary(), "-z", "n", "-b", "n", "-f", "ref", "-o", str(tmp_path),
-                    str(folder)], check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [dcm2niix_binary(), "-z", "n", "-b", "n", "-f", "ref", "-o", str(tmp_path), str(folder)],
+        check=True,
+        capture_output=True,
+    )
     _assert_same_image(ours, tmp_path / "ref.nii")
 
 
@@ -208,9 +233,16 @@ def test_real_output_has_no_source_phi(anat: dict, data_dir: Path) -> None:
     files = sorted((data_dir / "dicom" / "decubitus_t1" / "HFS").rglob("*.dcm"))
     ds = pydicom.dcmread(files[0], stop_before_pixels=True)
     date = str(ds.StudyDate)
-    planted = [str(ds.InstitutionName), str(ds.InstitutionAddress), str(ds.StationName),
-               str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID), str(ds.PatientID),
-               date, f"{date[:4]}-{date[4:6]}-{date[6:]}"]  # fmt: skip
+    planted = [
+        str(ds.InstitutionName),
+        str(ds.InstitutionAddress),
+        str(ds.StationName),
+        str(ds.SeriesInstanceUID),
+        str(ds.StudyInstanceUID),
+        str(ds.PatientID),
+        date,
+        f"{date[:4]}-{date[4:6]}-{date[6:]}",
+    ]
     for path in anat["out"].rglob("*"):
         if path.is_dir():
             continue

@@ -119,9 +119,7 @@ class ConversionReport:
 
     @property
     def disagreements(self) -> list[SeriesOutcome]:
-        return [
-            o for o in self.outcomes if any(c.get("Status") == "disagree" for c in o.checks)
-        ]
+        return [o for o in self.outcomes if any(c.get("Status") == "disagree" for c in o.checks)]
 
     @property
     def ok(self) -> bool:
@@ -157,18 +155,24 @@ def _check_label(value: str | None, what: str) -> str | None:
     if value.startswith(prefix):
         value = value[len(prefix) :]
     if not _LABEL.match(value):
-        raise ValueError(
-            f"{what} label must contain only letters and digits (BIDS), got {value!r}"
-        )
+        raise ValueError(f"{what} label must contain only letters and digits (BIDS), got {value!r}")
     return value
 
 
 def _basic_sidecar(ds: pydicom.Dataset) -> dict[str, Any]:
     """Sidecar fields read directly from a header, when dcm2niix could not write one."""
     out: dict[str, Any] = {}
-    for key in ("Modality", "Manufacturer", "ManufacturersModelName", "SeriesDescription",
-                "ProtocolName", "ScanningSequence", "SequenceVariant", "MRAcquisitionType",
-                "PatientPosition"):  # fmt: skip
+    for key in (
+        "Modality",
+        "Manufacturer",
+        "ManufacturersModelName",
+        "SeriesDescription",
+        "ProtocolName",
+        "ScanningSequence",
+        "SequenceVariant",
+        "MRAcquisitionType",
+        "PatientPosition",
+    ):
         if key in ds and str(ds.get(key)).strip():
             out[key] = str(ds.get(key))
     for key in ("MagneticFieldStrength", "FlipAngle", "SeriesNumber"):
@@ -229,9 +233,7 @@ def _convert_series(
     dcm_images: list[ConvertedImage] = []
     dcm_error = ""
     try:
-        dcm_images = run_dcm2niix(
-            files, work / "dcm2niix", anonymize=deidentify, compress=False
-        )
+        dcm_images = run_dcm2niix(files, work / "dcm2niix", anonymize=deidentify, compress=False)
     except ConverterError as err:
         if converter == "dcm2niix":
             raise _SeriesFailure(str(err)) from None
@@ -264,9 +266,11 @@ def _convert_series(
                 )
             else:
                 agreement = compare_images(
-                    nib.load(str(im.nifti)), d2n_img,
-                    affine_tolerance_mm=affine_tolerance_mm, min_correlation=min_correlation,
-                )  # fmt: skip
+                    nib.load(str(im.nifti)),
+                    d2n_img,
+                    affine_tolerance_mm=affine_tolerance_mm,
+                    min_correlation=min_correlation,
+                )
                 check.update(Status="agree" if agreement.agree else "disagree")
                 check.update(agreement.as_sidecar())
             results.append((im.nifti, dict(im.sidecar), im.bval, im.bvec, check))
@@ -278,9 +282,11 @@ def _convert_series(
             ref = dcm_images[0]
             if verify:
                 agreement = compare_images(
-                    d2n_img, nib.load(str(ref.nifti)),
-                    affine_tolerance_mm=affine_tolerance_mm, min_correlation=min_correlation,
-                )  # fmt: skip
+                    d2n_img,
+                    nib.load(str(ref.nifti)),
+                    affine_tolerance_mm=affine_tolerance_mm,
+                    min_correlation=min_correlation,
+                )
                 check.update(Status="agree" if agreement.agree else "disagree")
                 check.update(agreement.as_sidecar())
             else:
@@ -373,11 +379,15 @@ def _name_images(
                 extra["part"] = _PARTS[im.component or "M"]
             if extra:
                 im.target = BidsTarget(
-                    im.target.datatype, im.target.suffix,
-                    {**im.target.entities, **{k: v for k, v in extra.items()
-                                              if k not in im.target.entities}},
-                    im.target.sidecar_changes, im.target.rule,
-                )  # fmt: skip
+                    im.target.datatype,
+                    im.target.suffix,
+                    {
+                        **im.target.entities,
+                        **{k: v for k, v in extra.items() if k not in im.target.entities},
+                    },
+                    im.target.sidecar_changes,
+                    im.target.rule,
+                )
 
     known = [im for im in images if im.target is not None]
     unique = make_unique(
@@ -390,13 +400,14 @@ def _name_images(
             for im in known
         ],
         add_acq=config is None,
-    )  # fmt: skip
+    )
     for im, target in zip(known, unique, strict=True):
         im.target = target
 
 
-def _unknown_name(subject: str, session: str | None, series: DicomSeries, im: _Image,
-                  k: int, n: int) -> str:  # fmt: skip
+def _unknown_name(
+    subject: str, session: str | None, series: DicomSeries, im: _Image, k: int, n: int
+) -> str:
     label = sanitize_label(im.sidecar.get("SeriesDescription") or "") or "unknown"
     number = f"{series.series_number:03d}" if series.series_number is not None else "000"
     ses = f"_ses-{session}" if session else ""
@@ -543,11 +554,16 @@ def convert_dicom_to_bids(
                 continue
             try:
                 converted = _convert_series(
-                    index, series, work / f"series{index:04d}",
-                    converter=converter, verify=verify, deidentify=deidentify,
+                    index,
+                    series,
+                    work / f"series{index:04d}",
+                    converter=converter,
+                    verify=verify,
+                    deidentify=deidentify,
                     date_shift_days=date_shift_days,
-                    affine_tolerance_mm=affine_tolerance_mm, min_correlation=min_correlation,
-                )  # fmt: skip
+                    affine_tolerance_mm=affine_tolerance_mm,
+                    min_correlation=min_correlation,
+                )
             except Exception as err:  # one series never stops the others
                 outcome.status = "failed"
                 outcome.reason = str(err) or type(err).__name__
@@ -559,9 +575,12 @@ def convert_dicom_to_bids(
                     logger.warning(
                         "CONVERTERS DISAGREE on %s: %s vs %s: %s. The %s image is written; "
                         "inspect it before use.",
-                        series.label, im.check["Primary"], im.check["Secondary"],
-                        im.check.get("Details", ""), converter,
-                    )  # fmt: skip
+                        series.label,
+                        im.check["Primary"],
+                        im.check["Secondary"],
+                        im.check.get("Details", ""),
+                        converter,
+                    )
                 elif im.check.get("Status") == "not-run" and verify:
                     logger.warning(
                         "Could not cross-check %s: %s", series.label, im.check.get("Details")
@@ -614,9 +633,11 @@ def convert_dicom_to_bids(
                     staging = Path(tempfile.mkdtemp(dir=bids_dir, prefix=".mriflow-staging-"))
                 try:
                     outcome.outputs = _stage_and_move(
-                        files, staging / f"{index:04d}", overwrite=overwrite,
+                        files,
+                        staging / f"{index:04d}",
+                        overwrite=overwrite,
                         deidentify=deidentify,
-                    )  # fmt: skip
+                    )
                 except Exception as err:
                     outcome.status = "failed"
                     outcome.reason = f"writing the output failed: {err}"
@@ -630,15 +651,18 @@ def convert_dicom_to_bids(
         if outcome.status == "unknown":
             logger.warning(
                 "Not recognised by the %s: %s%s",
-                "heuristic file" if config else "default heuristic", outcome.series.label,
-                " (kept under sourcedata/)" if keep_unknown else " (left out; --keep-unknown "
-                "keeps it under sourcedata/)",
-            )  # fmt: skip
+                "heuristic file" if config else "default heuristic",
+                outcome.series.label,
+                " (kept under sourcedata/)"
+                if keep_unknown
+                else " (left out; --keep-unknown keeps it under sourcedata/)",
+            )
         elif outcome.status == "ambiguous":
             logger.warning(
                 "Left out %s: it matches several heuristic descriptions (%s)",
-                outcome.series.label, outcome.reason,
-            )  # fmt: skip
+                outcome.series.label,
+                outcome.reason,
+            )
 
     if any(o.outputs for o in outcomes):
         write_dataset_description(bids_dir)
@@ -672,5 +696,3 @@ def summary_lines(report: ConversionReport) -> list[str]:
     for p in report.failed_files:
         lines.append(f"FAILED   {p}")
     return lines
-
-

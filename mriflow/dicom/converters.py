@@ -206,14 +206,20 @@ def run_dcm2niix(
     _link_inputs([Path(f) for f in files], in_dir)
     cmd = [
         dcm2niix_binary(),
-        "-b", "y",
-        "-ba", "y" if anonymize else "n",
-        "-z", "y" if compress else "n",
-        "-w", "1",
-        "-f", basename,
-        "-o", str(nii_dir),
+        "-b",
+        "y",
+        "-ba",
+        "y" if anonymize else "n",
+        "-z",
+        "y" if compress else "n",
+        "-w",
+        "1",
+        "-f",
+        basename,
+        "-o",
+        str(nii_dir),
         str(in_dir),
-    ]  # fmt: skip
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:

@@ -41,45 +41,116 @@ __all__ = [
 # DICOM PS3.15 Basic Application Confidentiality Profile and HIPAA's list).
 PHI_KEYS = frozenset(
     {
-        "PatientName", "PatientID", "PatientBirthDate", "PatientBirthTime", "PatientSex",
-        "PatientAge", "PatientSize", "PatientWeight", "PatientAddress",
-        "PatientTelephoneNumbers", "OtherPatientIDs", "OtherPatientNames",
-        "PatientMotherBirthName", "PatientComments", "EthnicGroup", "MilitaryRank",
-        "ResponsiblePerson", "InstitutionName", "InstitutionAddress",
-        "InstitutionalDepartmentName", "StationName", "DeviceSerialNumber",
-        "ReferringPhysicianName", "PerformingPhysicianName", "PhysiciansOfRecord",
-        "NameOfPhysiciansReadingStudy", "RequestingPhysician", "OperatorsName",
-        "AccessionNumber", "StudyID", "ImageComments", "AcquisitionDateTime",
-        "AcquisitionDate", "StudyDate", "SeriesDate", "ContentDate", "StudyTime",
-        "SeriesTime", "ContentTime", "InstanceCreationDate", "InstanceCreationTime",
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientBirthTime",
+        "PatientSex",
+        "PatientAge",
+        "PatientSize",
+        "PatientWeight",
+        "PatientAddress",
+        "PatientTelephoneNumbers",
+        "OtherPatientIDs",
+        "OtherPatientNames",
+        "PatientMotherBirthName",
+        "PatientComments",
+        "EthnicGroup",
+        "MilitaryRank",
+        "ResponsiblePerson",
+        "InstitutionName",
+        "InstitutionAddress",
+        "InstitutionalDepartmentName",
+        "StationName",
+        "DeviceSerialNumber",
+        "ReferringPhysicianName",
+        "PerformingPhysicianName",
+        "PhysiciansOfRecord",
+        "NameOfPhysiciansReadingStudy",
+        "RequestingPhysician",
+        "OperatorsName",
+        "AccessionNumber",
+        "StudyID",
+        "ImageComments",
+        "AcquisitionDateTime",
+        "AcquisitionDate",
+        "StudyDate",
+        "SeriesDate",
+        "ContentDate",
+        "StudyTime",
+        "SeriesTime",
+        "ContentTime",
+        "InstanceCreationDate",
+        "InstanceCreationTime",
         "BidsGuess",
     }
-)  # fmt: skip
+)
 
 # Coded or numeric fields: never PHI, and short coded values ("HFS", "M")
 # must not be removed because a patient name happens to equal them.
 _CODED_KEYS = frozenset(
     {
-        "Modality", "PatientPosition", "ImageType", "ScanningSequence", "SequenceVariant",
-        "ScanOptions", "MRAcquisitionType", "PhaseEncodingDirection", "SliceEncodingDirection",
-        "InPlanePhaseEncodingDirectionDICOM", "ImageOrientationText", "ConversionSoftware",
-        "ConversionSoftwareVersion", "Manufacturer", "ManufacturersModelName",
-        "SoftwareVersions", "BodyPartExamined", "BodyPart", "MatrixCoilMode",
-        "CoilCombinationMethod", "PulseSequenceType", "ConsistencyInfo", "RawImage",
+        "Modality",
+        "PatientPosition",
+        "ImageType",
+        "ScanningSequence",
+        "SequenceVariant",
+        "ScanOptions",
+        "MRAcquisitionType",
+        "PhaseEncodingDirection",
+        "SliceEncodingDirection",
+        "InPlanePhaseEncodingDirectionDICOM",
+        "ImageOrientationText",
+        "ConversionSoftware",
+        "ConversionSoftwareVersion",
+        "Manufacturer",
+        "ManufacturersModelName",
+        "SoftwareVersions",
+        "BodyPartExamined",
+        "BodyPart",
+        "MatrixCoilMode",
+        "CoilCombinationMethod",
+        "PulseSequenceType",
+        "ConsistencyInfo",
+        "RawImage",
     }
-)  # fmt: skip
+)
 
 # DICOM attributes whose values are PHI wherever else they show up.
 _PHI_ATTRIBUTES = (
-    "PatientName", "PatientID", "OtherPatientIDs", "OtherPatientNames", "PatientBirthDate",
-    "PatientAddress", "PatientTelephoneNumbers", "PatientMotherBirthName", "PatientComments",
-    "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "StationName",
-    "DeviceSerialNumber", "ReferringPhysicianName", "PerformingPhysicianName",
-    "PhysiciansOfRecord", "NameOfPhysiciansReadingStudy", "RequestingPhysician",
-    "OperatorsName", "AccessionNumber", "StudyID", "ResponsiblePerson",
-    "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID",
-    "StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate", "AcquisitionDateTime",
-)  # fmt: skip
+    "PatientName",
+    "PatientID",
+    "OtherPatientIDs",
+    "OtherPatientNames",
+    "PatientBirthDate",
+    "PatientAddress",
+    "PatientTelephoneNumbers",
+    "PatientMotherBirthName",
+    "PatientComments",
+    "InstitutionName",
+    "InstitutionAddress",
+    "InstitutionalDepartmentName",
+    "StationName",
+    "DeviceSerialNumber",
+    "ReferringPhysicianName",
+    "PerformingPhysicianName",
+    "PhysiciansOfRecord",
+    "NameOfPhysiciansReadingStudy",
+    "RequestingPhysician",
+    "OperatorsName",
+    "AccessionNumber",
+    "StudyID",
+    "ResponsiblePerson",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "FrameOfReferenceUID",
+    "StudyDate",
+    "SeriesDate",
+    "AcquisitionDate",
+    "ContentDate",
+    "AcquisitionDateTime",
+)
 
 _MIN_TOKEN = 3  # shorter fragments ("Li", "1") match too much unrelated text
 
@@ -226,8 +297,12 @@ def deidentify_sidecar(
 
 
 # NIfTI text fields: (offset, length) in the NIfTI-1 and NIfTI-2 headers.
-_NIFTI1_FIELDS = {"db_name": (14, 18), "descrip": (148, 80), "aux_file": (228, 24),
-                  "intent_name": (328, 16)}  # fmt: skip
+_NIFTI1_FIELDS = {
+    "db_name": (14, 18),
+    "descrip": (148, 80),
+    "aux_file": (228, 24),
+    "intent_name": (328, 16),
+}
 _NIFTI2_FIELDS = {"descrip": (240, 80), "aux_file": (320, 24), "intent_name": (508, 16)}
 
 
@@ -271,8 +346,9 @@ def scrub_nifti_header(path: str | Path, *, descrip: str = "") -> None:
         raw = _patch_header(raw, path, text)
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as fh_out:
-            with gzip.GzipFile(filename="", mode="wb", fileobj=fh_out, mtime=0,
-                               compresslevel=6) as gz:  # fmt: skip
+            with gzip.GzipFile(
+                filename="", mode="wb", fileobj=fh_out, mtime=0, compresslevel=6
+            ) as gz:
                 gz.write(raw)
         tmp.replace(path)
     else:
@@ -302,8 +378,9 @@ def write_nifti_gz(
     if scrub:
         raw = _patch_header(raw, source, b"")
     with open(target, "wb") as fh_out:
-        with gzip.GzipFile(filename="", mode="wb", fileobj=fh_out, mtime=0,
-                           compresslevel=compresslevel) as gz:  # fmt: skip
+        with gzip.GzipFile(
+            filename="", mode="wb", fileobj=fh_out, mtime=0, compresslevel=compresslevel
+        ) as gz:
             gz.write(raw)
 
 

@@ -40,12 +40,39 @@ logger = logging.getLogger("mriflow.dicom")
 
 # Entity order of the BIDS specification (the subset a raw MRI dataset uses).
 ENTITY_ORDER = (
-    "sub", "ses", "task", "acq", "ce", "trc", "rec", "dir", "run", "mod", "echo", "flip",
-    "inv", "mt", "part", "chunk",
-)  # fmt: skip
+    "sub",
+    "ses",
+    "task",
+    "acq",
+    "ce",
+    "trc",
+    "rec",
+    "dir",
+    "run",
+    "mod",
+    "echo",
+    "flip",
+    "inv",
+    "mt",
+    "part",
+    "chunk",
+)
 _DATATYPES = {"anat", "func", "dwi", "fmap", "perf"}
-_ANAT_SUFFIXES = {"T1w", "T2w", "PDw", "T2starw", "FLAIR", "inplaneT1", "inplaneT2", "PDT2",
-                  "angio", "T1map", "T2map", "UNIT1", "MP2RAGE"}  # fmt: skip
+_ANAT_SUFFIXES = {
+    "T1w",
+    "T2w",
+    "PDw",
+    "T2starw",
+    "FLAIR",
+    "inplaneT1",
+    "inplaneT2",
+    "PDT2",
+    "angio",
+    "T1map",
+    "T2map",
+    "UNIT1",
+    "MP2RAGE",
+}
 
 
 class HeuristicError(ValueError):
@@ -100,9 +127,27 @@ def bids_basename(subject: str, session: str | None, target: BidsTarget) -> str:
 _REPROIN = re.compile(r"(?:^|[_\s])(task|acq|ce|rec|dir|run|echo)-([A-Za-z0-9]+)")
 _REPROIN_SEQTYPE = re.compile(r"^(anat|func|dwi|fmap)(?:-([A-Za-z0-9]+))?(?:[_\s]|$)")
 # Words of a series name that mark service images, never data for a pipeline.
-_SKIP_WORDS = frozenset({"localizer", "localiser", "loc", "scout", "survey", "aahead",
-                         "aascout", "phoenixzipreport", "mip", "adc", "tracew", "trace", "fa",
-                         "colfa", "screenshot", "calibration", "setter"})  # fmt: skip
+_SKIP_WORDS = frozenset(
+    {
+        "localizer",
+        "localiser",
+        "loc",
+        "scout",
+        "survey",
+        "aahead",
+        "aascout",
+        "phoenixzipreport",
+        "mip",
+        "adc",
+        "tracew",
+        "trace",
+        "fa",
+        "colfa",
+        "screenshot",
+        "calibration",
+        "setter",
+    }
+)
 
 
 def _words(text: str) -> set[str]:
@@ -188,8 +233,11 @@ def default_heuristic(
     is_epi = "EP" in scanning.replace("\\", " ").split() or "EP" in scanning
     has_b = bvals is not None and any(b > 50 for b in bvals)
 
-    if has_b or "DIFFUSION" in image_type or words & {"dwi", "dti", "diff", "diffusion",
-                                                        "hardi", "dsi"}:  # fmt: skip
+    if (
+        has_b
+        or "DIFFUSION" in image_type
+        or words & {"dwi", "dti", "diff", "diffusion", "hardi", "dsi"}
+    ):
         if bvals is None:  # without gradient tables it cannot be used as dwi
             return None
         return BidsTarget("dwi", "dwi", entities, rule="default: diffusion")
@@ -198,9 +246,13 @@ def default_heuristic(
     if "t2*" in text or "t2star" in text or "t2_star" in text or words & {"swi", "t2s"}:
         return BidsTarget("anat", "T2starw", entities, rule="default: name says T2*")
     t2 = re.search(r"(?<![a-z0-9])t2(w|wi|_?tse|_?space|_?frfse)?(?![a-z0-9*])", text)
-    t1 = re.search(r"(?<![a-z0-9])t1(w|wi)?(?![a-z0-9])", text) or words & {
-        "mprage", "mpr", "tfl", "spgr", "fspgr", "bravo", "tfe", "t1mprage"
-    } or "mprage" in text or "mp-rage" in text or "mp_rage" in text  # fmt: skip
+    t1 = (
+        re.search(r"(?<![a-z0-9])t1(w|wi)?(?![a-z0-9])", text)
+        or words & {"mprage", "mpr", "tfl", "spgr", "fspgr", "bravo", "tfe", "t1mprage"}
+        or "mprage" in text
+        or "mp-rage" in text
+        or "mp_rage" in text
+    )
     if t2 and not t1:
         return BidsTarget("anat", "T2w", entities, rule="default: name says T2")
     if t1 and not t2:
@@ -208,13 +260,18 @@ def default_heuristic(
     if n_volumes > 1 and (is_epi or words & {"bold", "fmri", "rest", "resting"}):
         task = entities.pop("task", None)
         if task is None:
-            task = "rest" if words & {"rest", "resting", "rsfmri"} else sanitize_label(
-                protocol or description
-            ) or "unknown"
+            task = (
+                "rest"
+                if words & {"rest", "resting", "rsfmri"}
+                else sanitize_label(protocol or description) or "unknown"
+            )
         return BidsTarget(
-            "func", "bold", {"task": task, **entities}, {"TaskName": task},
+            "func",
+            "bold",
+            {"task": task, **entities},
+            {"TaskName": task},
             rule="default: EPI time series",
-        )  # fmt: skip
+        )
     # Names said nothing: fall back on contrast from the acquisition parameters.
     if te is not None and tr is not None and n_volumes == 1 and not is_epi:
         if ti is not None and ti >= 1.5 and te >= 0.06:
@@ -320,20 +377,26 @@ class Dcm2BidsConfig:
         if y is None:
             return False
         return {
-            "lt": x < y, "lte": x <= y, "le": x <= y, "gt": x > y, "gte": x >= y, "ge": x >= y,
-        }[op]  # fmt: skip
+            "lt": x < y,
+            "lte": x <= y,
+            "le": x <= y,
+            "gt": x > y,
+            "gte": x >= y,
+            "ge": x >= y,
+        }[op]
 
     def _is_link(self, sidecar: dict[str, Any], criteria: dict[str, Any]) -> bool:
         for tag, pattern in criteria.items():
             value = sidecar.get(tag, "")
             if isinstance(pattern, dict):
-                (op, operand), = pattern.items()
+                ((op, operand),) = pattern.items()
                 if op == "any":
                     ok = any(
-                        self._compare_list(value, p) if isinstance(value, list)
+                        self._compare_list(value, p)
+                        if isinstance(value, list)
                         else self._compare(value, p)
                         for p in operand
-                    )  # fmt: skip
+                    )
                 else:
                     ok = self._compare_numeric(value, op, operand)
             elif isinstance(value, list):
@@ -365,8 +428,11 @@ class Dcm2BidsConfig:
                 if not value:
                     logger.warning(
                         "%s: entity '%s' of description '%s' was not found by the extractors; "
-                        "left out", self.source, key, d.ident,
-                    )  # fmt: skip
+                        "left out",
+                        self.source,
+                        key,
+                        d.ident,
+                    )
                     continue
             entities[key] = sanitize_label(value) if key != "run" else value
         if d.suffix == "bold" and "task" in entities:
@@ -450,8 +516,9 @@ def load_dcm2bids_config(path: str | Path) -> Dcm2BidsConfig:
                 suffix=str(suffix),
                 criteria=criteria,
                 custom_entities=[str(c) for c in custom],
-                sidecar_changes=dict(_first(entry, "sidecar_changes", "sidecarChanges",
-                                            default={})),  # fmt: skip
+                sidecar_changes=dict(
+                    _first(entry, "sidecar_changes", "sidecarChanges", default={})
+                ),
                 ident=str(entry.get("id", f"descriptions[{i}] {datatype}/{suffix}")),
             )
         )

@@ -35,9 +35,15 @@ logger = logging.getLogger("mriflow.dicom")
 # that mark a magnitude / phase / real / imaginary image. One series with both
 # magnitude and phase images must become two NIfTI files.
 _COMPONENTS = {
-    "M": "M", "MAGNITUDE": "M", "P": "P", "PHASE": "P",
-    "R": "R", "REAL": "R", "I": "I", "IMAGINARY": "I",
-}  # fmt: skip
+    "M": "M",
+    "MAGNITUDE": "M",
+    "P": "P",
+    "PHASE": "P",
+    "R": "R",
+    "REAL": "R",
+    "I": "I",
+    "IMAGINARY": "I",
+}
 
 
 class DicomReadError(ValueError):
@@ -164,7 +170,7 @@ def read_dicom_file(path: str | Path) -> pydicom.Dataset | None:
     except Exception as err:  # pydicom raises many types for damaged files
         raise DicomReadError(f"{path}: damaged DICOM file ({type(err).__name__}: {err})") from None
 
-    if ds.get("SOPClassUID") == MediaStorageDirectoryStorage:
+    if _is_dicomdir(ds):
         return ds
     missing = [k for k in ("SeriesInstanceUID", "Rows", "Columns", "BitsAllocated") if k not in ds]
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
@@ -184,6 +190,12 @@ def read_dicom_file(path: str | Path) -> pydicom.Dataset | None:
                 f"{path}: truncated DICOM file (pixel data has {got} of {expected} bytes)"
             )
     return ds
+
+
+def _is_dicomdir(ds: pydicom.Dataset) -> bool:
+    meta = getattr(ds, "file_meta", None)
+    sop = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else None)
+    return sop == MediaStorageDirectoryStorage or "DirectoryRecordSequence" in ds
 
 
 def _as_int(value: object) -> int | None:
@@ -260,7 +272,7 @@ def scan_dicom_dir(root: str | Path) -> ScanResult:
             logger.warning("Skipping %s: not a DICOM file", path)
             skipped.append(FileProblem(path, "not a DICOM file"))
             continue
-        if ds.get("SOPClassUID") == MediaStorageDirectoryStorage:
+        if _is_dicomdir(ds):
             logger.info("Ignoring DICOMDIR index %s (images are found by walking the folder)", path)
             continue
         echo = _as_int(ds.get("EchoNumbers"))
