@@ -215,7 +215,8 @@ def _convert_series(
     """Convert one series into ``work``: images with final (de-identified) sidecars."""
     files = series.files
     try:
-        heads = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in {files[0], files[-1]}]
+        ends = [files[0]] if len(files) == 1 else [files[0], files[-1]]
+        heads = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in ends]
     except Exception as err:
         raise _SeriesFailure(f"cannot read the DICOM header ({err})") from None
     phi = collect_phi_values(heads)

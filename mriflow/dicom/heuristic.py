@@ -223,7 +223,7 @@ def default_heuristic(
             return BidsTarget(
                 "func", "bold", {"task": task, **entities}, {"TaskName": task}, rule="reproin"
             )
-        if datatype == "dwi":
+        if datatype == "dwi" and bvals is not None:
             return BidsTarget("dwi", "dwi", entities, rule="reproin")
 
     te = _number(sidecar.get("EchoTime"))
