@@ -577,3 +577,49 @@ def test_series_write_is_atomic(tmp_path: Path, monkeypatch) -> None:
         "sub-01_T1w.nii.gz",
     ]
     assert not list(out.glob(".mriflow-staging-*"))
+
+
+def _write_dwi(folder: Path) -> None:
+    series_uid, study_uid = generate_uid(prefix=UID_ROOT), generate_uid(prefix=UID_ROOT)
+    directions = [(0, (0.0, 0.0, 0.0)), (1000, (1.0, 0.0, 0.0)), (1000, (0.0, 0.6, 0.8))]
+    for v, (bval, gradient) in enumerate(directions):
+        files = write_series(
+            folder,
+            data=phantom(seed=10 + v),
+            series_uid=series_uid,
+            study_uid=study_uid,
+            description="ep2d_diff_3dir",
+            prefix=f"V{v}_",
+            te_ms=80,
+            tr_ms=5000,
+        )
+        for k, path in enumerate(files):
+            ds = pydicom.dcmread(path)
+            ds.ScanningSequence = "EP"
+            ds.DiffusionBValue = float(bval)
+            ds.DiffusionGradientOrientation = list(gradient)
+            ds.AcquisitionNumber = v + 1
+            ds.InstanceNumber = 100 * v + k + 1
+            ds.save_as(path)
+
+
+def test_dwi_series_gets_bval_bvec_with_either_converter(tmp_path: Path) -> None:
+    _write_dwi(tmp_path / "dicom")
+    outputs = {}
+    for converter in ("dcm2niix", "dicom2nifti"):
+        out = tmp_path / converter
+        report = convert_dicom_to_bids(tmp_path / "dicom", out, subject="01", converter=converter)
+        assert report.ok, [o.reason for o in report.outcomes]
+        stem = out / "sub-01" / "dwi" / "sub-01_dwi"
+        assert [float(b) for b in stem.with_suffix(".bval").read_text().split()] == [0, 1000, 1000]
+        bvec = np.loadtxt(stem.with_suffix(".bvec"))
+        assert bvec.shape == (3, 3)
+        np.testing.assert_allclose(np.linalg.norm(bvec[:, 1:], axis=0), 1.0, atol=1e-4)
+        img = nib.load(str(stem.with_suffix(".nii.gz")))
+        assert img.shape == (16, 20, 12, 3)
+        outputs[converter] = (img, bvec)
+    # dicom2nifti's image is stored in dcm2niix's voxel order, so dcm2niix's bvecs apply to it.
+    a, b = outputs["dcm2niix"], outputs["dicom2nifti"]
+    np.testing.assert_allclose(a[0].affine, b[0].affine, atol=1e-4)
+    np.testing.assert_array_equal(np.asanyarray(a[0].dataobj), np.asanyarray(b[0].dataobj))
+    np.testing.assert_array_equal(a[1], b[1])
