@@ -344,13 +344,7 @@ def compare_images(
             details=f"shape {a_data.shape} vs {b_data.shape} in RAS",
         )
     aff_diff = float(np.max(np.abs(a_aff - b_aff)))
-    a = a_data.astype(np.float64).ravel()
-    b = b_data.astype(np.float64).ravel()
-    sa, sb = a.std(), b.std()
-    if sa == 0 or sb == 0:
-        corr = 1.0 if (sa == 0 and sb == 0 and np.allclose(a, b)) else 0.0
-    else:
-        corr = float(np.dot(a - a.mean(), b - b.mean()) / (a.size * sa * sb))
+    corr = _correlation(a_data, b_data)
     problems = []
     if aff_diff > affine_tolerance_mm:
         problems.append(f"affines differ by up to {aff_diff:.4g} mm")
@@ -358,12 +352,8 @@ def compare_images(
         flips = []
         for axis, name in enumerate(("left-right", "posterior-anterior", "inferior-superior")):
             # A mirrored image correlates well once flipped back: say which axis.
-            flipped = np.flip(b_data, axis=axis).astype(np.float64).ravel()
-            sf = flipped.std()
-            if sf > 0 and sa > 0:
-                c = float(np.dot(a - a.mean(), flipped - flipped.mean()) / (a.size * sa * sf))
-                if c >= min_correlation:
-                    flips.append(name)
+            if _correlation(a_data, np.flip(b_data, axis=axis)) >= min_correlation:
+                flips.append(name)
         hint = f"; it matches once flipped {' or '.join(flips)} (mirrored)" if flips else ""
         problems.append(f"voxel correlation {corr:.3f} < {min_correlation}{hint}")
     return ImageAgreement(
@@ -373,6 +363,32 @@ def compare_images(
         correlation=corr,
         details="; ".join(problems),
     )
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two same-shape arrays, one 3D volume at a time.
+
+    Sums are accumulated in float64 volume by volume so that a long 4D series
+    never needs two full float64 copies in memory.
+    """
+    n = 0
+    sa = sb = saa = sbb = sab = 0.0
+    a4 = a.reshape(*a.shape[:3], -1)
+    b4 = b.reshape(*b.shape[:3], -1)
+    # Shifting by the first volume's mean keeps the one-pass sums accurate.
+    shift_a, shift_b = float(np.mean(a4[..., 0])), float(np.mean(b4[..., 0]))
+    for t in range(a4.shape[-1]):
+        x = a4[..., t].astype(np.float64).ravel() - shift_a
+        y = b4[..., t].astype(np.float64).ravel() - shift_b
+        n += x.size
+        sa, sb = sa + x.sum(), sb + y.sum()
+        saa, sbb, sab = saa + x @ x, sbb + y @ y, sab + x @ y
+    va = saa / n - (sa / n) ** 2
+    vb = sbb / n - (sb / n) ** 2
+    scale = max(saa / n, sbb / n, 1e-300)
+    if va <= 1e-12 * scale or vb <= 1e-12 * scale:  # a constant image
+        return 1.0 if np.array_equal(a, b) else 0.0
+    return float((sab / n - sa * sb / n**2) / np.sqrt(va * vb))
 
 
 def reorient_like(
