@@ -623,3 +623,16 @@ def test_dwi_series_gets_bval_bvec_with_either_converter(tmp_path: Path) -> None
     np.testing.assert_allclose(a[0].affine, b[0].affine, atol=1e-4)
     np.testing.assert_array_equal(np.asanyarray(a[0].dataobj), np.asanyarray(b[0].dataobj))
     np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_files_without_preamble_are_read_and_text_files_are_not(tmp_path: Path) -> None:
+    from mriflow.dicom.scan import read_dicom_file, scan_dicom_dir
+
+    files = write_series(tmp_path / "s")
+    for path in files:  # old exports: no 128-byte preamble and no "DICM" marker
+        path.write_bytes(path.read_bytes()[132:])
+    assert read_dicom_file(files[0]) is not None
+    (tmp_path / "s" / "log.txt").write_text("\x08\x00 looks like a tag but is text\n")
+    scan = scan_dicom_dir(tmp_path)
+    assert [len(s.files) for s in scan.series] == [len(files)]
+    assert [p.path.name for p in scan.skipped] == ["log.txt"]

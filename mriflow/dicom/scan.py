@@ -160,7 +160,12 @@ def read_dicom_file(path: str | Path) -> pydicom.Dataset | None:
         ds = pydicom.dcmread(path)
     except InvalidDicomError:
         # Old exports write no 128-byte preamble; accept such a file only when
-        # it parses and carries the attributes every image needs.
+        # it starts like a DICOM data set (group 0002 or 0008, either byte
+        # order), parses and carries the attributes every image needs.
+        with open(path, "rb") as fh:
+            start = fh.read(2)
+        if start not in (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08"):
+            return None
         try:
             ds = pydicom.dcmread(path, force=True)
         except Exception:
