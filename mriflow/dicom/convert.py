@@ -250,7 +250,7 @@ def _convert_series(
                 raise _SeriesFailure(str(err)) from None
             d2n_error = str(err)
 
-    # (image, sidecar, bval, bvec, postfix, check)
+    # (image, sidecar, bval, bvec, check) per image to write
     results: list[tuple[Path, dict[str, Any], Path | None, Path | None, dict[str, Any]]] = []
     if converter == "dcm2niix":
         for im in dcm_images:
@@ -413,6 +413,10 @@ def _unknown_name(
     number = f"{series.series_number:03d}" if series.series_number is not None else "000"
     ses = f"_ses-{session}" if session else ""
     extra = f"_{k + 1}" if n > 1 else ""
+    if series.echo is not None:
+        extra += f"_echo{series.echo}"
+    if series.component is not None:
+        extra += f"_{_PARTS[series.component]}"
     return f"sub-{subject}{ses}_series-{number}_{label}{extra}"
 
 
@@ -595,6 +599,7 @@ def convert_dicom_to_bids(
         for im in images:
             by_series[im.series_index].append(im)
         kept_unknown = False
+        used_unknown: set[str] = set()
         try:
             for index, group in sorted(by_series.items()):
                 series, outcome = scan.series[index], outcomes[index]
@@ -604,6 +609,10 @@ def convert_dicom_to_bids(
                         if not keep_unknown:
                             continue
                         name = _unknown_name(subject, session, series, im, k, len(group))
+                        base, dup = name, 2
+                        while name in used_unknown:  # same number and description
+                            name, dup = f"{base}_{dup}", dup + 1
+                        used_unknown.add(name)
                         folder = bids_dir / "sourcedata" / f"sub-{subject}"
                         folder = folder / f"ses-{session}" if session else folder
                         kept_unknown = True
