@@ -1,0 +1,708 @@
+"""Convert a folder of DICOM files into a BIDS raw dataset.
+
+:func:`convert_dicom_to_bids` is what ``mriflow convert`` runs:
+
+1. scan the folder and group the files into series (:mod:`mriflow.dicom.scan`);
+2. convert each series with the primary converter, and with the other one
+   as a cross-check compared in RAS (:mod:`mriflow.dicom.converters`);
+3. de-identify sidecars (:mod:`mriflow.dicom.deid`);
+4. name every image by the heuristic (:mod:`mriflow.dicom.heuristic`);
+5. write each series atomically: its files are staged in a hidden folder
+   inside the dataset and moved into place only when all of them are ready,
+   so a series that fails leaves nothing behind, and never stops the others;
+6. update ``dataset_description.json`` and ``participants.tsv``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import nibabel as nib
+import pydicom
+
+from mriflow.dicom.converters import (
+    ConvertedImage,
+    ConverterError,
+    compare_images,
+    dcm2niix_version,
+    dicom2nifti_version,
+    reorient_like,
+    run_dcm2niix,
+    run_dicom2nifti,
+)
+from mriflow.dicom.dataset import (
+    update_bidsignore,
+    update_participants,
+    write_dataset_description,
+)
+from mriflow.dicom.deid import (
+    acquisition_datetime,
+    collect_phi_values,
+    contains_phi,
+    deidentify_sidecar,
+    write_nifti_gz,
+)
+from mriflow.dicom.heuristic import (
+    BidsTarget,
+    Dcm2BidsConfig,
+    bids_basename,
+    default_heuristic,
+    load_dcm2bids_config,
+    make_unique,
+    sanitize_label,
+)
+from mriflow.dicom.scan import DicomSeries, FileProblem, scan_dicom_dir
+
+__all__ = [
+    "CONVERTERS",
+    "ConversionReport",
+    "SeriesOutcome",
+    "convert_dicom_to_bids",
+    "summary_lines",
+]
+
+logger = logging.getLogger("mriflow.dicom")
+
+CONVERTERS = ("dcm2niix", "dicom2nifti")
+_LABEL = re.compile(r"^[A-Za-z0-9]+$")
+_PARTS = {"M": "mag", "P": "phase", "R": "real", "I": "imag"}
+
+
+@dataclass
+class SeriesOutcome:
+    """What happened to one series.
+
+    ``status`` is ``"converted"`` (written to BIDS), ``"unknown"`` (the
+    heuristic does not name it: left out, or kept under ``sourcedata/``),
+    ``"ambiguous"`` (several config descriptions match: left out) or
+    ``"failed"`` (``reason`` says why). ``outputs`` are the files written.
+    ``checks`` holds one cross-check record per image (see the sidecar's
+    ``ConversionCheck``).
+    """
+
+    series: DicomSeries
+    status: Literal["converted", "unknown", "ambiguous", "failed"]
+    outputs: list[Path] = field(default_factory=list)
+    reason: str = ""
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ConversionReport:
+    """The outcome of :func:`convert_dicom_to_bids`.
+
+    ``skipped_files`` are non-DICOM files (warnings); ``failed_files`` are
+    damaged DICOM files that belong to no readable series (errors).
+    """
+
+    bids_dir: Path
+    outcomes: list[SeriesOutcome]
+    skipped_files: list[FileProblem]
+    failed_files: list[FileProblem]
+
+    @property
+    def failed(self) -> list[SeriesOutcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+    @property
+    def converted(self) -> list[SeriesOutcome]:
+        return [o for o in self.outcomes if o.status == "converted"]
+
+    @property
+    def disagreements(self) -> list[SeriesOutcome]:
+        return [o for o in self.outcomes if any(c.get("Status") == "disagree" for c in o.checks)]
+
+    @property
+    def ok(self) -> bool:
+        """True when no series and no file failed."""
+        return not self.failed and not self.failed_files
+
+
+@dataclass
+class _Image:
+    series_index: int
+    nifti: Path
+    sidecar: dict[str, Any]
+    bval: Path | None
+    bvec: Path | None
+    n_volumes: int
+    bvals: list[float] | None
+    echo: int | None
+    component: str | None
+    check: dict[str, Any]
+    target: BidsTarget | None = None
+    matched: list[str] = field(default_factory=list)
+
+
+class _SeriesFailure(RuntimeError):
+    pass
+
+
+def _check_label(value: str | None, what: str) -> str | None:
+    if value is None:
+        return None
+    value = str(value)
+    prefix = "sub-" if what == "subject" else "ses-"
+    if value.startswith(prefix):
+        value = value[len(prefix) :]
+    if not _LABEL.match(value):
+        raise ValueError(f"{what} label must contain only letters and digits (BIDS), got {value!r}")
+    return value
+
+
+def _basic_sidecar(ds: pydicom.Dataset) -> dict[str, Any]:
+    """Sidecar fields read directly from a header, when dcm2niix could not write one."""
+    out: dict[str, Any] = {}
+    for key in (
+        "Modality",
+        "Manufacturer",
+        "ManufacturersModelName",
+        "SeriesDescription",
+        "ProtocolName",
+        "ScanningSequence",
+        "SequenceVariant",
+        "MRAcquisitionType",
+        "PatientPosition",
+    ):
+        if key in ds and str(ds.get(key)).strip():
+            out[key] = str(ds.get(key))
+    for key in ("MagneticFieldStrength", "FlipAngle", "SeriesNumber"):
+        if key in ds and ds.get(key) not in (None, ""):
+            out[key] = float(ds.get(key)) if key != "SeriesNumber" else int(ds.get(key))
+    for key in ("EchoTime", "RepetitionTime", "InversionTime"):  # DICOM ms -> BIDS s
+        if key in ds and ds.get(key) not in (None, ""):
+            out[key] = float(ds.get(key)) / 1000.0
+    if "ImageType" in ds:
+        out["ImageType"] = [str(v) for v in ds.ImageType]
+    return out
+
+
+def _read_bvals(path: Path | None) -> list[float] | None:
+    if path is None:
+        return None
+    try:
+        return [float(v) for v in path.read_text().split()]
+    except (OSError, ValueError):
+        return None
+
+
+def _n_volumes(path: Path) -> int:
+    shape = nib.load(str(path)).shape
+    return int(shape[3]) if len(shape) > 3 else 1
+
+
+def _convert_series(
+    index: int,
+    series: DicomSeries,
+    work: Path,
+    *,
+    converter: str,
+    verify: bool,
+    deidentify: bool,
+    date_shift_days: int | None,
+    affine_tolerance_mm: float,
+    min_correlation: float,
+) -> list[_Image]:
+    """Convert one series into ``work``: images with final (de-identified) sidecars."""
+    files = series.files
+    try:
+        ends = [files[0]] if len(files) == 1 else [files[0], files[-1]]
+        heads = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in ends]
+    except Exception as err:
+        raise _SeriesFailure(f"cannot read the DICOM header ({err})") from None
+    phi = collect_phi_values(heads)
+    acquired = acquisition_datetime(heads[0])
+
+    secondary = "dicom2nifti" if converter == "dcm2niix" else "dcm2niix"
+    versions = {"dcm2niix": dcm2niix_version(), "dicom2nifti": dicom2nifti_version()}
+    check_base = {
+        "Primary": f"{converter} {versions[converter]}",
+        "Secondary": f"{secondary} {versions[secondary]}",
+    }
+
+    # dcm2niix always runs: it is the primary, or it writes the sidecar and
+    # defines the voxel axes that PhaseEncodingDirection and SliceTiming refer to.
+    dcm_images: list[ConvertedImage] = []
+    dcm_error = ""
+    try:
+        dcm_images = run_dcm2niix(files, work / "dcm2niix", anonymize=deidentify, compress=False)
+    except ConverterError as err:
+        if converter == "dcm2niix":
+            raise _SeriesFailure(str(err)) from None
+        dcm_error = str(err)
+
+    d2n_img = None
+    d2n_error = ""
+    if converter == "dicom2nifti" or verify:
+        try:
+            d2n_img = run_dicom2nifti(files, work / "dicom2nifti.nii")
+        except ConverterError as err:
+            if converter == "dicom2nifti":
+                raise _SeriesFailure(str(err)) from None
+            d2n_error = str(err)
+
+    # (image, sidecar, bval, bvec, check) per image to write
+    results: list[tuple[Path, dict[str, Any], Path | None, Path | None, dict[str, Any]]] = []
+    if converter == "dcm2niix":
+        for im in dcm_images:
+            check = dict(check_base)
+            if not verify:
+                check["Status"] = "skipped"
+            elif d2n_img is None:
+                check.update(Status="not-run", Details=d2n_error)
+            elif len(dcm_images) > 1:
+                check.update(
+                    Status="not-run",
+                    Details=f"dcm2niix wrote {len(dcm_images)} images for this series, "
+                    "dicom2nifti one; not comparable",
+                )
+            else:
+                agreement = compare_images(
+                    nib.load(str(im.nifti)),
+                    d2n_img,
+                    affine_tolerance_mm=affine_tolerance_mm,
+                    min_correlation=min_correlation,
+                )
+                check.update(Status="agree" if agreement.agree else "disagree")
+                check.update(agreement.as_sidecar())
+            results.append((im.nifti, dict(im.sidecar), im.bval, im.bvec, check))
+    else:
+        assert d2n_img is not None
+        check = dict(check_base)
+        out = work / "primary.nii"
+        if len(dcm_images) == 1:
+            ref = dcm_images[0]
+            if verify:
+                agreement = compare_images(
+                    d2n_img,
+                    nib.load(str(ref.nifti)),
+                    affine_tolerance_mm=affine_tolerance_mm,
+                    min_correlation=min_correlation,
+                )
+                check.update(Status="agree" if agreement.agree else "disagree")
+                check.update(agreement.as_sidecar())
+            else:
+                check["Status"] = "skipped"
+            # Store dicom2nifti's voxels in dcm2niix's axis order so that the
+            # axis-dependent sidecar fields (and bvecs) apply to them.
+            nib.save(reorient_like(d2n_img, nib.load(str(ref.nifti)).affine), str(out))
+            sidecar = dict(ref.sidecar)
+            bval, bvec = ref.bval, ref.bvec
+        else:
+            reason = dcm_error or f"dcm2niix wrote {len(dcm_images)} images; not comparable"
+            check.update(Status="not-run" if verify else "skipped", Details=reason)
+            nib.save(d2n_img, str(out))
+            sidecar = _basic_sidecar(heads[0])
+            bval = bvec = None
+        sidecar["ConversionSoftware"] = "dicom2nifti"
+        sidecar["ConversionSoftwareVersion"] = versions["dicom2nifti"]
+        results.append((out, sidecar, bval, bvec, check))
+
+    images = []
+    for nifti, sidecar, bval, bvec, check in results:
+        if deidentify:
+            sidecar, _removed = deidentify_sidecar(
+                sidecar, phi, acquired=acquired, date_shift_days=date_shift_days
+            )
+            # Converter messages never quote header text, but check anyway.
+            if contains_phi(json.dumps(check), phi):
+                check.pop("Details", None)
+        sidecar["ConversionCheck"] = check
+        echo = sidecar.get("EchoNumber") if isinstance(sidecar.get("EchoNumber"), int) else None
+        component = series.component
+        image_type = [str(v).upper() for v in sidecar.get("ImageType", [])]
+        if component is None and ("P" in image_type[2:3] or "PHASE" in image_type):
+            component = "P"
+        images.append(
+            _Image(
+                series_index=index,
+                nifti=nifti,
+                sidecar=sidecar,
+                bval=bval,
+                bvec=bvec,
+                n_volumes=_n_volumes(nifti),
+                bvals=_read_bvals(bval),
+                echo=series.echo if series.echo is not None else echo,
+                component=component,
+                check=check,
+            )
+        )
+    return images
+
+
+def _protocol_label(sidecar: dict[str, Any]) -> str:
+    return sanitize_label(sidecar.get("ProtocolName") or sidecar.get("SeriesDescription") or "")
+
+
+def _sort_key(series: DicomSeries, sidecar: dict[str, Any]) -> tuple:
+    return (
+        series.series_number if series.series_number is not None else 1 << 30,
+        str(sidecar.get("AcquisitionTime", "")),
+        str(series.files[0]),
+    )
+
+
+def _name_images(
+    images: list[_Image],
+    series_list: list[DicomSeries],
+    config: Dcm2BidsConfig | None,
+) -> None:
+    """Set ``target`` on every image the heuristic recognises, with unique names."""
+    for im in images:
+        if config is not None:
+            im.target, im.matched = config.match(im.sidecar)
+        else:
+            im.target = default_heuristic(im.sidecar, n_volumes=im.n_volumes, bvals=im.bvals)
+
+    # echo-/part- where one acquisition (same SeriesInstanceUID) holds several.
+    by_uid: dict[str, list[_Image]] = defaultdict(list)
+    for im in images:
+        by_uid[series_list[im.series_index].uid].append(im)
+    for group in by_uid.values():
+        echoes = {im.echo for im in group if im.target is not None}
+        components = {im.component for im in group if im.target is not None}
+        for im in group:
+            if im.target is None:
+                continue
+            extra = {}
+            if len(echoes) > 1 and im.echo is not None:
+                extra["echo"] = str(im.echo)
+            if im.component in ("P", "R", "I") or (len(components) > 1 and im.component):
+                extra["part"] = _PARTS[im.component or "M"]
+            if extra:
+                im.target = BidsTarget(
+                    im.target.datatype,
+                    im.target.suffix,
+                    {
+                        **im.target.entities,
+                        **{k: v for k, v in extra.items() if k not in im.target.entities},
+                    },
+                    im.target.sidecar_changes,
+                    im.target.rule,
+                )
+
+    known = [im for im in images if im.target is not None]
+    unique = make_unique(
+        [
+            (
+                im.target,
+                _protocol_label(im.sidecar),
+                _sort_key(series_list[im.series_index], im.sidecar),
+            )
+            for im in known
+        ],
+        add_acq=config is None,
+    )
+    for im, target in zip(known, unique, strict=True):
+        im.target = target
+
+
+def _unknown_name(
+    subject: str, session: str | None, series: DicomSeries, im: _Image, k: int, n: int
+) -> str:
+    label = sanitize_label(im.sidecar.get("SeriesDescription") or "") or "unknown"
+    number = f"{series.series_number:03d}" if series.series_number is not None else "000"
+    ses = f"_ses-{session}" if session else ""
+    extra = f"_{k + 1}" if n > 1 else ""
+    if series.echo is not None:
+        extra += f"_echo{series.echo}"
+    if series.component is not None:
+        extra += f"_{_PARTS[series.component]}"
+    return f"sub-{subject}{ses}_series-{number}_{label}{extra}"
+
+
+def _stage_and_move(
+    files: list[tuple[Path, Path, str | None]],
+    staging: Path,
+    *,
+    overwrite: bool,
+    deidentify: bool,
+) -> list[Path]:
+    """Copy (source, target, json_text) into ``staging``, then move all into place.
+
+    ``json_text`` set means ``source`` is ignored and the text is the file.
+    If any step fails, every file already moved is removed again.
+    """
+    staging.mkdir(parents=True, exist_ok=True)
+    for _, target, _ in files:
+        if target.exists() and not overwrite:
+            raise _SeriesFailure(f"{target} already exists (use --overwrite to replace it)")
+    staged = []
+    for k, (source, target, text) in enumerate(files):
+        dst = staging / f"{k:03d}_{target.name}"
+        if text is not None:
+            dst.write_text(text, encoding="utf-8")
+        elif dst.name.endswith(".nii.gz"):
+            write_nifti_gz(source, dst, scrub=deidentify)
+        else:
+            shutil.copyfile(source, dst)
+        staged.append((dst, target))
+    moved: list[Path] = []
+    try:
+        for dst, target in staged:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            dst.replace(target)
+            moved.append(target)
+    except BaseException:
+        for target in moved:
+            target.unlink(missing_ok=True)
+        raise
+    return moved
+
+
+def convert_dicom_to_bids(
+    dicom_dir: str | Path,
+    bids_dir: str | Path,
+    *,
+    subject: str,
+    session: str | None = None,
+    heuristic: str | Path | None = None,
+    converter: Literal["dcm2niix", "dicom2nifti"] = "dcm2niix",
+    verify: bool = True,
+    deidentify: bool = True,
+    date_shift_days: int | None = None,
+    keep_unknown: bool = False,
+    overwrite: bool = False,
+    affine_tolerance_mm: float = 1e-3,
+    min_correlation: float = 0.99,
+) -> ConversionReport:
+    """Convert every series under ``dicom_dir`` into the BIDS dataset ``bids_dir``.
+
+    Parameters
+    ----------
+    dicom_dir : path
+        Folder searched recursively (any file names, DICOMDIR, enhanced multi-frame).
+    bids_dir : path
+        BIDS raw dataset, created if missing; other subjects in it are kept.
+    subject : str
+        Participant label (``01`` or ``sub-01``; letters and digits only).
+    session : str, optional
+        Session label; adds ``ses-<label>`` to folders and names.
+    heuristic : path, optional
+        A dcm2bids JSON config replacing the default naming rules.
+    converter : {"dcm2niix", "dicom2nifti"}
+        Primary converter; the other one cross-checks each series when ``verify``.
+    verify : bool
+        Convert with both and compare in RAS (shape, affine within
+        ``affine_tolerance_mm``, voxel correlation >= ``min_correlation``).
+        Disagreement is logged as a warning and recorded in the sidecar
+        (``ConversionCheck``); the primary's image is written either way.
+    deidentify : bool
+        Remove PHI from sidecars and NIfTI headers (default). False keeps
+        everything the converter writes (``--keep-phi``).
+    date_shift_days : int, optional
+        With ``deidentify``: None removes acquisition dates; an integer keeps
+        ``AcquisitionDateTime`` shifted back by that many days.
+    keep_unknown : bool
+        Write series the heuristic does not name under ``sourcedata/`` instead
+        of leaving them out.
+    overwrite : bool
+        Replace existing files with the same names (otherwise such a series fails).
+    affine_tolerance_mm, min_correlation : float
+        Agreement thresholds of the cross-check.
+
+    Returns
+    -------
+    ConversionReport
+        One outcome per series; ``report.ok`` is False if any series or file failed.
+
+    Raises
+    ------
+    ValueError
+        Invalid labels, converter name or thresholds.
+    FileNotFoundError
+        ``dicom_dir`` is not a folder.
+    mriflow.dicom.heuristic.HeuristicError
+        The heuristic file is missing or invalid.
+    """
+    subject = _check_label(subject, "subject")
+    if not subject:
+        raise ValueError("a subject label is required (for example --subject 01)")
+    session = _check_label(session, "session")
+    if converter not in CONVERTERS:
+        raise ValueError(f"converter must be one of {CONVERTERS}, got {converter!r}")
+    if affine_tolerance_mm <= 0:
+        raise ValueError(f"affine_tolerance_mm must be > 0, got {affine_tolerance_mm}")
+    if not -1 <= min_correlation <= 1:
+        raise ValueError(f"min_correlation must be in [-1, 1], got {min_correlation}")
+    if date_shift_days is not None and not deidentify:
+        raise ValueError("date_shift_days applies to de-identified output only (not with keep-PHI)")
+    dicom_dir = Path(dicom_dir)
+    bids_dir = Path(bids_dir)
+    config = load_dcm2bids_config(heuristic) if heuristic is not None else None
+    src, dst = dicom_dir.resolve(), bids_dir.resolve()
+    if dst == src or src in dst.parents:
+        raise ValueError(f"{bids_dir}: the BIDS folder must not be inside the DICOM folder")
+
+    scan = scan_dicom_dir(dicom_dir)
+    for problem in scan.problems:
+        logger.error("Cannot use %s", problem)
+    outcomes = [SeriesOutcome(series=s, status="converted") for s in scan.series]
+
+    with tempfile.TemporaryDirectory(prefix="mriflow-convert-") as tmp:
+        work = Path(tmp)
+        images: list[_Image] = []
+        for index, (series, outcome) in enumerate(zip(scan.series, outcomes, strict=True)):
+            if series.problems:
+                outcome.status = "failed"
+                outcome.reason = "; ".join(str(p) for p in series.problems)
+                logger.error("Series failed: %s: %s", series.label, outcome.reason)
+                continue
+            try:
+                converted = _convert_series(
+                    index,
+                    series,
+                    work / f"series{index:04d}",
+                    converter=converter,
+                    verify=verify,
+                    deidentify=deidentify,
+                    date_shift_days=date_shift_days,
+                    affine_tolerance_mm=affine_tolerance_mm,
+                    min_correlation=min_correlation,
+                )
+            except Exception as err:  # one series never stops the others
+                outcome.status = "failed"
+                outcome.reason = str(err) or type(err).__name__
+                logger.error("Series failed: %s: %s", series.label, outcome.reason)
+                continue
+            for im in converted:
+                outcome.checks.append(im.check)
+                if im.check.get("Status") == "disagree":
+                    logger.warning(
+                        "CONVERTERS DISAGREE on %s: %s vs %s: %s. The %s image is written; "
+                        "inspect it before use.",
+                        series.label,
+                        im.check["Primary"],
+                        im.check["Secondary"],
+                        im.check.get("Details", ""),
+                        converter,
+                    )
+                elif im.check.get("Status") == "not-run" and verify:
+                    logger.warning(
+                        "Could not cross-check %s: %s", series.label, im.check.get("Details")
+                    )
+            images.extend(converted)
+
+        _name_images(images, scan.series, config)
+
+        staging: Path | None = None
+        by_series: dict[int, list[_Image]] = defaultdict(list)
+        for im in images:
+            by_series[im.series_index].append(im)
+        kept_unknown = False
+        used_unknown: set[str] = set()
+        try:
+            for index, group in sorted(by_series.items()):
+                series, outcome = scan.series[index], outcomes[index]
+                files: list[tuple[Path, Path, str | None]] = []
+                for k, im in enumerate(group):
+                    if im.target is None:
+                        if not keep_unknown:
+                            continue
+                        name = _unknown_name(subject, session, series, im, k, len(group))
+                        base, dup = name, 2
+                        while name in used_unknown:  # same number and description
+                            name, dup = f"{base}_{dup}", dup + 1
+                        used_unknown.add(name)
+                        folder = bids_dir / "sourcedata" / f"sub-{subject}"
+                        folder = folder / f"ses-{session}" if session else folder
+                        kept_unknown = True
+                    else:
+                        name = bids_basename(subject, session, im.target)
+                        folder = bids_dir / f"sub-{subject}"
+                        folder = folder / f"ses-{session}" if session else folder
+                        folder = folder / im.target.datatype
+                        outcome.names.append(name)
+                    sidecar = {**im.sidecar, **(im.target.sidecar_changes if im.target else {})}
+                    files.append((im.nifti, folder / f"{name}.nii.gz", None))
+                    files.append(
+                        (im.nifti, folder / f"{name}.json", json.dumps(sidecar, indent=2) + "\n")
+                    )
+                    if im.bval is not None and im.bvec is not None:
+                        files.append((im.bval, folder / f"{name}.bval", None))
+                        files.append((im.bvec, folder / f"{name}.bvec", None))
+                if all(im.target is None for im in group):
+                    matched = sorted({m for im in group for m in im.matched})
+                    outcome.status = "ambiguous" if len(matched) > 1 else "unknown"
+                    outcome.reason = ", ".join(matched)
+                if not files:
+                    continue
+                if staging is None:
+                    bids_dir.mkdir(parents=True, exist_ok=True)
+                    # Inside the dataset, so that moving into place is a rename
+                    # on one file system; hidden, so BIDS tools ignore it.
+                    staging = Path(tempfile.mkdtemp(dir=bids_dir, prefix=".mriflow-staging-"))
+                try:
+                    outcome.outputs = _stage_and_move(
+                        files,
+                        staging / f"{index:04d}",
+                        overwrite=overwrite,
+                        deidentify=deidentify,
+                    )
+                except Exception as err:
+                    outcome.status = "failed"
+                    outcome.reason = f"writing the output failed: {err}"
+                    outcome.outputs = []
+                    logger.error("Series failed: %s: %s", series.label, outcome.reason)
+        finally:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+
+    for outcome in outcomes:
+        if outcome.status == "unknown":
+            logger.warning(
+                "Not recognised by the %s: %s%s",
+                "heuristic file" if config else "default heuristic",
+                outcome.series.label,
+                " (kept under sourcedata/)"
+                if keep_unknown
+                else " (left out; --keep-unknown keeps it under sourcedata/)",
+            )
+        elif outcome.status == "ambiguous":
+            logger.warning(
+                "Left out %s: it matches several heuristic descriptions (%s)",
+                outcome.series.label,
+                outcome.reason,
+            )
+
+    if any(o.outputs for o in outcomes):
+        write_dataset_description(bids_dir)
+        update_participants(bids_dir, subject)
+        if kept_unknown:
+            update_bidsignore(bids_dir, ["sourcedata/"])
+    return ConversionReport(
+        bids_dir=bids_dir,
+        outcomes=outcomes,
+        skipped_files=scan.skipped,
+        failed_files=scan.problems,
+    )
+
+
+def summary_lines(report: ConversionReport) -> list[str]:
+    """One line per series for the terminal: status, series, BIDS names or reason."""
+    lines = []
+    for o in report.outcomes:
+        check = ""
+        statuses = {c.get("Status") for c in o.checks}
+        if "disagree" in statuses:
+            check = "  [CONVERTERS DISAGREE]"
+        elif statuses == {"agree"}:
+            check = "  [cross-check ok]"
+        if o.status == "converted":
+            lines.append(f"ok       {o.series.label} -> {', '.join(o.names)}{check}")
+        elif o.status == "failed":
+            lines.append(f"FAILED   {o.series.label}: {o.reason}")
+        else:
+            lines.append(f"{o.status:<8} {o.series.label}")
+    for p in report.failed_files:
+        lines.append(f"FAILED   {p}")
+    return lines
