@@ -104,13 +104,19 @@ def resample_to_voxel_size(
     if np.allclose(zooms, target, rtol=1e-4, atol=1e-5):
         return _new_image(np.asanyarray(img.dataobj), img.affine.copy(), img)
     new_shape = np.maximum(np.ceil(shape * zooms / target - 1e-3).astype(int), 1)
-    scale = target / zooms  # new voxel step in old voxel units
-    # old-voxel coordinate of new voxel i: -0.5 + scale/2 + i*scale (outer edges aligned)
+    affine = _rescaled_affine(img.affine, target / zooms)
+    return _resample(img, tuple(int(s) for s in new_shape), affine, order)
+
+
+def _rescaled_affine(affine: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Affine of a grid whose voxel steps are ``scale`` old voxels, outer edges aligned.
+
+    New voxel i sits at old-voxel coordinate ``-0.5 + scale/2 + i*scale``.
+    """
     new_to_old = np.eye(4)
     new_to_old[:3, :3] = np.diag(scale)
     new_to_old[:3, 3] = -0.5 + scale / 2
-    affine = img.affine @ new_to_old
-    return _resample(img, tuple(int(s) for s in new_shape), affine, order)
+    return affine @ new_to_old
 
 
 def _resample(
@@ -208,11 +214,7 @@ def resize_to_shape(
     target = np.asarray(shape, dtype=int)
     if target.shape != (3,) or np.any(target < 1):
         raise ValueError(f"shape must be 3 positive integers, got {tuple(shape)!r}")
-    scale = np.asarray(img.shape[:3]) / target
-    new_to_old = np.eye(4)
-    new_to_old[:3, :3] = np.diag(scale)
-    new_to_old[:3, 3] = -0.5 + scale / 2
-    affine = img.affine @ new_to_old
+    affine = _rescaled_affine(img.affine, np.asarray(img.shape[:3]) / target)
     return _resample(img, tuple(int(s) for s in target), affine, order)
 
 
