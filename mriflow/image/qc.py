@@ -429,8 +429,11 @@ class IQMs:
     warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"metrics": dict(self.metrics), "skipped": dict(self.skipped),
-                "warnings": list(self.warnings)}  # fmt: skip
+        return {
+            "metrics": dict(self.metrics),
+            "skipped": dict(self.skipped),
+            "warnings": list(self.warnings),
+        }
 
 
 def _array(value: Any, name: str) -> np.ndarray:
@@ -453,8 +456,10 @@ def _tissue_maps(
             raise ValueError(
                 f"compute_iqms: tissue_probs needs keys gm, wm, csf; missing {sorted(missing)}"
             )
-        maps = {k: _array(tissue_probs[k], f"tissue_probs[{k!r}]").astype(float) for k in
-                ("gm", "wm", "csf")}  # fmt: skip
+        maps = {
+            k: _array(tissue_probs[k], f"tissue_probs[{k!r}]").astype(float)
+            for k in ("gm", "wm", "csf")
+        }
     elif dseg is not None:
         labels = np.rint(dseg).astype(int)
         maps = {k: (labels == v).astype(float) for k, v in TISSUE_LABELS.items()}
@@ -596,9 +601,7 @@ def compute_iqms(
                 bg["mad"] = bg["stdv"] / DIETRICH_FACTOR
             stats["bg"] = bg
 
-    maps = _tissue_maps(
-        None if dseg is None else _array(dseg, "dseg"), tissue_probs, shape
-    )
+    maps = _tissue_maps(None if dseg is None else _array(dseg, "dseg"), tissue_probs, shape)
     if maps is None:
         reason = "no tissue segmentation (dseg or tissue_probs) given"
         for name in ("snr", "cnr", "cjv", "wm2max", "icvs", "summary_tissues"):
@@ -652,8 +655,7 @@ def compute_iqms(
                 sigma_air = float(np.sqrt(sum(s["stdv"] ** 2 for s in stats.values())))
                 warnings.append("cnr: no air mask, noise taken from the tissue spreads")
             for name, func in (
-                ("cnr", lambda: cnr(wm["median"], gm["median"], sigma_air, wm["stdv"],
-                                    gm["stdv"])),  # fmt: skip
+                ("cnr", lambda: cnr(wm["median"], gm["median"], sigma_air, wm["stdv"], gm["stdv"])),
                 ("cjv", lambda: cjv(wm["median"], gm["median"], wm["mad"], gm["mad"])),
                 ("wm2max", lambda: wm2max(data, wm["median"])),
             ):

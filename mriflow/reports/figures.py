@@ -133,19 +133,28 @@ def _save(fig: plt.Figure, out_path: str | os.PathLike[str]) -> Path:
     buffer = io.BytesIO()
     # metadata without dates keeps reruns byte-identical (publishing skips equal files)
     metadata = {"Date": None} if fmt == "svg" else {"Software": "mriflow (matplotlib)"}
-    fig.savefig(buffer, format=fmt, facecolor=fig.get_facecolor(), dpi=fig.dpi,
-                metadata=metadata)  # fmt: skip
+    fig.savefig(buffer, format=fmt, facecolor=fig.get_facecolor(), dpi=fig.dpi, metadata=metadata)
     plt.close(fig)
     return atomic_write_bytes(path, buffer.getvalue())
 
 
 def _grid_figure(rows: int, cols: int, title: str, panel: float = 1.9):
     fig, axes = plt.subplots(
-        rows, cols, figsize=(panel * cols, panel * rows + 0.5), dpi=90,
-        squeeze=False, facecolor="black",
-    )  # fmt: skip
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.4 / (panel * rows + 0.5),
-                        wspace=0.02, hspace=0.02)  # fmt: skip
+        rows,
+        cols,
+        figsize=(panel * cols, panel * rows + 0.5),
+        dpi=90,
+        squeeze=False,
+        facecolor="black",
+    )
+    fig.subplots_adjust(
+        left=0.01,
+        right=0.99,
+        bottom=0.01,
+        top=1 - 0.4 / (panel * rows + 0.5),
+        wspace=0.02,
+        hspace=0.02,
+    )
     fig.suptitle(title, color="white", fontsize=11)
     for ax in axes.ravel():
         ax.set_facecolor("black")
@@ -157,11 +166,19 @@ def _grid_figure(rows: int, cols: int, title: str, panel: float = 1.9):
 
 
 def _label_panel(ax, plane: str, index: int) -> None:
-    ax.text(0.02, 0.98, f"{plane[0].upper()} {index}", color="white", fontsize=7,
-            transform=ax.transAxes, va="top")  # fmt: skip
+    ax.text(
+        0.02,
+        0.98,
+        f"{plane[0].upper()} {index}",
+        color="white",
+        fontsize=7,
+        transform=ax.transAxes,
+        va="top",
+    )
     if plane != "sagittal":
-        ax.text(0.98, 0.98, "R", color="white", fontsize=7, transform=ax.transAxes, ha="right",
-                va="top")  # fmt: skip
+        ax.text(
+            0.98, 0.98, "R", color="white", fontsize=7, transform=ax.transAxes, ha="right", va="top"
+        )
 
 
 def _mosaic(
@@ -182,8 +199,15 @@ def _mosaic(
     for row, plane in enumerate(planes):
         for col, index in enumerate(select_slices(reference, _AXIS[plane], n_slices)):
             ax = axes[row, col]
-            ax.imshow(_slice(data, plane, index), cmap="gray", vmin=vmin, vmax=vmax,
-                      origin="lower", aspect=_aspect(zooms, plane), interpolation="nearest")  # fmt: skip
+            ax.imshow(
+                _slice(data, plane, index),
+                cmap="gray",
+                vmin=vmin,
+                vmax=vmax,
+                origin="lower",
+                aspect=_aspect(zooms, plane),
+                interpolation="nearest",
+            )
             draw_overlay(ax, plane, index)
             _label_panel(ax, plane, index)
     return _save(fig, out_path)
@@ -254,8 +278,16 @@ def plot_segmentation(
     def overlay(ax, plane, index):
         section = _slice(labels, plane, index)
         masked = np.ma.masked_where((section < 1) | (section > 3), section)
-        ax.imshow(masked, cmap=cmap, vmin=0, vmax=3, alpha=alpha, origin="lower",
-                  aspect=ax.get_aspect(), interpolation="nearest")  # fmt: skip
+        ax.imshow(
+            masked,
+            cmap=cmap,
+            vmin=0,
+            vmax=3,
+            alpha=alpha,
+            origin="lower",
+            aspect=ax.get_aspect(),
+            interpolation="nearest",
+        )
         for label, (_, color) in TISSUE_COLORS.items():
             region = (section == label).astype(float)
             if region.any() and not region.all():
@@ -294,8 +326,10 @@ def plot_registration(
     fixed_data = np.asanyarray(fixed.dataobj).astype(float)
     moving_data = _on_grid(moving, fixed, "moving", order=1).astype(float)
     zooms = _zooms(fixed)
-    panels = [(fixed_data, moving_data, "#ff3b3b", "template, subject edges"),
-              (moving_data, fixed_data, "#25e0f0", "subject, template edges")]  # fmt: skip
+    panels = [
+        (fixed_data, moving_data, "#ff3b3b", "template, subject edges"),
+        (moving_data, fixed_data, "#25e0f0", "subject, template edges"),
+    ]
     fig, axes = _grid_figure(2 * len(PLANES), n_slices, title, panel=1.7)
     for block, (under, edges_of, color, label) in enumerate(panels):
         vmin, vmax = _window(under)
@@ -303,14 +337,26 @@ def plot_registration(
             row = block * len(PLANES) + p
             for col, index in enumerate(select_slices(fixed_data, _AXIS[plane], n_slices)):
                 ax = axes[row, col]
-                ax.imshow(_slice(under, plane, index), cmap="gray", vmin=vmin, vmax=vmax,
-                          origin="lower", aspect=_aspect(zooms, plane))  # fmt: skip
+                ax.imshow(
+                    _slice(under, plane, index),
+                    cmap="gray",
+                    vmin=vmin,
+                    vmax=vmax,
+                    origin="lower",
+                    aspect=_aspect(zooms, plane),
+                )
                 edge = _edges(_slice(edges_of, plane, index))
-                ax.imshow(np.ma.masked_where(~edge, edge), cmap=ListedColormap([color]),
-                          origin="lower", aspect=_aspect(zooms, plane), interpolation="nearest")  # fmt: skip
+                ax.imshow(
+                    np.ma.masked_where(~edge, edge),
+                    cmap=ListedColormap([color]),
+                    origin="lower",
+                    aspect=_aspect(zooms, plane),
+                    interpolation="nearest",
+                )
                 _label_panel(ax, plane, index)
-            axes[row, 0].text(0.02, 0.02, label, color=color, fontsize=7,
-                              transform=axes[row, 0].transAxes)  # fmt: skip
+            axes[row, 0].text(
+                0.02, 0.02, label, color=color, fontsize=7, transform=axes[row, 0].transAxes
+            )
     return _save(fig, out_path)
 
 
@@ -333,24 +379,29 @@ def plot_bias_correction(
     corr_data = np.asanyarray(base.dataobj).astype(float)
     columns: list[tuple[str, np.ndarray, dict]] = [
         ("raw", raw_data, {"cmap": "gray", **dict(zip(("vmin", "vmax"), _window(raw_data)))}),
-        ("corrected", corr_data,
-         {"cmap": "gray", **dict(zip(("vmin", "vmax"), _window(corr_data)))}),
-    ]  # fmt: skip
+        (
+            "corrected",
+            corr_data,
+            {"cmap": "gray", **dict(zip(("vmin", "vmax"), _window(corr_data)))},
+        ),
+    ]
     if bias_field is not None:
         field_data = _on_grid(bias_field, base, "bias_field", order=1).astype(float)
         inside = field_data[field_data > 0]
         spread = float(np.max(np.abs(np.percentile(inside, [1, 99]) - 1))) if inside.size else 0.1
         spread = max(spread, 0.02)
-        columns.append(("bias field", field_data,
-                        {"cmap": "RdBu_r", "vmin": 1 - spread, "vmax": 1 + spread}))  # fmt: skip
+        columns.append(
+            ("bias field", field_data, {"cmap": "RdBu_r", "vmin": 1 - spread, "vmax": 1 + spread})
+        )
     zooms = _zooms(base)
     fig, axes = _grid_figure(len(PLANES), len(columns), title, panel=2.4)
     for row, plane in enumerate(PLANES):
         index = select_slices(corr_data, _AXIS[plane], 1)[0]
         for col, (name, data, style) in enumerate(columns):
             ax = axes[row, col]
-            shown = ax.imshow(_slice(data, plane, index), origin="lower",
-                              aspect=_aspect(zooms, plane), **style)  # fmt: skip
+            shown = ax.imshow(
+                _slice(data, plane, index), origin="lower", aspect=_aspect(zooms, plane), **style
+            )
             if row == 0:
                 ax.set_title(name, color="white", fontsize=9)
             _label_panel(ax, plane, index)
@@ -400,8 +451,14 @@ def plot_histograms(
             for label, (tissue, color) in TISSUE_COLORS.items():
                 values = data[inside & (labels == label)]
                 if values.size:
-                    ax.hist(values, bins=edges, color=color, histtype="step", linewidth=1.4,
-                            label=tissue)  # fmt: skip
+                    ax.hist(
+                        values,
+                        bins=edges,
+                        color=color,
+                        histtype="step",
+                        linewidth=1.4,
+                        label=tissue,
+                    )
             ax.legend(fontsize=7, frameon=False)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("intensity", fontsize=8)
