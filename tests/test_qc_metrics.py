@@ -9,41 +9,15 @@ import numpy as np
 import pytest
 
 from mriflow.image import qc
+from tests.qc_phantoms import MU, make_head
+from tests.qc_phantoms import radius as _radius_of
 
 SIGMA = 5.0
-MU = {"wm": 110.0, "gm": 70.0, "csf": 30.0, "scalp": 80.0}
 SHAPE = (64, 64, 64)
 
 
-def _radius(shape=SHAPE) -> np.ndarray:
-    grid = np.indices(shape).astype(float)
-    center = (np.asarray(shape) - 1) / 2
-    return np.sqrt(((grid.T - center) ** 2).sum(-1)).T
-
-
-def make_head(sigma: float = SIGMA, seed: int = 0, ghost: float = 0.0):
-    """A magnitude-MR head phantom: WM core, GM shell, CSF shell, scalp; air around.
-
-    Complex Gaussian noise of SD ``sigma`` per channel, so tissues are Rician (~normal,
-    SD sigma) and air is Rayleigh, as in real magnitude images. ``ghost`` adds an
-    N/2 ghost of that relative amplitude along the second axis (phase encoding).
-    """
-    r = _radius()
-    truth = np.zeros(SHAPE)
-    dseg = np.zeros(SHAPE, np.uint8)
-    truth[r < 12] = MU["wm"]
-    dseg[r < 12] = 2
-    truth[(r >= 12) & (r < 18)] = MU["gm"]
-    dseg[(r >= 12) & (r < 18)] = 1
-    truth[(r >= 18) & (r < 21)] = MU["csf"]
-    dseg[(r >= 18) & (r < 21)] = 3
-    truth[(r >= 23) & (r < 27)] = MU["scalp"]
-    if ghost:
-        truth = truth + ghost * np.roll(truth, SHAPE[1] // 2, axis=1)
-    rng = np.random.default_rng(seed)
-    noisy = np.abs(truth + rng.normal(0, sigma, SHAPE) + 1j * rng.normal(0, sigma, SHAPE))
-    brain = dseg > 0
-    return noisy, brain, dseg
+def _radius(shape=SHAPE):
+    return _radius_of(shape)
 
 
 def test_snr_matches_analytic_value_per_tissue():

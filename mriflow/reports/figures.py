@@ -138,11 +138,11 @@ def _save(fig: plt.Figure, out_path: str | os.PathLike[str]) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
-def _grid_figure(rows: int, cols: int, title: str, panel: float = 1.9):
+def _grid_figure(rows: int, cols: int, title: str, panel: float = 1.9, header: float = 0.4):
     fig, axes = plt.subplots(
         rows,
         cols,
-        figsize=(panel * cols, panel * rows + 0.5),
+        figsize=(panel * cols, panel * rows + header + 0.1),
         dpi=90,
         squeeze=False,
         facecolor="black",
@@ -151,7 +151,7 @@ def _grid_figure(rows: int, cols: int, title: str, panel: float = 1.9):
         left=0.01,
         right=0.99,
         bottom=0.01,
-        top=1 - 0.4 / (panel * rows + 0.5),
+        top=1 - header / (panel * rows + header + 0.1),
         wspace=0.02,
         hspace=0.02,
     )
@@ -367,10 +367,12 @@ def plot_bias_correction(
     bias_field: nib.spatialimages.SpatialImage | None = None,
     *,
     title: str = "Intensity non-uniformity correction (N4)",
+    labels: tuple[str, str] = ("raw", "corrected"),
 ) -> Path:
     """Raw vs bias-corrected image (and the estimated bias field), middle slice of each plane.
 
-    Columns: raw, corrected, bias field (if given; colour scale centred on 1).
+    Columns: raw, corrected (named by ``labels``), bias field (if given; colour scale
+    centred on 1).
     Look for: the corrected WM equally bright from top to bottom and front to back;
     a smooth field without anatomy in it.
     """
@@ -378,9 +380,9 @@ def plot_bias_correction(
     raw_data = _on_grid(raw, base, "raw", order=1).astype(float)
     corr_data = np.asanyarray(base.dataobj).astype(float)
     columns: list[tuple[str, np.ndarray, dict]] = [
-        ("raw", raw_data, {"cmap": "gray", **dict(zip(("vmin", "vmax"), _window(raw_data)))}),
+        (labels[0], raw_data, {"cmap": "gray", **dict(zip(("vmin", "vmax"), _window(raw_data)))}),
         (
-            "corrected",
+            labels[1],
             corr_data,
             {"cmap": "gray", **dict(zip(("vmin", "vmax"), _window(corr_data)))},
         ),
@@ -394,7 +396,7 @@ def plot_bias_correction(
             ("bias field", field_data, {"cmap": "RdBu_r", "vmin": 1 - spread, "vmax": 1 + spread})
         )
     zooms = _zooms(base)
-    fig, axes = _grid_figure(len(PLANES), len(columns), title, panel=2.4)
+    fig, axes = _grid_figure(len(PLANES), len(columns), title, panel=2.4, header=0.7)
     for row, plane in enumerate(PLANES):
         index = select_slices(corr_data, _AXIS[plane], 1)[0]
         for col, (name, data, style) in enumerate(columns):

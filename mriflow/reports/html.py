@@ -303,7 +303,10 @@ def make_standard_figures(
         if raw is not None:
             jobs.append((
                 "Raw vs preprocessed", {**entities, "desc": "conform"}, group.contrast,
-                partial(F.plot_bias_correction, raw, t1w, title="Raw vs preprocessed"),
+                partial(
+                    F.plot_bias_correction, raw, t1w, title="Raw vs preprocessed",
+                    labels=("raw", "preprocessed"),
+                ),
                 "Middle slices of the raw image (resampled to the output grid) and the "
                 "preprocessed one. Look for: same anatomy and orientation (R on the right), "
                 "no clipped or folded field of view, more even white matter after correction.",
@@ -530,7 +533,8 @@ def robust_z(values: Sequence[float]) -> np.ndarray:
     r"""Robust z-scores: :math:`z = (x - \operatorname{median}) / (1.4826\,\mathrm{MAD})`.
 
     When the MAD is 0 (more than half the values equal) the mean absolute
-    deviation times 1.2533 is used instead; when that is 0 too, every z is 0.
+    deviation times 1.2533 is used instead; when that is 0 too (or at rounding
+    level, below 1e-9 of the median), every z is 0.
     NaN stays NaN.
     """
     x = np.asarray(values, dtype=float)
@@ -541,10 +545,12 @@ def robust_z(values: Sequence[float]) -> np.ndarray:
         return z
     center = np.median(x[finite])
     deviation = np.abs(x[finite] - center)
+    # spreads at rounding level (e.g. NCC 1.0 +- 1e-16) count as no spread at all
+    tiny = 1e-9 * max(1.0, abs(center))
     scale = 1.4826 * np.median(deviation)
-    if scale == 0:
+    if scale <= tiny:
         scale = 1.2533 * deviation.mean()
-    z[finite] = 0.0 if scale == 0 else (x[finite] - center) / scale
+    z[finite] = 0.0 if scale <= tiny else (x[finite] - center) / scale
     return z
 
 
@@ -658,7 +664,7 @@ def write_group_report(
                 "participant_id": row["participant_id"],
                 "source": row["source"] or row["file"],
                 "link": f"{row['participant_id']}.html",
-                "values": {c: row.get(c) for c in columns},
+                "cells": {c: row.get(c) for c in columns},
                 "flags": {},
             }
         )
