@@ -93,7 +93,7 @@ def test_subject_report_summary_and_figures(dataset):
     assert "2 x 2 x 2 &rarr; 2 x 2 x 2" in html  # voxel size before -> after
     # every step of the chain, in order, with its software
     positions = [html.index(f"<td>{name}</td>") for name in
-                 ("conform", "n4", "skull_strip", "segmentation")]  # fmt: skip
+                 ("conform", "n4", "skull_strip", "segmentation", "registration")]  # fmt: skip
     assert positions == sorted(positions)
     assert "SimpleITK" in html and "shrink_factor=4" in html
     sources = _img_sources(html)

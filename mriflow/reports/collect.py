@@ -83,9 +83,32 @@ class ImageDerivatives:
 
     @property
     def steps(self) -> list[dict[str, Any]]:
-        """The longest step chain among the image's derivatives (the full chain)."""
-        chains = [d.sidecar.get("Steps") or [] for d in self.files]
-        return max(chains, key=len, default=[])
+        """Every step that made any of the image's derivatives, in chain order.
+
+        The chains of the derivatives are merged: the longest first, then each step
+        of another chain that is not in it yet is inserted after that chain's
+        previous step and after the other branches' steps that follow it (e.g. the
+        std image's ``registration`` after the dseg's ``segmentation``, both after
+        ``skull_strip``).
+        """
+        chains = sorted(
+            (d.sidecar.get("Steps") or [] for d in self.files if d.role != "iqms"),
+            key=len,
+            reverse=True,
+        )
+        merged: list[dict[str, Any]] = []
+        for chain in chains:
+            position = 0
+            for step in chain:
+                if step in merged:
+                    position = merged.index(step) + 1
+                    continue
+                # a branch goes after the steps of branches already merged at this point
+                while position < len(merged) and merged[position] not in chain:
+                    position += 1
+                merged.insert(position, step)
+                position += 1
+        return merged
 
     @property
     def key(self) -> str:

@@ -123,7 +123,7 @@ class SubjectReport:
         for image in self.images:
             for step in image.steps:
                 versions.update(step.software)
-        return dict(sorted(versions.items()))
+        return dict(sorted(versions.items(), key=lambda item: item[0].lower()))
 
 
 # --------------------------------------------------------------------------------------
