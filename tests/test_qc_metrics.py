@@ -168,3 +168,35 @@ def test_validation_messages():
         qc.compute_iqms(data, brain, tissue_probs={"gm": dseg == 1})
     with pytest.raises(ValueError, match="same mean"):
         qc.cjv(1.0, 1.0, 1.0, 1.0)
+
+
+def test_skull_stripped_detection_on_phantom():
+    data, brain, _ = make_head()
+    assert not qc.is_skull_stripped(data, brain)
+    assert qc.is_skull_stripped(np.where(brain, data, 0.0), brain)
+    # zeroed air around a whole head is still a whole head
+    head = qc.estimate_head_mask(data)
+    assert not qc.is_skull_stripped(np.where(head, data, 0.0), brain)
+
+
+@pytest.mark.data
+def test_real_images_head_and_stripped(data_dir):
+    """On the real test images: the whole head gets air metrics, the stripped one does not."""
+    from scipy import ndimage as ndi
+    from skimage.filters import threshold_otsu
+
+    head_img = nib.load(str(data_dir / "anat" / "T1_head.nii.gz"))
+    head_data = head_img.get_fdata()
+    head = qc.estimate_head_mask(head_data)
+    ml = head.sum() * np.prod(head_img.header.get_zooms()[:3]) / 1000
+    assert 2500 < ml < 6000  # an adult head with neck in the field of view
+    brain = ndi.binary_erosion(head, iterations=8)
+    result = qc.compute_iqms(head_img, brain)
+    assert result.metrics["fber"] > 5 and 0 < result.metrics["efc"] < 1
+
+    gad = nib.load(str(data_dir / "anat" / "T1_gadolinium.nii.gz"))
+    gad_data = gad.get_fdata()
+    gad_brain = ndi.binary_fill_holes(gad_data > threshold_otsu(gad_data))
+    result = qc.compute_iqms(gad, gad_brain)
+    assert "fber" not in result.metrics
+    assert "skull-stripped" in result.skipped["fber"]

@@ -45,6 +45,7 @@ __all__ = [
     "estimate_head_mask",
     "fber",
     "inu_stats",
+    "is_skull_stripped",
     "mad",
     "ncc",
     "snr",
@@ -386,6 +387,24 @@ def estimate_frame_mask(data: np.ndarray, *, min_voxels: int = 500) -> np.ndarra
     return mask
 
 
+def is_skull_stripped(data: np.ndarray, brain_mask: np.ndarray, *, margin: int = 3) -> bool:
+    """Whether an image is already skull-stripped: (almost) no signal outside the brain.
+
+    True when the nonzero voxels farther than ``margin`` voxels from the brain mask
+    are fewer than 5 % of the brain's voxels. A whole head has scalp, skull, face
+    and neck there (T1_head of the test data: 104 %); a stripped brain only the
+    CSF rim a tight mask leaves out (T1_gadolinium with an Otsu mask: 0.15 %).
+    Unlike a border test (sMRIPrep's ``_is_skull_stripped``), a whole-head image
+    whose air was zeroed by the scanner is not mistaken for a stripped one.
+    """
+    brain = np.asarray(brain_mask, bool)
+    if not brain.any():
+        raise ValueError("is_skull_stripped: the brain mask is empty")
+    near = ndi.binary_dilation(brain, ndi.generate_binary_structure(3, 1), iterations=margin)
+    outside = int((np.asarray(data) > 0)[~near].sum())
+    return outside < 0.05 * int(brain.sum())
+
+
 def estimate_air_mask(
     head_mask: np.ndarray, frame_mask: np.ndarray | None = None, *, margin: int = 3
 ) -> np.ndarray:
@@ -521,7 +540,7 @@ def compute_iqms(
         The brain mask in template space; defaults to Otsu of ``registered``.
     skull_stripped : bool, optional
         ``True`` skips the metrics that need air around the head (FBER, noise of the
-        air); ``None`` detects it (less than 1000 nonzero voxels outside the brain).
+        air); ``None`` detects it with :func:`is_skull_stripped`.
     erode : bool
         Erode the pure-tissue masks once before statistics (MRIQC default).
 
@@ -557,7 +576,7 @@ def compute_iqms(
 
     frame = estimate_frame_mask(data)
     if skull_stripped is None:
-        skull_stripped = int(((data > 0) & ~brain).sum()) < MIN_VOXELS
+        skull_stripped = is_skull_stripped(data, brain)
     if skull_stripped:
         head = brain
         air = None
