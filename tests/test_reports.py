@@ -384,3 +384,19 @@ def test_report_images_load_in_headless_chromium(dataset, browser, page, tmp_pat
                          f"--screenshot={shot}", (out / page).as_uri())  # fmt: skip
     assert shot.is_file(), done.stderr[-2000:]
     assert _png_size(shot) == (1300, 2400)
+
+
+def test_write_participant_reports_one_call(tmp_path):
+    """The CLI's single call: IQMs, report, provenance per subject; a failed one still reported."""
+    from mriflow.reports import write_group_report as group
+    from mriflow.reports import write_participant_reports
+
+    _, out = build_derivatives(tmp_path, {"01": 4.0, "02": 5.0})
+    templates = {SPACE: template_image()}
+    written = write_participant_reports(out, ["sub-01", "02", "03"], templates=templates,
+                                        errors={"03": "deepbet crashed"})  # fmt: skip
+    names = {p.name for p in written["01"]}
+    assert {"sub-01_desc-qc_metrics.json", "sub-01.html", "sub-01_prov.jsonld"} <= names
+    failed = (out / "sub-03.html").read_text()
+    assert "deepbet crashed" in failed and 'class="err"' in failed
+    assert group(out) == out / "group.html"
