@@ -1,0 +1,96 @@
+"""QC reports, image-quality metric files and provenance of an mriflow run.
+
+The two calls the CLI needs (both read what the participant run published in
+``OUT_DIR``; see ``docs/reports.md``):
+
+- :func:`write_participant_reports` after the participant level;
+- :func:`mriflow.reports.html.write_group_report` at the group level.
+
+Submodules are imported lazily: ``import mriflow.reports`` does not load matplotlib.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("mriflow")
+
+__all__ = ["write_participant_reports", "write_group_report"]
+
+
+def write_participant_reports(
+    out_dir: str | os.PathLike[str],
+    subjects: Sequence[str],
+    *,
+    work_dir: str | os.PathLike[str] | None = None,
+    workflow: Any = None,
+    errors: Mapping[str, str] | None = None,
+    templates: Mapping[str, Any] | None = None,
+    graph_name: str = "workflow",
+) -> dict[str, list[Path]]:
+    """IQM files, HTML report and PROV record of each subject; the workflow graph.
+
+    Parameters
+    ----------
+    out_dir : path
+        The derivatives dataset the participant run wrote.
+    subjects : sequence of str
+        Labels (with or without ``sub-``) of every subject of the run, failed ones
+        included: their report shows the error.
+    work_dir : path, optional
+        Nipype work folder (run time per step in the reports).
+    workflow : nipype Workflow, optional
+        Written as ``OUT_DIR/provenance/<graph_name>.dot`` (and ``.svg`` with graphviz).
+    errors : mapping, optional
+        ``label -> reason`` of failed subjects (also read from ``OUT_DIR/logs``).
+    templates : mapping, optional
+        ``space -> image | path | (image, mask)`` for registration figures and IQMs.
+
+    Returns
+    -------
+    dict
+        ``label -> files written`` (``"_run"`` for the workflow graph). A subject
+        whose report fails is logged and skipped; the others are still written.
+    """
+    from mriflow.reports.html import write_subject_report
+    from mriflow.reports.iqms import compute_subject_iqms
+    from mriflow.reports.provenance import write_provenance, write_workflow_graph
+
+    errors = dict(errors or {})
+    written: dict[str, list[Path]] = {}
+    for subject in subjects:
+        label = subject[4:] if subject.startswith("sub-") else subject
+        files: list[Path] = []
+        try:
+            if label not in errors:
+                files += compute_subject_iqms(out_dir, label, templates=templates)
+            files.append(
+                write_subject_report(
+                    out_dir,
+                    label,
+                    work_dir=work_dir,
+                    errors=[errors[label]] if label in errors else (),
+                    templates=templates,
+                )
+            )
+            files.append(write_provenance(out_dir, label))
+        except Exception as err:  # a report must never turn a good run into a failed one
+            log.warning("sub-%s: QC report not (fully) written: %s", label, err)
+        written[label] = files
+    if workflow is not None:
+        try:
+            written["_run"] = write_workflow_graph(workflow, out_dir, name=graph_name)
+        except Exception as err:
+            log.warning("workflow graph not written: %s", err)
+    return written
+
+
+def write_group_report(out_dir: str | os.PathLike[str], **kwargs: Any) -> Path:
+    """See :func:`mriflow.reports.html.write_group_report`."""
+    from mriflow.reports.html import write_group_report as _write
+
+    return _write(out_dir, **kwargs)

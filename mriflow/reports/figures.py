@@ -1,0 +1,484 @@
+"""QC figures a reviewer can judge in seconds, one function per preprocessing step.
+
+Every function takes nibabel images and an output path (``.png`` or ``.svg``; the
+format follows the extension), writes the figure atomically and returns the path.
+Images are shown in RAS orientation (``as_closest_canonical``) in neurological
+convention: the subject's right is on the right of each panel, anterior up in axial
+views, superior up in coronal and sagittal views. Overlays (masks, labels) are
+resampled to the base image's grid (nearest neighbour) when their grids differ.
+
+Rendering uses matplotlib's Agg backend only (no display, no network).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+from nibabel.processing import resample_from_to  # noqa: E402
+
+from mriflow.bids.derivatives import atomic_write_bytes  # noqa: E402
+
+__all__ = [
+    "TISSUE_COLORS",
+    "plot_bias_correction",
+    "plot_histograms",
+    "plot_mask_contour",
+    "plot_registration",
+    "plot_segmentation",
+    "select_slices",
+]
+
+#: Colours of the dseg labels 1=GM, 2=WM, 3=CSF (sMRIPrep's report colours are similar).
+TISSUE_COLORS = {1: ("GM", "#1f9e3a"), 2: ("WM", "#f2c80f"), 3: ("CSF", "#2b7bde")}
+PLANES = ("axial", "coronal", "sagittal")
+_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}
+_FORMATS = {".png": "png", ".svg": "svg"}
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+
+
+def _check_out(out_path: str | os.PathLike[str]) -> tuple[Path, str]:
+    path = Path(out_path)
+    fmt = _FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: figure files must end in .png or .svg")
+    return path, fmt
+
+
+def _canonical(img: nib.spatialimages.SpatialImage, name: str) -> nib.Nifti1Image:
+    if not isinstance(img, nib.spatialimages.SpatialImage):
+        raise TypeError(f"{name}: expected a nibabel image, got {type(img).__name__}")
+    if len(img.shape) == 4 and img.shape[3] == 1:
+        img = nib.Nifti1Image(np.asanyarray(img.dataobj)[..., 0], img.affine, img.header)
+    if len(img.shape) != 3:
+        raise ValueError(f"{name}: expected a 3D image, got shape {img.shape}")
+    return nib.as_closest_canonical(img)
+
+
+def _on_grid(
+    img: nib.spatialimages.SpatialImage, like: nib.Nifti1Image, name: str, order: int = 0
+) -> np.ndarray:
+    """Voxels of ``img`` on the grid of ``like`` (unchanged when the grids agree)."""
+    img = _canonical(img, name)
+    if img.shape == like.shape and np.allclose(img.affine, like.affine, atol=1e-3):
+        return np.asanyarray(img.dataobj)
+    return np.asanyarray(resample_from_to(img, like, order=order).dataobj)
+
+
+def _zooms(img: nib.Nifti1Image) -> np.ndarray:
+    return np.sqrt((img.affine[:3, :3] ** 2).sum(0))
+
+
+def _window(data: np.ndarray, mask: np.ndarray | None = None) -> tuple[float, float]:
+    """Display range: 0.5th-99.5th percentile of the nonzero (or masked) voxels."""
+    values = data[mask] if mask is not None and mask.any() else data[data != 0]
+    if values.size > 1_000_000:  # a regular subsample gives the same percentiles, faster
+        values = values[:: values.size // 1_000_000]
+    if values.size == 0:
+        return 0.0, 1.0
+    low, high = np.percentile(values, [0.5, 99.5])
+    return float(low), float(high if high > low else low + 1)
+
+
+def select_slices(reference: np.ndarray, axis: int, n: int, margin: float = 0.12) -> list[int]:
+    """``n`` evenly spaced slice indices along ``axis`` across the extent of the object.
+
+    The object is where ``|reference|`` exceeds 5 % of its maximum (so faint noise or
+    interpolation residue does not count). The first and last ``margin`` fraction of
+    the extent are skipped: edge slices show little anatomy. ``n == 1`` gives the
+    middle slice.
+    """
+    if n < 1:
+        raise ValueError(f"select_slices: n must be >= 1, got {n}")
+    other = tuple(a for a in range(reference.ndim) if a != axis)
+    reference = np.asarray(reference)
+    if reference.dtype == bool:
+        support = reference
+    else:
+        peak = float(np.abs(reference).max()) if reference.size else 0.0
+        support = np.abs(reference) > 0.05 * peak if peak > 0 else np.zeros(reference.shape, bool)
+    present = np.flatnonzero(np.any(support, axis=other))
+    if present.size == 0:
+        low, high = 0, reference.shape[axis] - 1
+    else:
+        low, high = int(present[0]), int(present[-1])
+    span = high - low
+    if n == 1:
+        return [int(round((low + high) / 2))]
+    positions = np.linspace(low + margin * span, high - margin * span, n)
+    return [int(round(p)) for p in positions]
+
+
+def _slice(data: np.ndarray, plane: str, index: int) -> np.ndarray:
+    # basic indexing (a view; np.take copies and is slow on large volumes); transpose
+    # so that the displayed x is R (sagittal: A) and displayed y is A or S
+    where: list[int | slice] = [slice(None)] * 3
+    where[_AXIS[plane]] = index
+    return data[tuple(where)].T
+
+
+def _aspect(zooms: np.ndarray, plane: str) -> float:
+    x, y = [a for a in range(3) if a != _AXIS[plane]]
+    return float(zooms[y] / zooms[x])
+
+
+def _save(fig: plt.Figure, out_path: str | os.PathLike[str]) -> Path:
+    path, fmt = _check_out(out_path)
+    buffer = io.BytesIO()
+    # metadata without dates keeps reruns byte-identical (publishing skips equal files)
+    metadata = {"Date": None} if fmt == "svg" else {"Software": "mriflow (matplotlib)"}
+    fig.savefig(buffer, format=fmt, facecolor=fig.get_facecolor(), dpi=fig.dpi, metadata=metadata)
+    plt.close(fig)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def _grid_figure(rows: int, cols: int, title: str, panel: float = 1.9, header: float = 0.4):
+    fig, axes = plt.subplots(
+        rows,
+        cols,
+        figsize=(panel * cols, panel * rows + header + 0.1),
+        dpi=90,
+        squeeze=False,
+        facecolor="black",
+    )
+    fig.subplots_adjust(
+        left=0.01,
+        right=0.99,
+        bottom=0.01,
+        top=1 - header / (panel * rows + header + 0.1),
+        wspace=0.02,
+        hspace=0.02,
+    )
+    fig.suptitle(title, color="white", fontsize=11)
+    for ax in axes.ravel():
+        ax.set_facecolor("black")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+    return fig, axes
+
+
+def _label_panel(ax, plane: str, index: int) -> None:
+    ax.text(
+        0.02,
+        0.98,
+        f"{plane[0].upper()} {index}",
+        color="white",
+        fontsize=7,
+        transform=ax.transAxes,
+        va="top",
+    )
+    if plane != "sagittal":
+        ax.text(
+            0.98, 0.98, "R", color="white", fontsize=7, transform=ax.transAxes, ha="right", va="top"
+        )
+
+
+def _mosaic(
+    base: nib.Nifti1Image,
+    out_path: str | os.PathLike[str],
+    title: str,
+    draw_overlay,
+    *,
+    n_slices: int,
+    planes: Sequence[str] = PLANES,
+    extent_from: np.ndarray | None = None,
+) -> Path:
+    data = np.asanyarray(base.dataobj).astype(float)
+    zooms = _zooms(base)
+    vmin, vmax = _window(data)
+    reference = extent_from if extent_from is not None else data
+    if reference.dtype != bool:  # once here, not once per plane
+        reference = np.abs(reference) > 0.05 * float(np.abs(reference).max() or 1)
+    fig, axes = _grid_figure(len(planes), n_slices, title)
+    for row, plane in enumerate(planes):
+        for col, index in enumerate(select_slices(reference, _AXIS[plane], n_slices)):
+            ax = axes[row, col]
+            ax.imshow(
+                _slice(data, plane, index),
+                cmap="gray",
+                vmin=vmin,
+                vmax=vmax,
+                origin="lower",
+                aspect=_aspect(zooms, plane),
+                interpolation="nearest",
+            )
+            draw_overlay(ax, plane, index)
+            _label_panel(ax, plane, index)
+    return _save(fig, out_path)
+
+
+def _check_slices(n_slices: int) -> None:
+    if not 1 <= n_slices <= 12:
+        raise ValueError(f"n_slices must be between 1 and 12, got {n_slices}")
+
+
+# --------------------------------------------------------------------------------------
+# figures
+# --------------------------------------------------------------------------------------
+
+
+def plot_mask_contour(
+    t1w: nib.spatialimages.SpatialImage,
+    mask: nib.spatialimages.SpatialImage,
+    out_path: str | os.PathLike[str],
+    *,
+    n_slices: int = 6,
+    title: str = "Brain mask",
+    color: str = "#ff3b3b",
+) -> Path:
+    """Brain mask contour over the image: 3 planes x ``n_slices`` slices through the mask.
+
+    Look for: the contour hugging the brain surface, no dura/skull/eyes inside,
+    no cortex (especially the top of the head and the temporal poles) outside.
+    """
+    _check_slices(n_slices)
+    base = _canonical(t1w, "t1w")
+    mask_data = _on_grid(mask, base, "mask") > 0
+    if not mask_data.any():
+        raise ValueError("plot_mask_contour: the mask is empty")
+
+    def overlay(ax, plane, index):
+        section = _slice(mask_data, plane, index).astype(float)
+        if section.any() and not section.all():
+            ax.contour(section, levels=[0.5], colors=[color], linewidths=0.9, origin="lower")
+
+    return _mosaic(base, out_path, title, overlay, n_slices=n_slices, extent_from=mask_data)
+
+
+def plot_segmentation(
+    t1w: nib.spatialimages.SpatialImage,
+    dseg: nib.spatialimages.SpatialImage,
+    out_path: str | os.PathLike[str],
+    *,
+    n_slices: int = 6,
+    title: str = "Tissue segmentation (GM green, WM yellow, CSF blue)",
+    alpha: float = 0.35,
+) -> Path:
+    """Tissue labels (1=GM, 2=WM, 3=CSF) as translucent colours with outlines.
+
+    Look for: WM following the gyri, GM as a ribbon of even thickness, CSF in the
+    ventricles and sulci, no tissue labels outside the brain.
+    """
+    _check_slices(n_slices)
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    base = _canonical(t1w, "t1w")
+    labels = np.rint(_on_grid(dseg, base, "dseg")).astype(int)
+    if not labels.any():
+        raise ValueError("plot_segmentation: the segmentation has no labels")
+    colors = ["#00000000"] + [TISSUE_COLORS[k][1] for k in (1, 2, 3)]
+    cmap = ListedColormap(colors)
+
+    def overlay(ax, plane, index):
+        section = _slice(labels, plane, index)
+        masked = np.ma.masked_where((section < 1) | (section > 3), section)
+        ax.imshow(
+            masked,
+            cmap=cmap,
+            vmin=0,
+            vmax=3,
+            alpha=alpha,
+            origin="lower",
+            aspect=ax.get_aspect(),
+            interpolation="nearest",
+        )
+        for label, (_, color) in TISSUE_COLORS.items():
+            region = (section == label).astype(float)
+            if region.any() and not region.all():
+                ax.contour(region, levels=[0.5], colors=[color], linewidths=0.5, origin="lower")
+
+    return _mosaic(base, out_path, title, overlay, n_slices=n_slices, extent_from=labels)
+
+
+def _edges(section: np.ndarray, sigma: float = 2.0) -> np.ndarray:
+    """Canny edges of a 2D slice, on intensities scaled to [0, 1]."""
+    from skimage.feature import canny
+
+    low, high = _window(section)
+    scaled = np.clip((section - low) / (high - low), 0, 1)
+    return canny(scaled, sigma=sigma, low_threshold=0.05, high_threshold=0.15)
+
+
+def plot_registration(
+    moving: nib.spatialimages.SpatialImage,
+    template: nib.spatialimages.SpatialImage,
+    out_path: str | os.PathLike[str],
+    *,
+    n_slices: int = 5,
+    title: str = "Registration to template",
+) -> Path:
+    """Registration check: subject edges over the template, and template edges over the subject.
+
+    ``moving`` is the subject's image already resampled into template space (it is
+    resampled onto the template grid if needed). Top three rows: template with the
+    subject's edges (red); bottom three: subject with the template's edges (cyan).
+    Look for: edges of ventricles, the brain outline and the major sulci landing on
+    the same structures in both halves.
+    """
+    _check_slices(n_slices)
+    fixed = _canonical(template, "template")
+    fixed_data = np.asanyarray(fixed.dataobj).astype(float)
+    moving_data = _on_grid(moving, fixed, "moving", order=1).astype(float)
+    zooms = _zooms(fixed)
+    panels = [
+        (fixed_data, moving_data, "#ff3b3b", "template, subject edges"),
+        (moving_data, fixed_data, "#25e0f0", "subject, template edges"),
+    ]
+    support = fixed_data > 0.05 * float(np.abs(fixed_data).max() or 1)
+    fig, axes = _grid_figure(2 * len(PLANES), n_slices, title, panel=1.7)
+    for block, (under, edges_of, color, label) in enumerate(panels):
+        vmin, vmax = _window(under)
+        for p, plane in enumerate(PLANES):
+            row = block * len(PLANES) + p
+            for col, index in enumerate(select_slices(support, _AXIS[plane], n_slices)):
+                ax = axes[row, col]
+                ax.imshow(
+                    _slice(under, plane, index),
+                    cmap="gray",
+                    vmin=vmin,
+                    vmax=vmax,
+                    origin="lower",
+                    aspect=_aspect(zooms, plane),
+                )
+                edge = _edges(_slice(edges_of, plane, index))
+                ax.imshow(
+                    np.ma.masked_where(~edge, edge),
+                    cmap=ListedColormap([color]),
+                    origin="lower",
+                    aspect=_aspect(zooms, plane),
+                    interpolation="nearest",
+                )
+                _label_panel(ax, plane, index)
+            axes[row, 0].text(
+                0.02, 0.02, label, color=color, fontsize=7, transform=axes[row, 0].transAxes
+            )
+    return _save(fig, out_path)
+
+
+def plot_bias_correction(
+    raw: nib.spatialimages.SpatialImage,
+    corrected: nib.spatialimages.SpatialImage,
+    out_path: str | os.PathLike[str],
+    bias_field: nib.spatialimages.SpatialImage | None = None,
+    *,
+    title: str = "Intensity non-uniformity correction (N4)",
+    labels: tuple[str, str] = ("raw", "corrected"),
+) -> Path:
+    """Raw vs bias-corrected image (and the estimated bias field), middle slice of each plane.
+
+    Columns: raw, corrected (named by ``labels``), bias field (if given; colour scale
+    centred on 1).
+    Look for: the corrected WM equally bright from top to bottom and front to back;
+    a smooth field without anatomy in it.
+    """
+    base = _canonical(corrected, "corrected")
+    raw_data = _on_grid(raw, base, "raw", order=1).astype(float)
+    corr_data = np.asanyarray(base.dataobj).astype(float)
+    columns: list[tuple[str, np.ndarray, dict]] = [
+        (labels[0], raw_data, {"cmap": "gray", **dict(zip(("vmin", "vmax"), _window(raw_data)))}),
+        (
+            labels[1],
+            corr_data,
+            {"cmap": "gray", **dict(zip(("vmin", "vmax"), _window(corr_data)))},
+        ),
+    ]
+    if bias_field is not None:
+        field_data = _on_grid(bias_field, base, "bias_field", order=1).astype(float)
+        inside = field_data[field_data > 0]
+        spread = float(np.max(np.abs(np.percentile(inside, [1, 99]) - 1))) if inside.size else 0.1
+        spread = max(spread, 0.02)
+        columns.append(
+            ("bias field", field_data, {"cmap": "RdBu_r", "vmin": 1 - spread, "vmax": 1 + spread})
+        )
+    zooms = _zooms(base)
+    fig, axes = _grid_figure(len(PLANES), len(columns), title, panel=2.4, header=0.7)
+    support = corr_data > 0.05 * float(np.abs(corr_data).max() or 1)
+    for row, plane in enumerate(PLANES):
+        index = select_slices(support, _AXIS[plane], 1)[0]
+        for col, (name, data, style) in enumerate(columns):
+            ax = axes[row, col]
+            shown = ax.imshow(
+                _slice(data, plane, index), origin="lower", aspect=_aspect(zooms, plane), **style
+            )
+            if row == 0:
+                ax.set_title(name, color="white", fontsize=9)
+            _label_panel(ax, plane, index)
+            if name == "bias field" and row == len(PLANES) - 1:
+                bar = fig.colorbar(shown, ax=ax, orientation="horizontal", fraction=0.05, pad=0.01)
+                bar.ax.tick_params(colors="white", labelsize=7)
+    return _save(fig, out_path)
+
+
+def plot_histograms(
+    before: nib.spatialimages.SpatialImage,
+    after: nib.spatialimages.SpatialImage,
+    out_path: str | os.PathLike[str],
+    *,
+    mask: nib.spatialimages.SpatialImage | None = None,
+    dseg: nib.spatialimages.SpatialImage | None = None,
+    bins: int = 128,
+    title: str = "Intensity normalization",
+) -> Path:
+    """Intensity histograms before and after normalization, inside the brain.
+
+    With ``dseg``, the histograms of GM, WM and CSF are drawn separately (their
+    peaks should sit at the method's target values after normalization); else the
+    histogram of the voxels in ``mask`` (or all nonzero voxels).
+    """
+    if bins < 4:
+        raise ValueError(f"bins must be >= 4, got {bins}")
+    after_img = _canonical(after, "after")
+    after_data = np.asanyarray(after_img.dataobj).astype(float)
+    before_data = _on_grid(before, after_img, "before", order=1).astype(float)
+    if mask is not None:
+        inside = _on_grid(mask, after_img, "mask") > 0
+    else:
+        inside = (after_data != 0) | (before_data != 0)
+    if not inside.any():
+        raise ValueError("plot_histograms: no voxel inside the mask")
+    labels = np.rint(_on_grid(dseg, after_img, "dseg")).astype(int) if dseg is not None else None
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), dpi=90)
+    fig.suptitle(title, fontsize=11)
+    for ax, (name, data) in zip(axes, (("before", before_data), ("after", after_data))):
+        # bins over the 0.1-99.9th percentiles: a few extreme voxels must not squeeze the peaks
+        edges = np.linspace(*np.percentile(data[inside], [0.1, 99.9]), bins + 1)
+        if labels is None:
+            ax.hist(data[inside], bins=edges, color="#555555", histtype="stepfilled")
+        else:
+            for label, (tissue, color) in TISSUE_COLORS.items():
+                values = data[inside & (labels == label)]
+                if values.size:
+                    ax.hist(
+                        values,
+                        bins=edges,
+                        color=color,
+                        histtype="step",
+                        linewidth=1.4,
+                        label=tissue,
+                    )
+            ax.legend(fontsize=7, frameon=False)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("intensity", fontsize=8)
+        ax.set_yticks([])
+        ax.tick_params(labelsize=7)
+        for spine in ("top", "right", "left"):
+            ax.spines[spine].set_visible(False)
+    fig.tight_layout()
+    return _save(fig, out_path)

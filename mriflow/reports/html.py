@@ -1,0 +1,711 @@
+"""Per-subject and group HTML QC reports.
+
+Layout in the derivatives folder (as sMRIPrep)::
+
+    OUT_DIR/sub-01.html                 # the subject's report, links are relative
+    OUT_DIR/sub-01/figures/*.png|svg    # its figures
+    OUT_DIR/group.html                  # IQMs across subjects, outliers, links
+    OUT_DIR/figures/group_<iqm>.png     # one strip plot per IQM
+    OUT_DIR/group_desc-qc_metrics.tsv   # every IQM of every image
+
+A report is rendered from plain dataclasses (:class:`SubjectReport`,
+:class:`ReportSection`, :class:`ReportFigure`) so a caller can build one from any
+source; :func:`write_subject_report` builds it from the published derivatives
+(sidecars' ``Sources`` and ``Steps``), the IQM files and, optionally, the Nipype
+work folder (run time per step). HTML is rendered by jinja2 with autoescaping
+(every value from files is escaped); all writes are atomic.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from mriflow import __version__
+from mriflow.bids.derivatives import atomic_copy, atomic_write_text, build_path
+from mriflow.reports.collect import ImageDerivatives, find_subject_derivatives, find_subjects
+from mriflow.reports.iqms import IQM_INFO, _tsv, load_template_for, read_iqms
+
+log = logging.getLogger("mriflow")
+
+__all__ = [
+    "ImageSummary",
+    "ReportFigure",
+    "ReportSection",
+    "StepSummary",
+    "SubjectReport",
+    "collect_subject_report",
+    "make_standard_figures",
+    "read_step_runtimes",
+    "render_group_html",
+    "render_subject_html",
+    "robust_z",
+    "write_group_report",
+    "write_subject_report",
+]
+
+#: A robust z-score beyond this flags an outlier in the group report.
+OUTLIER_Z = 3.0
+
+
+# --------------------------------------------------------------------------------------
+# data model
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReportFigure:
+    """One figure: an image file (PNG/SVG) and what the reviewer should look for."""
+
+    path: Path
+    """The file; copied under ``sub-XX/figures/`` unless it is already there."""
+    title: str
+    caption: str = ""
+
+
+@dataclass
+class ReportSection:
+    """A section of the report, usually one preprocessing step."""
+
+    title: str
+    figures: list[ReportFigure] = field(default_factory=list)
+    text: str = ""
+    image: str = ""
+    """The image (``ImageSummary.key``) it belongs to; empty: the subject."""
+
+
+@dataclass
+class StepSummary:
+    name: str
+    parameters: dict[str, Any]
+    software: dict[str, str]
+    seconds: float | None = None
+
+
+@dataclass
+class ImageSummary:
+    """What happened to one raw image."""
+
+    key: str
+    source: str
+    outputs: list[str] = field(default_factory=list)
+    voxel_size_before: list[float] | None = None
+    voxel_size_after: list[float] | None = None
+    shape_before: list[int] | None = None
+    shape_after: list[int] | None = None
+    steps: list[StepSummary] = field(default_factory=list)
+    iqms: dict[str, float] = field(default_factory=dict)
+    iqms_skipped: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class SubjectReport:
+    subject: str
+    images: list[ImageSummary] = field(default_factory=list)
+    sections: list[ReportSection] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def software(self) -> dict[str, str]:
+        versions: dict[str, str] = {"mriflow": __version__}
+        for image in self.images:
+            for step in image.steps:
+                versions.update(step.software)
+        return dict(sorted(versions.items(), key=lambda item: item[0].lower()))
+
+
+# --------------------------------------------------------------------------------------
+# collecting
+# --------------------------------------------------------------------------------------
+
+
+def read_step_runtimes(
+    work_dir: str | os.PathLike[str] | None, subject: str
+) -> list[tuple[dict, float]]:
+    """(step record, seconds) of every node of ``subject`` in a Nipype work folder.
+
+    Nodes are found as ``<work_dir>/**/sub_<label>_wf/**/result_*.pklz`` whose outputs
+    carry a ``step`` record (every mriflow interface does); the time is Nipype's
+    ``runtime.duration``. Unreadable result files are skipped.
+    """
+    if work_dir is None or not Path(work_dir).is_dir():
+        return []
+    from nipype.utils.filemanip import loadpkl
+
+    label = subject[4:] if subject.startswith("sub-") else subject
+    found = []
+    for wf_dir in Path(work_dir).rglob(f"sub_{label}_wf"):
+        for result_file in sorted(wf_dir.rglob("result_*.pklz")):
+            try:
+                result = loadpkl(str(result_file))
+                step = getattr(result.outputs, "step", None)
+                duration = getattr(result.runtime, "duration", None)
+            except Exception as err:  # a stale or foreign pickle must not break the report
+                log.debug("%s: unreadable (%s)", result_file, err)
+                continue
+            if isinstance(step, dict) and "Name" in step and duration is not None:
+                found.append((step, float(duration)))
+    return found
+
+
+def _seconds_for(step: dict, runtimes: list[tuple[dict, float]]) -> float | None:
+    for key in ("ElapsedSeconds", "RunTimeSeconds"):
+        if isinstance(step.get(key), (int, float)):
+            return float(step[key])
+    matches = [
+        s
+        for record, s in runtimes
+        if record.get("Name") == step.get("Name")
+        and record.get("Parameters") == step.get("Parameters")
+    ]
+    return matches[-1] if matches else None
+
+
+def _geometry(path: Path | None) -> tuple[list[float] | None, list[int] | None]:
+    if path is None or not path.is_file():
+        return None, None
+    try:
+        img = nib.load(str(path))
+    except Exception:
+        return None, None
+    zooms = np.sqrt((img.affine[:3, :3] ** 2).sum(0))
+    return [round(float(z), 3) for z in zooms], [int(n) for n in img.shape[:3]]
+
+
+def _summarize_image(group: ImageDerivatives, runtimes: list[tuple[dict, float]]) -> ImageSummary:
+    summary = ImageSummary(key=group.key, source=group.source)
+    summary.outputs = [d.relpath for d in group.files if d.role != "iqms"]
+    summary.voxel_size_before, summary.shape_before = _geometry(group.source_path)
+    preproc = group.get("preproc")
+    summary.voxel_size_after, summary.shape_after = _geometry(preproc.path if preproc else None)
+    for step in group.steps:
+        params = step.get("Parameters", {})
+        if summary.voxel_size_before is None and "input_voxel_size_mm" in params:
+            summary.voxel_size_before = list(params["input_voxel_size_mm"])
+            summary.shape_before = list(params.get("input_shape") or []) or None
+        summary.steps.append(
+            StepSummary(
+                name=str(step.get("Name", "?")),
+                parameters=dict(params),
+                software=dict(step.get("Software", {})),
+                seconds=_seconds_for(step, runtimes),
+            )
+        )
+    iqm_file = group.get("iqms")
+    if iqm_file is not None:
+        payload = iqm_file.sidecar
+        summary.iqms = {
+            k: float(v)
+            for k, v in payload.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        summary.iqms_skipped = dict(payload.get("Skipped", {}))
+    return summary
+
+
+def _run_errors(out_dir: Path, subject: str) -> list[str]:
+    """The subject's failure reason in the latest ``logs/run-*_summary.json``, if any."""
+    summaries = sorted((out_dir / "logs").glob("run-*_summary.json"), key=os.path.getmtime)
+    if not summaries:
+        return []
+    try:
+        payload = json.loads(summaries[-1].read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    return [
+        f"{entry.get('reason') or 'failed'} (run {payload.get('RunID', '?')})"
+        for entry in payload.get("Subjects", [])
+        if entry.get("participant_id") == f"sub-{subject}" and entry.get("status") != "ok"
+    ]
+
+
+def collect_subject_report(
+    out_dir: str | os.PathLike[str],
+    subject: str,
+    *,
+    work_dir: str | os.PathLike[str] | None = None,
+    errors: Iterable[str] = (),
+    warnings: Iterable[str] = (),
+) -> SubjectReport:
+    """A :class:`SubjectReport` (no figures yet) from what is published in ``out_dir``."""
+    out_dir = Path(out_dir)
+    label = subject[4:] if subject.startswith("sub-") else subject
+    runtimes = read_step_runtimes(work_dir, label)
+    groups = find_subject_derivatives(out_dir, label)
+    report = SubjectReport(subject=label)
+    report.images = [_summarize_image(g, runtimes) for g in groups]
+    report.errors = [*_run_errors(out_dir, label), *errors]
+    report.warnings = list(warnings)
+    for image in report.images:
+        for name, reason in image.iqms_skipped.items():
+            report.warnings.append(f"{image.key}: IQM {name} not computed: {reason}")
+    if not groups and not report.errors:
+        report.errors.append(f"no derivatives of sub-{label} found in {out_dir}")
+    return report
+
+
+# --------------------------------------------------------------------------------------
+# figures from published derivatives
+# --------------------------------------------------------------------------------------
+
+
+def _figure_relpath(subject: str, entities: Mapping[str, str], suffix: str, ext: str) -> str:
+    name = build_path(entities, suffix=suffix, extension=ext, datatype=None).split("/")[-1]
+    return f"sub-{subject}/figures/{name}"
+
+
+def make_standard_figures(
+    out_dir: str | os.PathLike[str],
+    subject: str,
+    *,
+    templates: Mapping[str, Any] | None = None,
+    fmt: str = "png",
+) -> list[ReportSection]:
+    """Draw the standard QC figures from the subject's published derivatives.
+
+    Per raw image, whichever inputs exist: raw vs preprocessed (``desc-preproc``),
+    brain mask contour (``desc-brain_mask``), tissue segmentation (``dseg``),
+    registration (``space-X_desc-preproc`` over the template of ``X``) and
+    intensity histograms raw vs preprocessed inside the brain mask. Figures are
+    written to ``OUT_DIR/sub-XX/figures/``; a figure that fails is logged and left out.
+    """
+    from mriflow.reports import figures as F
+
+    if fmt not in ("png", "svg"):
+        raise ValueError(f"fmt must be 'png' or 'svg', got {fmt!r}")
+    out_dir = Path(out_dir)
+    label = subject[4:] if subject.startswith("sub-") else subject
+    sections: list[ReportSection] = []
+    for group in find_subject_derivatives(out_dir, label):
+        preproc = group.get("preproc")
+        if preproc is None:
+            continue
+        entities = {k: v for k, v in group.entities.items()}
+        t1w = nib.load(str(preproc.path))
+        raw_path = group.source_path
+        raw = nib.load(str(raw_path)) if raw_path and raw_path.is_file() else None
+        mask_d, dseg_d, std_d = group.get("brain_mask"), group.get("dseg"), group.get("std_preproc")
+        mask = nib.load(str(mask_d.path)) if mask_d else None
+        dseg = nib.load(str(dseg_d.path)) if dseg_d else None
+        jobs = []
+        if raw is not None:
+            jobs.append((
+                "Raw vs preprocessed", {**entities, "desc": "conform"}, group.contrast,
+                partial(
+                    F.plot_bias_correction, raw, t1w, title="Raw vs preprocessed",
+                    labels=("raw", "preprocessed"),
+                ),
+                "Middle slices of the raw image (resampled to the output grid) and the "
+                "preprocessed one. Look for: same anatomy and orientation (R on the right), "
+                "no clipped or folded field of view, more even white matter after correction.",
+            ))  # fmt: skip
+        if mask is not None:
+            jobs.append((
+                "Brain mask", {**entities, "desc": "brain"}, "mask",
+                partial(F.plot_mask_contour, t1w, mask),
+                "Brain mask contour on the preprocessed image. Look for: the contour on the "
+                "brain surface; no skull, dura or eyes inside; no cortex cut off (top of the "
+                "head, temporal poles, cerebellum).",
+            ))  # fmt: skip
+        if dseg is not None:
+            jobs.append((
+                "Tissue segmentation", entities, "dseg",
+                partial(F.plot_segmentation, t1w, dseg),
+                "GM (green), WM (yellow) and CSF (blue). Look for: WM following the gyri, "
+                "an even cortical ribbon, CSF in ventricles and sulci only.",
+            ))  # fmt: skip
+        if std_d is not None:
+            space = std_d.entities["space"]
+            std = nib.load(str(std_d.path))
+            found = (templates or {}).get(space) or load_template_for(space, std)
+            template = found[0] if isinstance(found, tuple) else found
+            if isinstance(template, (str, Path)):
+                template = nib.load(str(template))
+            if template is not None:
+                jobs.append((
+                    f"Registration to {space}", {**entities, "space": space}, group.contrast,
+                    partial(F.plot_registration, std, template),
+                    "Top: the template with the subject's edges (red); bottom: the subject in "
+                    "template space with the template's edges (cyan). Look for: ventricles, "
+                    "brain outline and major sulci on the same structures.",
+                ))  # fmt: skip
+        if raw is not None and mask is not None:
+            jobs.append((
+                "Intensity histograms", {**entities, "desc": "histogram"}, group.contrast,
+                partial(_histograms, raw, t1w, mask=mask, dseg=dseg),
+                "Intensities inside the brain mask before (raw) and after preprocessing. "
+                "After normalization the tissue peaks should sit at the method's targets "
+                "and be as separated as before.",
+            ))  # fmt: skip
+        figures = []
+        for title, fig_entities, suffix, draw, caption in jobs:
+            relpath = _figure_relpath(label, fig_entities, suffix, f".{fmt}")
+            try:
+                draw(out_path=out_dir / relpath)
+            except Exception as err:  # one bad figure must not cost the whole report
+                log.warning("sub-%s: figure %r failed: %s", label, title, err)
+                continue
+            figures.append(ReportFigure(out_dir / relpath, title, caption))
+        if figures:
+            sections.append(ReportSection(title=group.key, figures=figures, image=group.key))
+    return sections
+
+
+def _histograms(before, after, *, out_path, mask, dseg):
+    from mriflow.reports.figures import plot_histograms
+
+    return plot_histograms(before, after, out_path, mask=mask, dseg=dseg)
+
+
+# --------------------------------------------------------------------------------------
+# rendering
+# --------------------------------------------------------------------------------------
+
+
+def _resource(name: str) -> str:
+    return (resources.files("mriflow") / "data" / name).read_text(encoding="utf-8")
+
+
+def _env():
+    import jinja2
+
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    env.globals.update(
+        fmt_list=lambda v: (
+            "n/a" if not v else " x ".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v)
+        ),
+        fmt_value=_fmt_value,
+        fmt_seconds=lambda s: "n/a" if s is None else f"{s:.1f}",
+        total_seconds=lambda im: (
+            sum(s.seconds for s in im.steps)
+            if all(s.seconds is not None for s in im.steps)
+            else None
+        ),
+    )
+    return env
+
+
+def _fmt_value(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        if not np.isfinite(value):
+            return "n/a"
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_fmt_value(v) for v in value) + "]"
+    return str(value)
+
+
+def _now() -> str:
+    return _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+
+
+def _relative(path: Path, start: Path) -> str:
+    return Path(os.path.relpath(path, start)).as_posix()
+
+
+def render_subject_html(report: SubjectReport, out_dir: str | os.PathLike[str]) -> str:
+    """The HTML text of ``report``, with figure links relative to ``out_dir``."""
+    out_dir = Path(out_dir)
+    sections = []
+    for section in report.sections:
+        figures = [
+            {"src": _relative(Path(f.path), out_dir), "title": f.title, "caption": f.caption}
+            for f in section.figures
+        ]
+        sections.append({"title": section.title, "text": section.text, "figures": figures})
+    view = {
+        "subject": report.subject,
+        "images": report.images,
+        "sections": sections,
+        "errors": report.errors,
+        "warnings": report.warnings,
+        "software": report.software,
+    }
+    group_link = "group.html" if (out_dir / "group.html").exists() else ""
+    return (
+        _env()
+        .from_string(_resource("report_subject.html.j2"))
+        .render(
+            r=view,
+            css=_resource("report.css"),
+            generated=_now(),
+            version=__version__,
+            iqm_info=IQM_INFO,
+            group_link=group_link,
+        )
+    )
+
+
+def _place_figure(figure: ReportFigure, out_dir: Path, subject: str) -> ReportFigure:
+    """Copy a figure into ``sub-XX/figures/`` unless it already lives under ``out_dir``."""
+    src = Path(figure.path)
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: report figure not found")
+    try:
+        src.resolve().relative_to(out_dir.resolve())
+        return figure
+    except ValueError:
+        target = out_dir / f"sub-{subject}" / "figures" / src.name
+        atomic_copy(src, target)
+        return ReportFigure(target, figure.title, figure.caption)
+
+
+def write_subject_report(
+    out_dir: str | os.PathLike[str],
+    subject: str,
+    *,
+    sections: Sequence[ReportSection] = (),
+    make_figures: bool = True,
+    work_dir: str | os.PathLike[str] | None = None,
+    errors: Iterable[str] = (),
+    warnings: Iterable[str] = (),
+    templates: Mapping[str, Any] | None = None,
+    fmt: str = "png",
+) -> Path:
+    """Write ``OUT_DIR/sub-<subject>.html`` (figures under ``OUT_DIR/sub-<subject>/figures/``).
+
+    Parameters
+    ----------
+    out_dir : path
+        The derivatives dataset written by the participant run.
+    subject : str
+        Label with or without ``sub-``.
+    sections : sequence of ReportSection
+        Extra sections with figures made elsewhere (e.g. reportlets of workflow
+        nodes: N4 bias field); files outside ``out_dir`` are copied in.
+    make_figures : bool
+        Draw the standard figures from the published derivatives
+        (:func:`make_standard_figures`).
+    work_dir : path, optional
+        The Nipype work folder, to show the run time of each step.
+    errors, warnings : iterable of str
+        Messages to show besides the ones found in ``OUT_DIR/logs`` and the IQM files.
+    templates : mapping, optional
+        ``space -> image | path | (image, mask)`` for the registration figure; the
+        embedded template is used for ``MNI152NLin2009aSym`` by default.
+    fmt : {"png", "svg"}
+
+    Returns
+    -------
+    Path
+        The HTML file.
+    """
+    out_dir = Path(out_dir)
+    label = subject[4:] if subject.startswith("sub-") else subject
+    report = collect_subject_report(
+        out_dir, label, work_dir=work_dir, errors=errors, warnings=warnings
+    )
+    if make_figures:
+        report.sections.extend(make_standard_figures(out_dir, label, templates=templates, fmt=fmt))
+    for section in sections:
+        placed = []
+        for figure in section.figures:
+            try:
+                placed.append(_place_figure(figure, out_dir, label))
+            except FileNotFoundError as err:
+                report.warnings.append(str(err))
+        report.sections.append(ReportSection(section.title, placed, section.text, section.image))
+    return atomic_write_text(out_dir / f"sub-{label}.html", render_subject_html(report, out_dir))
+
+
+# --------------------------------------------------------------------------------------
+# group
+# --------------------------------------------------------------------------------------
+
+
+def robust_z(values: Sequence[float]) -> np.ndarray:
+    r"""Robust z-scores: :math:`z = (x - \operatorname{median}) / (1.4826\,\mathrm{MAD})`.
+
+    When the MAD is 0 (more than half the values equal) the mean absolute
+    deviation times 1.2533 is used instead; when that is 0 too (or at rounding
+    level, below 1e-9 of the median), every z is 0.
+    NaN stays NaN.
+    """
+    x = np.asarray(values, dtype=float)
+    z = np.full(x.shape, np.nan)
+    finite = np.isfinite(x)
+    if finite.sum() < 3:  # no meaningful spread from fewer than 3 values
+        z[finite] = 0.0
+        return z
+    center = np.median(x[finite])
+    deviation = np.abs(x[finite] - center)
+    # spreads at rounding level (e.g. NCC 1.0 +- 1e-16) count as no spread at all
+    tiny = 1e-9 * max(1.0, abs(center))
+    scale = 1.4826 * np.median(deviation)
+    if scale <= tiny:
+        scale = 1.2533 * deviation.mean()
+    z[finite] = 0.0 if scale <= tiny else (x[finite] - center) / scale
+    return z
+
+
+def _group_plot(
+    name: str, values: np.ndarray, z: np.ndarray, labels: list[str], path: Path
+) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mriflow.reports.figures import _save
+
+    fig, ax = plt.subplots(figsize=(6.5, 1.6), dpi=90)
+    rng = np.random.default_rng(0)  # fixed jitter: the same data give the same figure
+    jitter = rng.uniform(-0.25, 0.25, len(values))
+    outlier = np.abs(np.nan_to_num(z)) > OUTLIER_Z
+    ax.scatter(values[~outlier], jitter[~outlier], s=18, color="#2b6cb0", alpha=0.8)
+    ax.scatter(values[outlier], jitter[outlier], s=30, color="#d62728", marker="D")
+    for x, y, text in zip(values[outlier], jitter[outlier], np.asarray(labels)[outlier]):
+        ax.annotate(
+            text, (x, y), fontsize=7, color="#d62728", xytext=(3, 3), textcoords="offset points"
+        )
+    finite = values[np.isfinite(values)]
+    if finite.size:
+        ax.axvline(np.median(finite), color="#555", linewidth=1, linestyle="--")
+    ax.set_yticks([])
+    ax.set_ylim(-0.6, 0.6)
+    direction = IQM_INFO.get(name, ("", None))[1]
+    ax.set_title(f"{name}" + (f"  ({direction} is better)" if direction else ""), fontsize=9)
+    ax.tick_params(labelsize=8)
+    for spine in ("top", "right", "left"):
+        ax.spines[spine].set_visible(False)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def render_group_html(
+    rows: list[dict[str, Any]],
+    columns: list[str],
+    plots: list[dict[str, str]],
+    subjects: list[dict[str, Any]],
+    tsv: str,
+    threshold: float = OUTLIER_Z,
+) -> str:
+    """The group report's HTML from prepared rows (see :func:`write_group_report`)."""
+    outliers = [(row["participant_id"], c, z) for row in rows for c, z in row["flags"].items()]
+    return (
+        _env()
+        .from_string(_resource("report_group.html.j2"))
+        .render(
+            rows=rows,
+            columns=columns,
+            plots=plots,
+            subjects=subjects,
+            tsv=tsv,
+            css=_resource("report.css"),
+            generated=_now(),
+            version=__version__,
+            iqm_info=IQM_INFO,
+            threshold=threshold,
+            outliers=outliers,
+        )
+    )
+
+
+def write_group_report(
+    out_dir: str | os.PathLike[str],
+    *,
+    subjects: Sequence[str] | None = None,
+    metrics: Sequence[str] | None = None,
+    threshold: float = OUTLIER_Z,
+) -> Path:
+    """Write ``OUT_DIR/group.html``: IQMs of every image, plots, outliers, subject links.
+
+    Parameters
+    ----------
+    out_dir : path
+        The derivatives dataset (reads every ``sub-*/**/*_desc-qc*_metrics.json``).
+    subjects : sequence of str, optional
+        Subjects to link (default: every ``sub-*`` folder in ``out_dir``).
+    metrics : sequence of str, optional
+        IQMs shown in the table and plots (default: the headline IQMs of
+        :data:`mriflow.reports.iqms.IQM_INFO` present in any row). Every metric is in
+        ``OUT_DIR/group_desc-qc_metrics.tsv`` anyway.
+    threshold : float
+        |robust z| above which a value is flagged.
+
+    Returns
+    -------
+    Path
+        The HTML file.
+    """
+    out_dir = Path(out_dir)
+    rows = read_iqms(out_dir)
+    present = {k for row in rows for k in row}
+    columns = list(metrics) if metrics else [k for k in IQM_INFO if k in present]
+
+    tsv_rel = "group_desc-qc_metrics.tsv"
+    atomic_write_text(
+        out_dir / tsv_rel,
+        _tsv([{k: v for k, v in row.items() if k != "file"} for row in rows])
+        if rows
+        else "participant_id\n",
+    )
+
+    view_rows = []
+    for row in rows:
+        view_rows.append(
+            {
+                "participant_id": row["participant_id"],
+                "source": row["source"] or row["file"],
+                "link": f"{row['participant_id']}.html",
+                "cells": {c: row.get(c) for c in columns},
+                "flags": {},
+            }
+        )
+    plots = []
+    figures_dir = out_dir / "figures"
+    expected = set()
+    labels = [
+        r["participant_id"] + (f" {r['session_id']}" if r["session_id"] else "") for r in rows
+    ]
+    for column in columns:
+        values = np.array(
+            [np.nan if row.get(column) is None else row[column] for row in rows], dtype=float
+        )
+        z = robust_z(values)
+        for view, score in zip(view_rows, z):
+            if np.isfinite(score) and abs(score) > threshold:
+                view["flags"][column] = float(score)
+        if np.isfinite(values).any():
+            path = figures_dir / f"group_{column}.png"
+            _group_plot(column, values, z, labels, path)
+            expected.add(path.name)
+            plots.append(
+                {
+                    "src": _relative(path, out_dir),
+                    "title": column,
+                    "caption": IQM_INFO.get(column, ("",))[0],
+                }
+            )
+    for view in view_rows:
+        view["flagged"] = bool(view["flags"])
+    if figures_dir.is_dir():  # plots of metrics no longer shown must not linger
+        for stale in figures_dir.glob("group_*.png"):
+            if stale.name not in expected:
+                stale.unlink()
+
+    labels_all = [
+        s[4:] if s.startswith("sub-") else s for s in (subjects or find_subjects(out_dir))
+    ]
+    subject_links = [
+        {"label": s, "link": f"sub-{s}.html", "exists": (out_dir / f"sub-{s}.html").is_file()}
+        for s in labels_all
+    ]
+    html = render_group_html(view_rows, columns, plots, subject_links, tsv_rel, threshold)
+    return atomic_write_text(out_dir / "group.html", html)

@@ -1,0 +1,280 @@
+"""IQM files per image (``sub-XX_desc-qc_metrics.json`` and ``.tsv``) and reading them back.
+
+:func:`write_iqms` writes what :func:`mriflow.image.qc.compute_iqms` returned;
+:func:`compute_subject_iqms` is the convenience the CLI can call after a
+participant run: it measures each image from its published derivatives.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from mriflow import __version__
+from mriflow.bids.derivatives import atomic_write_json, atomic_write_text, bids_uri, build_path
+from mriflow.image.qc import IQMs, compute_iqms
+from mriflow.reports.collect import ImageDerivatives, find_subject_derivatives
+
+log = logging.getLogger("mriflow")
+
+__all__ = [
+    "IQM_INFO",
+    "compute_subject_iqms",
+    "iqm_relpath",
+    "load_template_for",
+    "read_iqms",
+    "write_iqms",
+]
+
+#: The headline IQMs: description and which direction is better (None: a range).
+IQM_INFO: dict[str, tuple[str, str | None]] = {
+    "cjv": ("coefficient of joint variation of GM and WM", "lower"),
+    "cnr": ("contrast-to-noise ratio of GM and WM", "higher"),
+    "efc": ("entropy focus criterion (ghosting, blur)", "lower"),
+    "fber": ("foreground-to-background energy ratio", "higher"),
+    "wm2max": ("WM median / 99.95th percentile (0.6-0.8 expected)", None),
+    "snr_total": ("SNR, mean over tissues", "higher"),
+    "snr_gm": ("SNR in GM", "higher"),
+    "snr_wm": ("SNR in WM", "higher"),
+    "snr_csf": ("SNR in CSF", "higher"),
+    "snrd_total": ("Dietrich SNR (noise from air), mean over tissues", "higher"),
+    "icvs_gm": ("GM fraction of the intracranial volume", None),
+    "icvs_wm": ("WM fraction of the intracranial volume", None),
+    "icvs_csf": ("CSF fraction of the intracranial volume", None),
+    "inu_med": ("median of the N4 bias field", None),
+    "inu_range": ("P95-P5 range of the N4 bias field", "lower"),
+    "reg_dice": ("Dice of the brain mask with the template mask", "higher"),
+    "reg_ncc": ("correlation with the template inside its mask", "higher"),
+}
+
+
+def iqm_relpath(
+    entities: Mapping[str, str], contrast: str = "T1w", extension: str = ".json"
+) -> str:
+    """``sub-01/[ses-a/]anat/sub-01_[ses-a_]desc-qc_metrics.json`` for a raw image's entities.
+
+    Contrasts other than T1w get ``desc-qc<contrast>`` (e.g. ``desc-qcT2w``) so the
+    files of two contrasts of one session do not collide.
+    """
+    desc = "qc" if contrast == "T1w" else f"qc{contrast}"
+    return build_path({**entities, "description": desc}, suffix="metrics", extension=extension)
+
+
+def write_iqms(
+    out_dir: str | os.PathLike[str],
+    iqms: IQMs,
+    *,
+    raw_relpath: str,
+    measured: str | None = None,
+    entities: Mapping[str, str] | None = None,
+    contrast: str | None = None,
+) -> tuple[Path, Path]:
+    """Write one image's IQMs as JSON (with provenance) and a one-row TSV.
+
+    Parameters
+    ----------
+    out_dir : path
+        The derivatives dataset.
+    iqms : IQMs
+        From :func:`mriflow.image.qc.compute_iqms`.
+    raw_relpath : str
+        The raw image, relative to the raw dataset (``sub-01/anat/sub-01_T1w.nii.gz``).
+    measured : str, optional
+        The derivative that was measured, relative to ``out_dir``.
+    entities, contrast : optional
+        Default: parsed from ``raw_relpath``.
+
+    Returns
+    -------
+    (json_path, tsv_path)
+    """
+    from mriflow.bids.derivatives import parse_entities
+
+    raw_entities, raw_contrast, _ = parse_entities(raw_relpath)
+    entities = dict(entities or raw_entities)
+    contrast = contrast or raw_contrast
+    sources = [bids_uri(raw_relpath, "raw")]
+    if measured:
+        sources.append(bids_uri(measured, ""))
+    payload: dict[str, Any] = {
+        "Sources": sources,
+        **{k: _finite(v) for k, v in sorted(iqms.metrics.items())},
+        "Skipped": dict(sorted(iqms.skipped.items())),
+        "Warnings": list(iqms.warnings),
+        "Software": {"mriflow": __version__},
+        "Description": "Image-quality metrics as MRIQC defines them (mriflow.image.qc)",
+    }
+    json_path = atomic_write_json(Path(out_dir) / iqm_relpath(entities, contrast), payload)
+    row = {
+        "participant_id": f"sub-{entities['subject']}",
+        "session_id": entities.get("session", ""),
+        "source": raw_relpath,
+        **{k: _finite(v) for k, v in sorted(iqms.metrics.items())},
+    }
+    tsv_path = atomic_write_text(
+        Path(out_dir) / iqm_relpath(entities, contrast, ".tsv"), _tsv([row])
+    )
+    return json_path, tsv_path
+
+
+def _finite(value: float) -> float | None:
+    value = float(value)
+    return value if np.isfinite(value) else None
+
+
+def _tsv(rows: list[dict[str, Any]]) -> str:
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns, delimiter="\t", lineterminator="\n", restval="n/a")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "n/a" if v is None else v for k, v in row.items()})
+    return buffer.getvalue()
+
+
+def read_iqms(out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every ``*_desc-qc*_metrics.json`` under ``out_dir``, as flat rows for a group table.
+
+    Each row has ``participant_id``, ``session_id``, ``source`` (raw relative path),
+    ``file`` (the JSON, relative to ``out_dir``) and the numeric metrics.
+    """
+    out_dir = Path(out_dir)
+    rows = []
+    for path in sorted(out_dir.glob("sub-*/**/*_desc-qc*_metrics.json")):
+        try:
+            payload = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            log.warning("%s: unreadable IQM file (%s)", path, err)
+            continue
+        raw = next((s for s in payload.get("Sources", []) if s.startswith("bids:raw:")), "")
+        relpath = raw.split(":", 2)[2] if raw else ""
+        subject = path.relative_to(out_dir).parts[0]
+        session = next((p for p in path.relative_to(out_dir).parts if p.startswith("ses-")), "")
+        row: dict[str, Any] = {
+            "participant_id": subject,
+            "session_id": session,
+            "source": relpath,
+            "file": path.relative_to(out_dir).as_posix(),
+        }
+        for key, value in payload.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                row[key] = float(value)
+        rows.append(row)
+    return rows
+
+
+def load_template_for(space: str, like: nib.spatialimages.SpatialImage | None = None):
+    """The embedded template image and brain mask for ``space``, or ``None`` if unknown.
+
+    Uses :mod:`mriflow.image.template` when present (its derived mask), else
+    nilearn's bundled ICBM152 2009a T1 (mask: T1 > 0). The resolution (1 or 2 mm)
+    follows the voxel size of ``like``.
+    """
+    if space != "MNI152NLin2009aSym":
+        return None
+    resolution = 1
+    if like is not None and float(np.sqrt((like.affine[:3, :3] ** 2).sum(0)).mean()) > 1.5:
+        resolution = 2
+    try:
+        from mriflow.image.template import load_template  # merged from the anatomical branch
+
+        template = load_template(resolution)
+        return template.t1w, template.mask
+    except ImportError:
+        from nilearn.datasets import load_mni152_template
+
+        t1w = load_mni152_template(resolution=resolution)
+        mask = nib.Nifti1Image((t1w.get_fdata() > 0).astype(np.uint8), t1w.affine)
+        return t1w, mask
+
+
+def _load(derivative) -> nib.spatialimages.SpatialImage | None:
+    return nib.load(str(derivative.path)) if derivative is not None else None
+
+
+def _measure(group: ImageDerivatives, templates: Mapping[str, Any] | None) -> IQMs | None:
+    preproc = group.get("preproc")
+    mask = group.get("brain_mask")
+    if preproc is None or mask is None:
+        return None
+    img = _load(preproc)
+    dseg = _load(group.get("dseg"))
+    probs = {d.entities["label"].lower(): _load(d) for d in group.all("probseg_")}
+    tissue_probs = probs if {"gm", "wm", "csf"} <= set(probs) else None
+    registered = template = template_mask = registered_mask = None
+    std = group.get("std_preproc")
+    if std is not None:
+        registered = _load(std)
+        space = std.entities["space"]
+        found = (templates or {}).get(space) or load_template_for(space, registered)
+        if found is not None:
+            template, template_mask = found if isinstance(found, tuple) else (found, None)
+            template = template if not isinstance(template, (str, Path)) else nib.load(template)
+        std_mask = group.get("std_brain_mask")
+        registered_mask = _load(std_mask)
+    skull_stripped = preproc.sidecar.get("SkullStripped")
+    result = compute_iqms(
+        img,
+        _load(mask),
+        dseg,
+        tissue_probs=tissue_probs,
+        registered=registered,
+        template=template,
+        template_mask=template_mask,
+        registered_mask=registered_mask,
+        skull_stripped=bool(skull_stripped) if skull_stripped is not None else None,
+    )
+    return result
+
+
+def compute_subject_iqms(
+    out_dir: str | os.PathLike[str],
+    subject: str,
+    *,
+    templates: Mapping[str, Any] | None = None,
+) -> list[Path]:
+    """Measure every image of ``subject`` from its published derivatives; write the IQM files.
+
+    Per raw image it uses ``desc-preproc_<contrast>`` (measured image; its sidecar's
+    ``SkullStripped`` decides whether air metrics are possible), ``desc-brain_mask``,
+    ``dseg`` or ``label-{GM,WM,CSF}_probseg`` when present, and
+    ``space-<X>_desc-preproc_<contrast>`` with the template of space ``X``
+    (``templates[X]`` as image, path or ``(image, mask)``; the embedded template
+    otherwise). Images without a preproc image and brain mask are skipped (logged).
+
+    Returns
+    -------
+    list of Path
+        The JSON and TSV files written.
+    """
+    written: list[Path] = []
+    for group in find_subject_derivatives(out_dir, subject):
+        try:
+            result = _measure(group, templates)
+        except (ValueError, OSError) as err:
+            log.warning("%s: IQMs not computed: %s", group.source, err)
+            continue
+        if result is None:
+            log.info("%s: no preproc image and brain mask yet; IQMs not computed", group.source)
+            continue
+        preproc = group.get("preproc")
+        written += write_iqms(
+            out_dir,
+            result,
+            raw_relpath=group.source.split(":", 2)[2],
+            measured=preproc.relpath if preproc else None,
+            entities=group.entities,
+            contrast=group.contrast,
+        )
+    return written
