@@ -88,8 +88,9 @@ def test_participant_run_writes_ras_isotropic_derivatives_and_config(tmp_path, c
     config = load_config(out / "mriflow_config.toml")
     assert config.seed == 3 and config.spatial.voxel_size == 2.0
     # nothing temporary or staged leaks into the output folder
-    leftovers = [p for p in out.rglob("*") if p.name.startswith(".") or "staged" in str(p)]
+    leftovers = [p for p in out.rglob("*") if p.name.endswith(".part") or "staged" in str(p)]
     assert leftovers == []
+    assert "*.html" in (out / ".bidsignore").read_text().splitlines()
 
 
 def test_rerun_with_written_config_reproduces_outputs(tmp_path):

@@ -278,9 +278,27 @@ def dataset_description(
     return description
 
 
+#: Files of an mriflow output folder that are not BIDS derivatives (reports, ML export).
+BIDSIGNORE = (
+    "logs/",
+    "provenance/",
+    "figures/",
+    "slices/",
+    "*.html",
+    "splits.*",
+    "dataset.csv",
+    "dataset.json",
+    "dataset_slices.csv",
+    "group_*",
+    "mriflow_config.toml",
+)
+
+
 def write_dataset_description(
     out_dir: str | os.PathLike[str], source_datasets: Iterable[str | os.PathLike[str]] = ()
 ) -> Path:
+    """``dataset_description.json`` and the ``.bidsignore`` of the non-BIDS files."""
+    atomic_write_text(Path(out_dir) / ".bidsignore", "\n".join(BIDSIGNORE) + "\n")
     return atomic_write_json(
         Path(out_dir) / "dataset_description.json", dataset_description(source_datasets)
     )

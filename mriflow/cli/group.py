@@ -119,5 +119,8 @@ def run_group(
             lines.append(f"  slices: -> {write_slices_manifest(rows, out_dir).name}")
     else:
         log.warning("no model-ready (desc-model) volumes found: manifest not written")
+    from mriflow.reports import write_group_report
+
+    lines.append(f"  QC: -> {write_group_report(out_dir, subjects=subjects).name}")
     print("\n".join(lines))
     return EXIT_OK

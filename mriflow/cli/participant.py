@@ -69,6 +69,7 @@ def run_participant(
             log.error("sub-%s: %s", subject.subject, subject.error)
 
     workflow_name = "mriflow_wf"
+    workflow = None
     if runnable:
         from mriflow.workflows.base import init_mriflow_wf
 
@@ -120,6 +121,17 @@ def run_participant(
 
     elapsed = time.monotonic() - started
     _write_summary(out_dir, run_id, outcomes, elapsed, crash_dir)
+    # Reports of successful subjects were made inside the workflow; failed ones get
+    # a report that shows their error, and the run gets its workflow graph.
+    from mriflow.reports import write_participant_reports
+
+    write_participant_reports(
+        out_dir,
+        [o.subject for o in outcomes if not o.ok],
+        work_dir=work_dir,
+        workflow=workflow,
+        errors={o.subject: o.reason for o in outcomes if not o.ok},
+    )
     print(format_summary(outcomes, elapsed))
     return EXIT_OK if all(o.ok for o in outcomes) else EXIT_FAILED
 

@@ -12,6 +12,7 @@ from mriflow.bids.discovery import SubjectInputs
 from mriflow.bids.outputs import anat_derivatives
 from mriflow.config import Config
 from mriflow.interfaces.bids import DerivativesDataSink, PublishDerivatives
+from mriflow.interfaces.reports import SubjectReport
 from mriflow.workflows.anatomical import init_anat_preproc_wf
 
 __all__ = ["init_mriflow_wf", "init_single_subject_wf", "subject_workflow_name"]
@@ -47,12 +48,14 @@ def init_single_subject_wf(
     config: Config,
     bids_dir: str | Path,
     out_dir: str | Path,
+    work_dir: str | Path | None = None,
     name: str | None = None,
 ) -> pe.Workflow:
     """Preprocess every anatomical image of one subject and publish its derivatives.
 
     The subject's derivatives are staged by one sink per output and copied into
-    ``out_dir`` by a single publishing node after all of them exist.
+    ``out_dir`` by a single publishing node after all of them exist; the QC report
+    (IQMs, HTML, provenance) is made from the published files.
     """
     workflow = pe.Workflow(name=name or subject_workflow_name(subject.subject))
     sinks: list[pe.Node] = []
@@ -93,5 +96,15 @@ def init_single_subject_wf(
         run_without_submitting=True,
         overwrite=True,  # cheap, and restores outputs deleted since the last run
     )
-    workflow.connect(collect, "out", publish, "in_files")
+    report = pe.Node(
+        SubjectReport(out_dir=str(Path(out_dir).resolve()), subject=subject.subject),
+        name="report",
+        mem_gb=2.0,
+    )
+    if work_dir is not None:
+        report.inputs.work_dir = str(Path(work_dir).resolve())
+    workflow.connect([
+        (collect, publish, [("out", "in_files")]),
+        (publish, report, [("out_files", "published")]),
+    ])  # fmt:skip
     return workflow
