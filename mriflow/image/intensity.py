@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ __all__ = [
     "fit_nyul",
     "fuzzy_cmeans_1d",
     "histogram_equalize",
+    "method_parameters",
     "minmax",
     "normalize",
     "percentile_scale",
@@ -407,12 +408,6 @@ def fuzzy_cmeans_1d(
     return centers[order], u[order]
 
 
-def _fcm_memberships(values: np.ndarray, centers: np.ndarray, fuzziness: float) -> np.ndarray:
-    distance = np.fmax(np.abs(values[None, :] - centers[:, None]), np.finfo(np.float64).eps)
-    inv = distance ** (-2.0 / (fuzziness - 1.0))
-    return inv / inv.sum(axis=0, keepdims=True)
-
-
 _FCM_TISSUE_RANK = {
     # rank of each tissue's centre, ascending intensity, per contrast
     "T1w": {"csf": 0, "gm": 1, "wm": 2},
@@ -453,8 +448,10 @@ def _fcm_normalize(
         uniques, counts, n_clusters=n_clusters, fuzziness=fuzziness, max_iter=max_iter, seed=seed
     )
     rank = _FCM_TISSUE_RANK[contrast][tissue]
-    membership = _fcm_memberships(values, centers, fuzziness)[rank]
-    tissue_mean = float(np.sum(membership * values) / np.sum(membership))
+    # The cluster centre is the fuzzy tissue mean (sum u^m x / sum u^m). The
+    # plain membership-weighted mean (intensity-normalization 3) is pulled
+    # towards the neighbouring tissue by the partial memberships of its voxels.
+    tissue_mean = float(centers[rank])
     if tissue_mean == 0.0:
         raise ValueError(f"the fuzzy {tissue.upper()} mean is 0: cannot divide by it")
     info = {
@@ -482,8 +479,10 @@ def fcm_normalize(
 
     Three fuzzy clusters are fitted to the in-mask intensities; the tissue's
     cluster is chosen by its rank for the contrast (T1w: WM brightest). The
-    divisor is the membership-weighted mean intensity of the tissue, as in
-    intensity-normalization 3. WM then has mean about 1.
+    divisor is that cluster's centre, the fuzzy mean of the tissue, so WM then
+    has mean about 1. (intensity-normalization 3 divides by the
+    membership-weighted mean instead, which partial memberships bias towards
+    the neighbouring tissue by a few percent.)
     """
     return _fcm_normalize(
         data, mask, tissue, contrast, fuzziness=fuzziness, max_iter=max_iter, seed=seed
@@ -886,3 +885,35 @@ def normalize(
         out, fitted = function(data, mask, **params)
         recorded = {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
     return out, {"Method": method, "Parameters": recorded, "Fitted": fitted}
+
+
+def method_parameters(method: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword parameters of ``method`` from the ``intensity`` config section.
+
+    ``settings`` is the section as a mapping (``Config.section_dict("intensity")``);
+    keys that do not concern ``method`` are ignored, missing keys keep the
+    function defaults. ``nyul`` gets ``standard`` from ``nyul_landmarks_file``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown normalization method {method!r}; expected one of {METHODS}")
+    mapping = {
+        "minmax": {"minmax_range": "out_range"},
+        "percentile": {"percentiles": ("p_low", "p_high"), "percentile_clip": "clip"},
+        "whitestripe": {"whitestripe_width": "width"},
+        "binning": {"n_bins": "n_bins", "bin_edges": "edges"},
+        "rmshe": {"rmshe_level": "level"},
+        "clahe": {"clahe_kernel_size": "kernel_size", "clahe_clip_limit": "clip_limit"},
+        "nyul": {"nyul_landmarks_file": "standard"},
+    }.get(method, {})
+    params: dict[str, Any] = {}
+    for key, name in mapping.items():
+        if key not in settings or settings[key] in ("", None):
+            continue
+        value = settings[key]
+        if isinstance(name, tuple):
+            if len(value) != len(name):
+                raise ValueError(f"intensity.{key} must have {len(name)} values; got {value!r}")
+            params.update(zip(name, (float(v) for v in value), strict=True))
+        else:
+            params[name] = list(value) if isinstance(value, (list, tuple)) else value
+    return params
