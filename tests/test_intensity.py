@@ -9,38 +9,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tissue_data import T1_INTENSITY, T2_INTENSITY, tissue_phantom
 
 from mriflow.image import intensity as I  # noqa: E741
 
 # --------------------------------------------------------------------------- phantoms
-
-T1_INTENSITY = {"CSF": 30.0, "GM": 70.0, "WM": 100.0}
-T2_INTENSITY = {"WM": 50.0, "GM": 80.0, "CSF": 150.0}
-
-
-def tissue_phantom(
-    intensities: dict[str, float],
-    radii: tuple[float, float, float] = (10.0, 15.0, 17.0),
-    noise: float = 5.0,
-    shape: tuple[int, int, int] = (40, 40, 40),
-    seed: int = 0,
-) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """Concentric WM sphere, GM shell, CSF shell (radii), Gaussian noise, dark background.
-
-    With the default radii GM is the largest class (about 9900 voxels against
-    4200 WM and 6400 CSF), so "largest mode" and "last mode" differ for T1w.
-    """
-    grid = np.indices(shape, dtype=np.float64)
-    center = (np.array(shape, dtype=np.float64) - 1) / 2
-    r = np.sqrt(((grid - center[:, None, None, None]) ** 2).sum(axis=0))
-    r_wm, r_gm, r_csf = radii
-    tissues = {"WM": r <= r_wm, "GM": (r > r_wm) & (r <= r_gm), "CSF": (r > r_gm) & (r <= r_csf)}
-    rng = np.random.default_rng(seed)
-    data = rng.normal(5.0, 2.0, shape)  # background: noise, not zeros, so masking matters
-    for name, region in tissues.items():
-        data[region] = intensities[name] + rng.normal(0.0, noise, int(region.sum()))
-    mask = r <= r_csf
-    return data, mask, tissues
 
 
 @pytest.fixture(scope="module")
@@ -385,7 +358,7 @@ def test_interfaces_normalize_and_fit_nyul(tmp_path):
 
 @pytest.fixture(scope="module")
 def real_t1(data_dir):
-    from anat_masks import load_t1
+    from tissue_data import load_t1
 
     data, mask, _ = load_t1(data_dir, "T1_head")
     return data.astype(np.float32).astype(np.float64), mask

@@ -148,8 +148,24 @@ def _check_priors(
     return dict(zip(TISSUES, stacked, strict=True))
 
 
-def _robust_window(values: np.ndarray, clip_percentiles: Sequence[float]) -> tuple[float, float]:
+def _robust_window(
+    values: np.ndarray, clip_percentiles: Sequence[float], outlier_fence: float | None
+) -> tuple[float, float]:
+    """The intensity window the classes are fitted in.
+
+    The percentile window alone lets through outliers that are more than
+    ``100 - high`` percent of the brain (3 % of enhancing vessels); the fence at
+    ``median +- outlier_fence`` robust sd (1.4826 MAD) removes such a bright or
+    dark minority while keeping every tissue's bulk (CSF in T1w lies about
+    3 robust sd below the median).
+    """
     lo, hi = (float(v) for v in np.percentile(values, clip_percentiles))
+    if outlier_fence is not None:
+        median = float(np.median(values))
+        robust_sd = 1.4826 * float(np.median(np.abs(values - median)))
+        if robust_sd > 0:
+            lo = max(lo, median - outlier_fence * robust_sd)
+            hi = min(hi, median + outlier_fence * robust_sd)
     if hi <= lo:
         lo, hi = float(values.min()), float(values.max())
     return lo, hi
@@ -175,15 +191,29 @@ def _assemble(
 # --------------------------------------------------------------------------- GMM
 
 
+def _posteriors(
+    x: np.ndarray, means: np.ndarray, variances: np.ndarray, mix: np.ndarray
+) -> np.ndarray:
+    """(3, N) class posteriors of scalar values under Gaussians and mixing weights."""
+    log_post = -0.5 * (
+        np.log(2 * np.pi * variances)[:, None]
+        + (x[None, :] - means[:, None]) ** 2 / variances[:, None]
+    ) + np.log(np.maximum(mix, 1e-300))
+    post = np.exp(log_post - log_post.max(axis=0, keepdims=True))
+    return post / post.sum(axis=0, keepdims=True)
+
+
 def segment_gmm(
     data: np.ndarray,
     mask: np.ndarray,
     *,
     contrast: str = "T1w",
     clip_percentiles: Sequence[float] = (1.0, 99.0),
+    outlier_fence: float | None = 4.0,
     covariance: str = "tied",
     priors: Mapping[str, np.ndarray] | None = None,
     prior_weight: float = 0.5,
+    prior_em_iterations: int = 10,
     seed: int = 0,
     max_fit_voxels: int = 200_000,
 ) -> Segmentation:
@@ -200,13 +230,20 @@ def segment_gmm(
         The mixture is fitted on voxels inside this in-mask percentile window and
         every voxel is classified with its intensity clamped to it, so a few
         percent of outliers (enhancing vessels) join the nearest tissue.
+    outlier_fence : float or None
+        Also narrow the window to ``median +- outlier_fence`` robust sd (MAD):
+        catches a larger outlier minority than the percentiles. None: off.
     covariance : {"tied", "full"}
         One variance for all classes (default, robust) or one per class.
     priors : mapping of "GM", "WM" (and optionally "CSF") to (X, Y, Z) arrays, optional
         Tissue probability maps already in subject space. They replace the
-        global mixing weights voxel by voxel: ``(1 - w) * weight + w * prior``.
+        global mixing weights voxel by voxel, ``(1 - w) * weight + w * prior``,
+        in ``prior_em_iterations`` EM iterations that refine the class means and
+        variances started from the plain mixture.
     prior_weight : float
         ``w`` above, in [0, 1]; ignored without priors.
+    prior_em_iterations : int
+        EM iterations with the priors (0: priors only weight the final posterior).
     seed : int
         Seeds the voxel subsample and the mixture's k-means initialization.
     max_fit_voxels : int
@@ -224,11 +261,15 @@ def segment_gmm(
         raise ValueError(f"covariance must be 'tied' or 'full'; got {covariance!r}")
     if not 0.0 <= prior_weight <= 1.0:
         raise ValueError(f"prior_weight must be in [0, 1]; got {prior_weight}")
+    if not isinstance(prior_em_iterations, (int, np.integer)) or prior_em_iterations < 0:
+        raise ValueError(
+            f"prior_em_iterations must be an integer >= 0; got {prior_em_iterations!r}"
+        )
     if max_fit_voxels < 1000:
         raise ValueError(f"max_fit_voxels must be >= 1000; got {max_fit_voxels}")
     prior_maps = _check_priors(priors, mask)
     values = data[mask]
-    lo, hi = _robust_window(values, clip_percentiles)
+    lo, hi = _robust_window(values, clip_percentiles, outlier_fence)
     fit_values = values[(values >= lo) & (values <= hi)]
     rng = np.random.default_rng(seed)
     if fit_values.size > max_fit_voxels:
@@ -237,41 +278,52 @@ def segment_gmm(
         n_components=3, covariance_type=covariance, random_state=seed, n_init=1, max_iter=200
     )
     gmm.fit(fit_values.reshape(-1, 1))
-    means = gmm.means_.ravel()
-    variances = np.broadcast_to(np.asarray(gmm.covariances_).ravel(), means.shape).copy()
-    order = np.argsort(means)
+    # Components by tissue name, from the order of their means for the contrast.
+    order = np.argsort(gmm.means_.ravel())
     names = INTENSITY_ORDER[contrast]
-    x = np.clip(values, lo, hi)[None, :]
-    log_lik = -0.5 * (
-        np.log(2 * np.pi * variances)[:, None] + (x - means[:, None]) ** 2 / variances[:, None]
-    )
-    weights = gmm.weights_
-    log_post = {}
-    for rank, component in enumerate(order):
-        tissue = names[rank]
-        if prior_maps is None:
-            log_mix = np.log(weights[component])
-        else:
-            log_mix = np.log(
-                (1 - prior_weight) * weights[component] + prior_weight * prior_maps[tissue]
-            )
-        log_post[tissue] = log_lik[component] + log_mix
-    stacked = np.stack([log_post[t] for t in TISSUES])
-    stacked = np.exp(stacked - stacked.max(axis=0, keepdims=True))
-    stacked /= stacked.sum(axis=0, keepdims=True)
+    by_tissue = {names[rank]: component for rank, component in enumerate(order)}
+    means = np.array([gmm.means_.ravel()[by_tissue[t]] for t in TISSUES])
+    all_variances = np.broadcast_to(np.asarray(gmm.covariances_).ravel(), (3,))
+    variances = np.array([all_variances[by_tissue[t]] for t in TISSUES])
+    weights = np.array([gmm.weights_[by_tissue[t]] for t in TISSUES])
+    x = np.clip(values, lo, hi)
+    em_iterations = 0
+    if prior_maps is not None:
+        # EM with spatially varying mixing weights (as SPM and Atropos do): the
+        # priors shape the class parameters too, not only the final posterior.
+        prior_stack = np.stack([prior_maps[t] for t in TISSUES])
+        inside = (values >= lo) & (values <= hi)
+        for em_iterations in range(1, prior_em_iterations + 1):  # noqa: B007
+            mix = (1 - prior_weight) * weights[:, None] + prior_weight * prior_stack[:, inside]
+            post = _posteriors(x[inside], means, variances, mix)
+            total = post.sum(axis=1)
+            means = post @ x[inside] / total
+            squared = post * (x[inside][None, :] - means[:, None]) ** 2
+            if covariance == "tied":
+                variances = np.full(3, squared.sum() / total.sum())
+            else:
+                variances = squared.sum(axis=1) / total
+            variances = np.maximum(variances, 1e-12 * (hi - lo) ** 2)
+            weights = total / total.sum()
+        mix = (1 - prior_weight) * weights[:, None] + prior_weight * prior_stack
+    else:
+        mix = weights[:, None]
+    stacked = _posteriors(x, means, variances, mix)
     parameters = {
         "method": "gmm",
         "contrast": contrast,
         "clip_percentiles": [float(v) for v in clip_percentiles],
+        "outlier_fence": outlier_fence,
         "clip_window": [lo, hi],
         "covariance": covariance,
         "seed": seed,
         "fit_voxels": int(fit_values.size),
         "priors": prior_maps is not None,
         "prior_weight": prior_weight if prior_maps is not None else None,
-        "class_means": {names[r]: float(means[c]) for r, c in enumerate(order)},
-        "class_sds": {names[r]: float(np.sqrt(variances[c])) for r, c in enumerate(order)},
-        "class_weights": {names[r]: float(weights[c]) for r, c in enumerate(order)},
+        "prior_em_iterations": em_iterations,
+        "class_means": dict(zip(TISSUES, means.tolist(), strict=True)),
+        "class_sds": dict(zip(TISSUES, np.sqrt(variances).tolist(), strict=True)),
+        "class_weights": dict(zip(TISSUES, weights.tolist(), strict=True)),
         "converged": bool(gmm.converged_),
     }
     return _assemble(dict(zip(TISSUES, stacked, strict=True)), mask, parameters)
@@ -291,6 +343,7 @@ def segment_atropos(
     mrf_radius: int = 1,
     n_iterations: int = 5,
     clip_percentiles: Sequence[float] = (1.0, 99.0),
+    outlier_fence: float | None = 4.0,
     spacing: Sequence[float] | None = None,
 ) -> Segmentation:
     """ANTs Atropos three-class segmentation with an MRF prior (antspyx).
@@ -315,6 +368,8 @@ def segment_atropos(
         EM iterations (``-c [n, 0]``: always run them all, for reproducibility).
     clip_percentiles : (low, high)
         Intensities are clamped to this in-mask percentile window first.
+    outlier_fence : float or None
+        And to ``median +- outlier_fence`` robust sd (see :func:`segment_gmm`).
     spacing : (3,) floats, optional
         Voxel size in mm (MRF neighbour weights depend on it); default 1 mm.
 
@@ -338,7 +393,7 @@ def segment_atropos(
     prior_maps = _check_priors(priors, mask)
 
     values = data[mask]
-    lo, hi = _robust_window(values, clip_percentiles)
+    lo, hi = _robust_window(values, clip_percentiles, outlier_fence)
     clamped = np.zeros(mask.shape, dtype=np.float32)
     clamped[mask] = np.clip(values, lo, hi)
     posteriors, class_names = _run_atropos(
@@ -361,6 +416,7 @@ def segment_atropos(
         "mrf_radius": int(mrf_radius),
         "n_iterations": int(n_iterations),
         "clip_percentiles": [float(v) for v in clip_percentiles],
+        "outlier_fence": outlier_fence,
         "clip_window": [lo, hi],
     }
     in_mask = {name: posteriors[name][mask] for name in class_names}
