@@ -170,6 +170,35 @@ def test_interface_writes_dseg_probseg_and_table(tmp_path):
     assert set(out.fractions) == {"GM", "WM", "CSF"}
 
 
+def test_interface_atropos_with_prior_files(tmp_path):
+    from mriflow.interfaces.segmentation import TissueSegmentation
+
+    data, mask, tissues = tissue_phantom({"CSF": 30.0, "GM": 90.0, "WM": 90.0}, **SMALL)
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    files = {}
+    for name, array in {
+        "t1w": data.astype(np.float32),
+        "mask": mask.astype(np.uint8),
+        "gm": (0.9 * tissues["GM"] + 0.05).astype(np.float32),
+        "wm": (0.9 * tissues["WM"] + 0.05).astype(np.float32),
+    }.items():
+        files[name] = str(tmp_path / f"{name}.nii.gz")
+        nib.Nifti1Image(array, affine).to_filename(files[name])
+    work = tmp_path / "work"
+    work.mkdir()
+    out = TissueSegmentation(
+        in_file=files["t1w"], mask_file=files["mask"], method="atropos",
+        gm_prior=files["gm"], wm_prior=files["wm"], prior_weight=0.5,
+    ).run(cwd=str(work)).outputs  # fmt: skip
+    dseg = np.asanyarray(nib.load(out.dseg_file).dataobj)
+    # GM and WM share one intensity: only the prior files can separate them
+    assert np.mean(dseg[tissues["WM"]] == LABEL["WM"]) > 0.8
+    assert np.mean(dseg[tissues["GM"]] == LABEL["GM"]) > 0.8
+    params = out.step["Parameters"]
+    assert params["initialization"] == "priors" and params["mrf_weight"] == 0.3
+    assert out.step["Software"].keys() >= {"mriflow", "antspyx"}
+
+
 # --------------------------------------------------------------------------- real data
 
 
