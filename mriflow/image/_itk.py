@@ -10,8 +10,8 @@ re-reading a 1 mm volume costs about as much as a fast processing step.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import nibabel as nib

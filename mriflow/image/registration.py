@@ -23,14 +23,18 @@ Presets (moving = skull-stripped subject, fixed = brain-only template; the metri
 is Mattes mutual information throughout, so T2w and T1w inputs both work):
 
 ``fast``
-    metric evaluated on the **2 mm** template grid; rigid and affine at 8/4/2 mm
-    (shrink 4x2x1 of the 2 mm grid), SyN[0.1, 3, 0] with 100x70x20 iterations at
-    8/4/2 mm. About 15-25 s on 2 cores. The transforms are physical-space maps, so
+    metric evaluated on the **2 mm** template grid; affine (after centre-of-mass
+    alignment; no separate rigid stage) at 8 and 4 mm (shrink 4x2 of the 2 mm
+    grid), then SyN[0.1, 3, 0] with 100x70x10 iterations at 8/4/2 mm (a 2 mm SyN
+    iteration costs about 8 times a 4 mm one, so the finest level only polishes).
+    The transforms are physical-space maps, so
     outputs may still be written on the 1 mm template grid; the warp field is
     then 2 mm-smooth, which is finer than the SyN regularisation (3 voxels).
 ``precise``
-    metric on the **1 mm** template grid; rigid and affine at 8/4/2/1 mm, SyN with
-    100x70x50x20 iterations at 8/4/2/1 mm. Several minutes on 2 cores.
+    metric on the **1 mm** template grid; rigid, then affine, at 8/4/2/1 mm, then SyN
+    with 100x70x50x10 iterations at 8/4/2/1 mm. Several minutes on 2 cores.
+``coarse``
+    (used by the template skull-strip backend) as ``fast`` but SyN stops at 4 mm.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ __all__ = [
     "transform_points",
 ]
 
-Preset = Literal["fast", "precise"]
+Preset = Literal["fast", "precise", "coarse"]
 TransformType = Literal["rigid", "affine", "syn"]
 Interpolation = Literal["linear", "nearest", "bspline", "genericLabel"]
 
@@ -92,13 +96,21 @@ PRESETS: dict[str, _Preset] = {
         template_resolution=2,
         linear=_Stage((1000, 500), (4, 2), (2, 1)),
         rigid_first=False,
-        syn=_Stage((100, 70, 20), (4, 2, 1), (2, 1, 0)),
+        syn=_Stage((100, 70, 10), (4, 2, 1), (2, 1, 0)),
+    ),
+    # Coarse SyN (8 and 4 mm levels) for brain extraction, where a 2 mm-accurate
+    # mask boundary is refined from the intensities afterwards.
+    "coarse": _Preset(
+        template_resolution=2,
+        linear=_Stage((1000, 500), (4, 2), (2, 1)),
+        syn=_Stage((100, 50), (4, 2), (2, 1)),
+        rigid_first=False,
     ),
     "precise": _Preset(
         template_resolution=1,
         linear=_Stage((1000, 500, 250, 100), (8, 4, 2, 1), (3, 2, 1, 0)),
         rigid_first=True,
-        syn=_Stage((100, 70, 50, 20), (8, 4, 2, 1), (3, 2, 1, 0)),
+        syn=_Stage((100, 70, 50, 10), (8, 4, 2, 1), (3, 2, 1, 0)),
     ),
 }
 
@@ -109,15 +121,16 @@ class RegistrationResult:
 
     Attributes
     ----------
-    warped : nibabel.Nifti1Image
-        The moving image resampled into the fixed (or ``output_reference``) grid.
+    warped : nibabel.Nifti1Image or None
+        The moving image resampled into the fixed (or ``output_reference``) grid
+        (None when not asked for).
     forward_transforms : list of Path
         Resample moving -> fixed: ``[{out_prefix}Composite.h5]``.
     reverse_transforms : list of Path
         Resample fixed -> moving: ``[{out_prefix}InverseComposite.h5]``.
     """
 
-    warped: nib.Nifti1Image
+    warped: nib.Nifti1Image | None
     forward_transforms: list[Path]
     reverse_transforms: list[Path]
 
@@ -192,6 +205,7 @@ def register(
     output_reference: nib.spatialimages.SpatialImage | None = None,
     random_seed: int = 42,
     num_threads: int = 1,
+    compute_warped: bool = True,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` (rigid, then affine, then SyN) with antsRegistration.
 
@@ -221,6 +235,8 @@ def register(
         at its first use, so this is effective when the registration is the
         process's first ITK work (as in a Nipype worker); otherwise set
         ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` before starting Python.
+    compute_warped : bool
+        Resample moving into the output grid (``warped`` is None otherwise).
 
     Returns
     -------
@@ -289,9 +305,6 @@ def register(
         for name, stage in stages:
             args += _stage_args(name, a_fixed, a_moving, stage, spec, masks)
         rendered = [a.render() if isinstance(a, _Fmt) else str(a) for a in args]
-        import os
-        if os.environ.get("MRIFLOW_DEBUG_REG"):
-            rendered += ["--verbose", "1"]
         status = ants.registration(rendered, None)
         if status != 0:
             raise RuntimeError(f"antsRegistration failed with status {status}")
@@ -300,8 +313,10 @@ def register(
         for path in (forward, reverse):
             if not path.is_file():
                 raise RuntimeError(f"antsRegistration did not write {path}")
-        reference = output_reference if output_reference is not None else fixed
-        warped = apply_transforms(moving, [forward], reference, num_threads=num_threads)
+        warped = None
+        if compute_warped:
+            reference = output_reference if output_reference is not None else fixed
+            warped = apply_transforms(moving, [forward], reference, num_threads=num_threads)
     return RegistrationResult(warped, [forward], [reverse])
 
 
@@ -420,7 +435,7 @@ def apply_transforms(
             raise ValueError(
                 f"invert has {len(invert)} flags but there are {len(paths)} transforms"
             )
-        for flag, path in zip(invert, paths):
+        for flag, path in zip(invert, paths, strict=True):
             if flag and not path.endswith((".mat", ".txt")):
                 raise ValueError(f"{path}: only affine (.mat/.txt) transforms can be inverted")
     import ants
