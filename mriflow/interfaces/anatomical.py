@@ -1,0 +1,339 @@
+"""Thin Nipype interfaces around the anatomical algorithms in :mod:`mriflow.image`.
+
+Each interface loads its inputs, calls one function, writes the results into the
+node's working directory and returns a ``step`` record (see
+:func:`mriflow.interfaces.base.step_record`) for the sidecar's chain of steps.
+Defaults of the parameter traits are those of :mod:`mriflow.config`.
+
+Heavy interfaces have a ``num_threads`` input; Nipype's MultiProc scheduler reads
+it as the node's processor count (``n_procs``). For the ANTs-based steps the
+thread count takes effect when the step is the first ITK work of its worker
+process; set ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` to ``--omp-nthreads``
+before the workflow starts to make it hold everywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    InputMultiObject,
+    OutputMultiObject,
+    SimpleInterface,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+
+from mriflow.image.io import load_image
+from mriflow.interfaces.base import step_record
+
+__all__ = [
+    "Denoise",
+    "N4BiasFieldCorrection",
+    "SkullStrip",
+    "RegisterToTemplate",
+    "ApplyTransforms",
+]
+
+
+def _stem(path: str) -> str:
+    name = Path(path).name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return Path(name).stem
+
+
+def _save(img: nib.Nifti1Image, cwd: str, in_file: str, suffix: str) -> str:
+    out = Path(cwd) / f"{_stem(in_file)}_{suffix}.nii.gz"
+    nib.save(img, str(out))
+    return str(out)
+
+
+def _optional_image(value: object) -> nib.Nifti1Image | None:
+    return load_image(value) if isdefined(value) and value else None
+
+
+# --------------------------------------------------------------------- Denoise
+class _DenoiseInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="3D image to denoise")
+    mask_file = File(exists=True, desc="denoise only inside this mask (ants)")
+    method = traits.Enum("ants", "skimage", "none", usedefault=True, desc="NLM backend")
+    noise_model = traits.Enum("Rician", "Gaussian", usedefault=True, desc="ants noise model")
+    num_threads = traits.Int(1, usedefault=True, desc="ITK threads")
+
+
+class _DenoiseOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="denoised image (float32)")
+    step = traits.Dict(desc="step record for the sidecar")
+
+
+class Denoise(SimpleInterface):
+    """Non-local means denoising (:func:`mriflow.image.denoise.denoise`)."""
+
+    input_spec = _DenoiseInputSpec
+    output_spec = _DenoiseOutputSpec
+
+    def _run_interface(self, runtime):
+        from mriflow.image.denoise import denoise
+
+        inputs = self.inputs
+        img = load_image(inputs.in_file)
+        out = denoise(
+            img,
+            method=inputs.method,
+            noise_model=inputs.noise_model,
+            mask=_optional_image(inputs.mask_file),
+            num_threads=inputs.num_threads,
+        )
+        self._results["out_file"] = _save(out, runtime.cwd, inputs.in_file, "denoised")
+        software = {"ants": ["antspyx"], "skimage": ["scikit-image"], "none": []}[inputs.method]
+        parameters = {"method": inputs.method}
+        if inputs.method == "ants":
+            parameters["noise_model"] = inputs.noise_model
+        if inputs.method == "skimage":
+            parameters.update(patch_size=5, patch_distance=6, h="0.8 * estimated sigma")
+        self._results["step"] = step_record("Denoise", parameters, software)
+        return runtime
+
+
+# ---------------------------------------------------------------------- N4
+class _N4InputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="3D image to correct")
+    mask_file = File(exists=True, desc="fit mask (default: Otsu head mask)")
+    shrink_factor = traits.Int(4, usedefault=True, desc="fit on an image shrunk by this")
+    iterations = traits.List(
+        traits.Int, value=[50, 50, 50, 50], usedefault=True, desc="iterations per level"
+    )
+    convergence_threshold = traits.Float(1e-7, usedefault=True)
+    spline_distance_mm = traits.Float(200.0, usedefault=True, desc="B-spline knot spacing")
+    num_threads = traits.Int(1, usedefault=True, desc="SimpleITK threads")
+
+
+class _N4OutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="bias-corrected image (float32)")
+    bias_field = File(exists=True, desc="multiplicative bias field (float32)")
+    step = traits.Dict(desc="step record for the sidecar")
+
+
+class N4BiasFieldCorrection(SimpleInterface):
+    """N4 bias-field correction (:func:`mriflow.image.bias.n4_bias_correct`)."""
+
+    input_spec = _N4InputSpec
+    output_spec = _N4OutputSpec
+
+    def _run_interface(self, runtime):
+        from mriflow.image.bias import n4_bias_correct
+
+        inputs = self.inputs
+        img = load_image(inputs.in_file)
+        corrected, field = n4_bias_correct(
+            img,
+            _optional_image(inputs.mask_file),
+            shrink_factor=inputs.shrink_factor,
+            iterations=list(inputs.iterations),
+            convergence_threshold=inputs.convergence_threshold,
+            spline_distance_mm=inputs.spline_distance_mm,
+            num_threads=inputs.num_threads,
+        )
+        self._results["out_file"] = _save(corrected, runtime.cwd, inputs.in_file, "n4")
+        self._results["bias_field"] = _save(field, runtime.cwd, inputs.in_file, "biasfield")
+        parameters = {
+            "shrink_factor": inputs.shrink_factor,
+            "iterations": list(inputs.iterations),
+            "convergence_threshold": inputs.convergence_threshold,
+            "spline_distance_mm": inputs.spline_distance_mm,
+            "mask": "given" if isdefined(inputs.mask_file) else "Otsu head mask",
+        }
+        self._results["step"] = step_record("N4BiasFieldCorrection", parameters, ["SimpleITK"])
+        return runtime
+
+
+# --------------------------------------------------------------- SkullStrip
+class _SkullStripInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="bias-corrected head image")
+    method = traits.Enum("auto", "deepbet", "template", "none", usedefault=True)
+    detect_stripped = traits.Bool(True, usedefault=True, desc="pass stripped inputs through")
+    deepbet_threshold = traits.Float(0.5, usedefault=True)
+    deepbet_n_dilate = traits.Int(0, usedefault=True)
+    random_seed = traits.Int(42, usedefault=True, desc="template backend registration seed")
+    num_threads = traits.Int(1, usedefault=True, desc="torch / ITK threads")
+
+
+class _SkullStripOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="brain image (input times mask, float32)")
+    out_mask = File(exists=True, desc="brain mask (uint8)")
+    skull_stripped = traits.Bool(desc="the input was already skull-stripped (passed through)")
+    method = traits.Str(desc="backend used: deepbet, template, none or passthrough")
+    step = traits.Dict(desc="step record for the sidecar")
+
+
+class SkullStrip(SimpleInterface):
+    """Brain extraction (:func:`mriflow.image.skullstrip.skull_strip`)."""
+
+    input_spec = _SkullStripInputSpec
+    output_spec = _SkullStripOutputSpec
+
+    def _run_interface(self, runtime):
+        from mriflow.image.skullstrip import skull_strip
+
+        inputs = self.inputs
+        img = load_image(inputs.in_file)
+        result = skull_strip(
+            img,
+            method=inputs.method,
+            detect_stripped=inputs.detect_stripped,
+            deepbet_threshold=inputs.deepbet_threshold,
+            deepbet_n_dilate=inputs.deepbet_n_dilate,
+            random_seed=inputs.random_seed,
+            num_threads=inputs.num_threads,
+        )
+        self._results["out_file"] = _save(result.brain, runtime.cwd, inputs.in_file, "brain")
+        self._results["out_mask"] = _save(result.mask, runtime.cwd, inputs.in_file, "brainmask")
+        self._results["skull_stripped"] = result.input_was_stripped
+        self._results["method"] = result.method
+        parameters: dict[str, object] = {"method": result.method, "requested": inputs.method}
+        software: list[str] = []
+        if result.method == "deepbet":
+            parameters.update(threshold=inputs.deepbet_threshold, n_dilate=inputs.deepbet_n_dilate)
+            software = ["deepbet", "torch"]
+        elif result.method == "template":
+            parameters.update(
+                template="MNI152NLin2009aSym (pseudo-head, 2 mm)",
+                registration="affine + SyN (8, 4 mm), Mattes MI",
+                random_seed=inputs.random_seed,
+            )
+            software = ["antspyx"]
+        self._results["step"] = step_record("SkullStrip", parameters, software)
+        return runtime
+
+
+# ------------------------------------------------------- RegisterToTemplate
+class _RegisterInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="skull-stripped subject image")
+    mask_file = File(exists=True, desc="subject brain mask: restricts the metric")
+    preset = traits.Enum("fast", "precise", usedefault=True)
+    transform = traits.Enum("syn", "affine", "rigid", usedefault=True, desc="last stage")
+    template_resolution = traits.Enum(1, 2, usedefault=True, desc="output grid (mm)")
+    random_seed = traits.Int(42, usedefault=True)
+    num_threads = traits.Int(1, usedefault=True, desc="ITK threads")
+
+
+class _RegisterOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="subject image resampled into template space")
+    forward_transforms = OutputMultiObject(
+        File(exists=True), desc="subject -> template (composite .h5)"
+    )
+    reverse_transforms = OutputMultiObject(
+        File(exists=True), desc="template -> subject (composite .h5)"
+    )
+    template = traits.Str(desc="template space name")
+    step = traits.Dict(desc="step record for the sidecar")
+
+
+class RegisterToTemplate(SimpleInterface):
+    """Registration to MNI152NLin2009aSym.
+
+    See :func:`mriflow.image.registration.register_to_template`.
+    """
+
+    input_spec = _RegisterInputSpec
+    output_spec = _RegisterOutputSpec
+
+    def _run_interface(self, runtime):
+        from mriflow.image.registration import PRESETS, register_to_template
+        from mriflow.image.template import TEMPLATE_SPACE
+
+        inputs = self.inputs
+        img = load_image(inputs.in_file)
+        prefix = Path(runtime.cwd) / f"{_stem(inputs.in_file)}_to-{TEMPLATE_SPACE}_"
+        result = register_to_template(
+            img,
+            prefix,
+            transform=inputs.transform,
+            preset=inputs.preset,
+            moving_mask=_optional_image(inputs.mask_file),
+            output_resolution=int(inputs.template_resolution),
+            random_seed=inputs.random_seed,
+            num_threads=inputs.num_threads,
+        )
+        self._results["out_file"] = _save(
+            result.warped, runtime.cwd, inputs.in_file, f"space-{TEMPLATE_SPACE}"
+        )
+        self._results["forward_transforms"] = [str(p) for p in result.forward_transforms]
+        self._results["reverse_transforms"] = [str(p) for p in result.reverse_transforms]
+        self._results["template"] = TEMPLATE_SPACE
+        spec = PRESETS[inputs.preset]
+        parameters = {
+            "template": TEMPLATE_SPACE,
+            "preset": inputs.preset,
+            "transform": inputs.transform,
+            "registration_template_resolution_mm": spec.template_resolution,
+            "output_resolution_mm": int(inputs.template_resolution),
+            "metric": "Mattes MI (32 bins)",
+            "random_seed": inputs.random_seed,
+        }
+        self._results["step"] = step_record("RegisterToTemplate", parameters, ["antspyx"])
+        return runtime
+
+
+# ----------------------------------------------------------- ApplyTransforms
+class _ApplyInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="image in the transforms' moving space")
+    transforms = InputMultiObject(File(exists=True), mandatory=True, desc="ANTs transforms")
+    reference_file = File(exists=True, desc="output grid (default: the template)")
+    template_resolution = traits.Enum(
+        1, 2, usedefault=True, desc="template grid (mm) when no reference_file"
+    )
+    interpolation = traits.Enum(
+        "linear", "nearest", "bspline", "genericLabel", usedefault=True,
+        desc="nearest or genericLabel for masks and labels",
+    )  # fmt: skip
+    num_threads = traits.Int(1, usedefault=True, desc="ITK threads")
+
+
+class _ApplyOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="resampled image")
+    step = traits.Dict(desc="step record for the sidecar")
+
+
+class ApplyTransforms(SimpleInterface):
+    """Resample an image through kept transforms.
+
+    See :func:`mriflow.image.registration.apply_transforms`.
+    """
+
+    input_spec = _ApplyInputSpec
+    output_spec = _ApplyOutputSpec
+
+    def _run_interface(self, runtime):
+        from mriflow.image.registration import apply_transforms
+        from mriflow.image.template import TEMPLATE_SPACE, load_template
+
+        inputs = self.inputs
+        img = load_image(inputs.in_file)
+        if isdefined(inputs.reference_file):
+            reference = load_image(inputs.reference_file)
+            target = Path(inputs.reference_file).name
+        else:
+            reference = load_template(int(inputs.template_resolution)).t1w
+            target = f"{TEMPLATE_SPACE} {int(inputs.template_resolution)} mm"
+        out = apply_transforms(
+            img,
+            list(inputs.transforms),
+            reference,
+            interpolation=inputs.interpolation,
+            num_threads=inputs.num_threads,
+        )
+        self._results["out_file"] = _save(out, runtime.cwd, inputs.in_file, "resampled")
+        parameters = {
+            "transforms": [Path(t).name for t in inputs.transforms],
+            "reference": target,
+            "interpolation": inputs.interpolation,
+        }
+        self._results["step"] = step_record("ApplyTransforms", parameters, ["antspyx"])
+        return runtime
