@@ -75,6 +75,8 @@ class SkullStripConfig:
 
 @dataclass
 class RegistrationConfig:
+    enabled: bool = True
+    """Register to the template; off: native-space outputs only (no priors, no MNI files)."""
     template: str = "MNI152NLin2009aSym"
     preset: Literal["fast", "precise"] = "fast"
     template_resolution: int = 1

@@ -24,6 +24,9 @@ def test_anat_preproc_wf_runs_inside_a_user_workflow(tmp_path):
     t1w = write_phantom_t1w(tmp_path / "sub-01_T1w.nii.gz")
     config = Config()
     config.set("spatial.voxel_size", 3.0)
+    for key, value in [("registration.enabled", False), ("skull_strip.method", "none"),
+                       ("denoise.method", "none"), ("segmentation.method", "gmm")]:
+        config.set(key, value)
 
     user = pe.Workflow(name="user_wf", base_dir=str(tmp_path / "work"))
     source = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="source")
@@ -42,10 +45,11 @@ def test_anat_preproc_wf_runs_inside_a_user_workflow(tmp_path):
     graph = user.run(plugin="Linear")
 
     nodes = {node.fullname: node for node in graph.nodes()}
-    preproc = nodes["user_wf.mriflow_anat_wf.conform"].result.outputs.out_file
+    preproc = nodes["user_wf.mriflow_anat_wf.n4"].result.outputs.out_file
     img = nib.load(preproc)
     assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
     assert np.allclose(img.header.get_zooms()[:3], 3.0)
     assert nodes["user_wf.count"].result.outputs.n > 0
     steps = nodes["user_wf.count"].result.outputs.steps
-    assert steps[0]["Name"] == "conform" and steps[0]["Parameters"]["voxel_size_mm"] == 3.0
+    assert [s["Name"] for s in steps][:3] == ["denoise", "conform", "n4"]
+    assert steps[1]["Parameters"]["voxel_size_mm"] == 3.0

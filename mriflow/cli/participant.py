@@ -60,6 +60,12 @@ def run_participant(
     out_dir.mkdir(parents=True, exist_ok=True)
     write_dataset_description(out_dir, [bids_dir])
     config.write(out_dir / "mriflow_config.toml")
+    if config.segmentation.method != "none":
+        from mriflow.bids.derivatives import atomic_write_text
+        from mriflow.image.segmentation import dseg_tsv
+
+        # one lookup table at the root applies to every dseg (BIDS inheritance)
+        atomic_write_text(out_dir / "dseg.tsv", dseg_tsv())
 
     run_id = time.strftime("%Y%m%d-%H%M%S") + "_" + uuid.uuid4().hex[:8]
     crash_dir = work_dir / "crash" / run_id

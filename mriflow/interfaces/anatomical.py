@@ -37,6 +37,7 @@ __all__ = [
     "SkullStrip",
     "RegisterToTemplate",
     "ApplyTransforms",
+    "TemplateTissuePriors",
 ]
 
 
@@ -97,7 +98,7 @@ class Denoise(SimpleInterface):
             parameters["noise_model"] = inputs.noise_model
         if inputs.method == "skimage":
             parameters.update(patch_size=5, patch_distance=6, h="0.8 * estimated sigma")
-        self._results["step"] = step_record("Denoise", parameters, software)
+        self._results["step"] = step_record("denoise", parameters, software)
         return runtime
 
 
@@ -149,7 +150,7 @@ class N4BiasFieldCorrection(SimpleInterface):
             "spline_distance_mm": inputs.spline_distance_mm,
             "mask": "given" if isdefined(inputs.mask_file) else "Otsu head mask",
         }
-        self._results["step"] = step_record("N4BiasFieldCorrection", parameters, ["SimpleITK"])
+        self._results["step"] = step_record("n4", parameters, ["SimpleITK"])
         return runtime
 
 
@@ -208,7 +209,7 @@ class SkullStrip(SimpleInterface):
                 random_seed=inputs.random_seed,
             )
             software = ["antspyx"]
-        self._results["step"] = step_record("SkullStrip", parameters, software)
+        self._results["step"] = step_record("skull_strip", parameters, software)
         return runtime
 
 
@@ -277,7 +278,7 @@ class RegisterToTemplate(SimpleInterface):
             "metric": "Mattes MI (32 bins)",
             "random_seed": inputs.random_seed,
         }
-        self._results["step"] = step_record("RegisterToTemplate", parameters, ["antspyx"])
+        self._results["step"] = step_record("registration", parameters, ["antspyx"])
         return runtime
 
 
@@ -294,6 +295,9 @@ class _ApplyInputSpec(BaseInterfaceInputSpec):
         desc="nearest or genericLabel for masks and labels",
     )  # fmt: skip
     num_threads = traits.Int(1, usedefault=True, desc="ITK threads")
+    step_name = traits.Str(
+        "apply_transforms", usedefault=True, desc="name of this step in the sidecar chain"
+    )
 
 
 class _ApplyOutputSpec(TraitedSpec):
@@ -335,5 +339,52 @@ class ApplyTransforms(SimpleInterface):
             "reference": target,
             "interpolation": inputs.interpolation,
         }
-        self._results["step"] = step_record("ApplyTransforms", parameters, ["antspyx"])
+        self._results["step"] = step_record(inputs.step_name, parameters, ["antspyx"])
+        return runtime
+
+
+# -------------------------------------------------------- TemplateTissuePriors
+class _PriorsInputSpec(BaseInterfaceInputSpec):
+    reverse_transforms = InputMultiObject(
+        File(exists=True), mandatory=True, desc="template -> subject transforms"
+    )
+    reference_file = File(exists=True, mandatory=True, desc="subject grid")
+    num_threads = traits.Int(1, usedefault=True, desc="ITK threads")
+
+
+class _PriorsOutputSpec(TraitedSpec):
+    gm_prior = File(exists=True)
+    wm_prior = File(exists=True)
+    csf_prior = File(exists=True)
+    step = traits.Dict(desc="step record for the sidecar")
+
+
+class TemplateTissuePriors(SimpleInterface):
+    """The template's GM, WM and CSF probability maps brought into the subject's grid."""
+
+    input_spec = _PriorsInputSpec
+    output_spec = _PriorsOutputSpec
+
+    def _run_interface(self, runtime):
+        from mriflow.image.registration import apply_transforms
+        from mriflow.image.template import TEMPLATE_SPACE, load_template
+
+        template = load_template(1)
+        reference = load_image(self.inputs.reference_file)
+        for label in ("GM", "WM", "CSF"):
+            warped = apply_transforms(
+                template.probseg(label),
+                list(self.inputs.reverse_transforms),
+                reference,
+                interpolation="linear",
+                num_threads=self.inputs.num_threads,
+            )
+            self._results[f"{label.lower()}_prior"] = _save(
+                warped, runtime.cwd, f"{TEMPLATE_SPACE}.nii.gz", f"label-{label}_probseg"
+            )
+        self._results["step"] = step_record(
+            "template_priors",
+            {"template": TEMPLATE_SPACE, "labels": ["GM", "WM", "CSF"], "interpolation": "linear"},
+            ["antspyx", "nilearn"],
+        )
         return runtime

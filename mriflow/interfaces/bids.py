@@ -52,6 +52,7 @@ class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):
         traits.Str, desc="other derivatives (relative paths) this output derives from"
     )
     metadata = traits.Dict(desc="extra sidecar fields (SkullStripped, Type, ...)")
+    extra_metadata = traits.Dict(desc="sidecar fields known only at run time (override)")
     steps = traits.List(traits.Dict, desc="step records of the chain, in order")
     step_names = traits.List(traits.Str, desc="which of ``steps`` made this output (default all)")
     data_dtype = traits.Str(desc="cast NIfTI voxels to this dtype (e.g. uint8 for masks)")
@@ -98,8 +99,9 @@ class DerivativesDataSink(SimpleInterface):
         if isdefined(self.inputs.derived_from):
             sources += [bids_uri(p, "") for p in self.inputs.derived_from]
         sidecar = {"Sources": sources}
-        if isdefined(self.inputs.metadata):
-            sidecar.update(self.inputs.metadata)
+        for metadata in (self.inputs.metadata, self.inputs.extra_metadata):
+            if isdefined(metadata):
+                sidecar.update(metadata)
         if isdefined(self.inputs.steps):
             wanted = self.inputs.step_names if isdefined(self.inputs.step_names) else None
             sidecar["Steps"] = [

@@ -370,6 +370,8 @@ def _remove_stale(out_dir: Path, stem: str, keep: set[str]) -> None:
     pattern = re.compile(
         re.escape(stem) + r"_axis-(axial|coronal|sagittal)_slice-\d+_[A-Za-z0-9]+\.(png|npy)$"
     )
+    if not out_dir.is_dir():  # nothing exported before, nothing exported now
+        return
     for path in out_dir.iterdir():
         if path.name not in keep and pattern.match(path.name):
             path.unlink()

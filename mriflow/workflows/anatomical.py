@@ -6,15 +6,64 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from mriflow.config import Config
+from mriflow.image.intensity import method_parameters
+from mriflow.image.template import TEMPLATE_SPACE
+from mriflow.interfaces.anatomical import (
+    ApplyTransforms,
+    Denoise,
+    N4BiasFieldCorrection,
+    RegisterToTemplate,
+    SkullStrip,
+    TemplateTissuePriors,
+)
+from mriflow.interfaces.intensity import Normalize
+from mriflow.interfaces.ml import ExportSlices, ModelReady
+from mriflow.interfaces.segmentation import TissueSegmentation
 from mriflow.interfaces.spatial import Conform
 
-__all__ = ["init_anat_preproc_wf"]
+__all__ = ["init_anat_preproc_wf", "anat_output_fields"]
+
+#: Outputs of the T1w chain; other contrasts have ``preproc`` and ``bias_field`` only.
+T1W_FIELDS = (
+    "preproc",
+    "preproc_metadata",
+    "bias_field",
+    "brain_mask",
+    "dseg",
+    "probseg_csf",
+    "probseg_gm",
+    "probseg_wm",
+    "tissue_warnings",
+    "norm",
+    "xfm_fwd",
+    "xfm_rev",
+    "std_preproc",
+    "std_mask",
+    "std_dseg",
+    "std_norm",
+    "model",
+    "model_mask",
+    "model_dseg",
+    "slices_staged",
+)
+
+
+def anat_output_fields(contrast: str) -> tuple[str, ...]:
+    """The ``outputnode`` fields of :func:`init_anat_preproc_wf` (besides ``steps``)."""
+    if contrast == "T1w":
+        return T1W_FIELDS
+    return ("preproc", "preproc_metadata", "bias_field")
 
 
 def init_anat_preproc_wf(
     *, config: Config | None = None, contrast: str = "T1w", name: str = "anat_preproc_wf"
 ) -> pe.Workflow:
     """Preprocess one anatomical image.
+
+    T1w: denoise -> conform (RAS, isotropic) -> N4 (or conform -> N4 -> denoise) -> skull strip
+    -> registration to MNI152NLin2009aSym -> tissue segmentation (template priors) ->
+    intensity normalization -> model-ready fixed-shape MNI volume and its 2D slices.
+    Other contrasts (T2w, FLAIR): denoise, conform, N4 only.
 
     Parameters
     ----------
@@ -26,24 +75,43 @@ def init_anat_preproc_wf(
     Inputs
     ------
     in_file
-        The raw anatomical image.
+        The raw anatomical image (a BIDS file: its name gives the slices' names).
 
     Outputs
     -------
     preproc
-        The image in RAS orientation, resampled to isotropic voxels.
+        Bias-corrected image in native RAS space (desc-preproc).
+    preproc_metadata
+        Sidecar fields that depend on the data (``SkullStripped``).
+    bias_field
+        The N4 multiplicative field (for the report).
+    brain_mask, dseg, probseg_{csf,gm,wm}, norm
+        Native-space brain mask, tissue labels (1=GM 2=WM 3=CSF), probabilities,
+        intensity-normalized image (T1w only).
+    xfm_fwd, xfm_rev
+        Composite ANTs transforms T1w -> template and back (T1w only).
+    std_preproc, std_mask, std_dseg, std_norm
+        The same in template space (T1w only).
+    model, model_mask, model_dseg
+        Fixed-shape, normalized MNI-space volume with its mask and labels (T1w only).
+    slices_staged
+        Staged 2D slice files and their index (T1w only, when enabled).
     steps
-        List of step records (name, parameters, software versions), in chain order.
+        Step records (name, parameters, software versions) in chain order.
     """
     config = config or Config()
+    threads = max(1, config.execution.omp_nthreads)
+    is_t1w = contrast == "T1w"
     workflow = pe.Workflow(name=name)
     workflow.__desc__ = (
         f"The {contrast} image was reoriented to RAS and resampled to "
-        f"{config.spatial.voxel_size:g} mm isotropic voxels ({config.spatial.image_interpolation} "
-        "interpolation) with nibabel."
+        f"{config.spatial.voxel_size:g} mm isotropic voxels, denoised "
+        f"({config.denoise.method}) and corrected for intensity non-uniformity (N4)."
     )
     inputnode = pe.Node(niu.IdentityInterface(fields=["in_file"]), name="inputnode")
-    outputnode = pe.Node(niu.IdentityInterface(fields=["preproc", "steps"]), name="outputnode")
+    outputnode = pe.Node(
+        niu.IdentityInterface(fields=[*anat_output_fields(contrast), "steps"]), name="outputnode"
+    )
     conform = pe.Node(
         Conform(
             voxel_size=config.spatial.voxel_size,
@@ -52,12 +120,278 @@ def init_anat_preproc_wf(
         ),
         name="conform",
     )
-    collect_steps = pe.Node(niu.Merge(1), name="collect_steps")
+    denoise = pe.Node(
+        Denoise(
+            method=config.denoise.method,
+            noise_model=config.denoise.noise_model,
+            num_threads=threads,
+        ),
+        name="denoise",
+        n_procs=threads,
+        mem_gb=1.0,
+    )
+    n4 = pe.Node(
+        N4BiasFieldCorrection(
+            shrink_factor=config.n4.shrink_factor,
+            iterations=config.n4.iterations,
+            convergence_threshold=config.n4.convergence_threshold,
+            spline_distance_mm=config.n4.spline_distance_mm,
+            num_threads=threads,
+        ),
+        name="n4",
+        n_procs=threads,
+        mem_gb=1.0,
+    )
+    if config.denoise.order == "before_n4":
+        # As sMRIPrep: denoise the raw grid, before conforming. Noise is still
+        # independent between voxels there, and an anisotropic scan has several
+        # times fewer voxels than its 1 mm resampling.
+        steps = [denoise, conform, n4]
+        workflow.connect([
+            (inputnode, denoise, [("in_file", "in_file")]),
+            (denoise, conform, [("out_file", "in_file")]),
+            (conform, n4, [("out_file", "in_file")]),
+            (n4, outputnode, [("out_file", "preproc")]),
+        ])  # fmt:skip
+        preproc_source = (n4, "out_file")
+    else:
+        steps = [conform, n4, denoise]
+        workflow.connect([
+            (inputnode, conform, [("in_file", "in_file")]),
+            (conform, n4, [("out_file", "in_file")]),
+            (n4, denoise, [("out_file", "in_file")]),
+            (denoise, outputnode, [("out_file", "preproc")]),
+        ])  # fmt:skip
+        preproc_source = (denoise, "out_file")
+    workflow.connect(n4, "bias_field", outputnode, "bias_field")
 
+    if not is_t1w:
+        outputnode.inputs.preproc_metadata = {"SkullStripped": False}
+        return _collect_steps(workflow, steps, outputnode)
+
+    skullstrip = pe.Node(
+        SkullStrip(
+            method=config.skull_strip.method,
+            detect_stripped=config.skull_strip.detect_stripped,
+            deepbet_threshold=config.skull_strip.deepbet_threshold,
+            deepbet_n_dilate=config.skull_strip.deepbet_n_dilate,
+            random_seed=config.seed,
+            num_threads=threads,
+        ),
+        name="skull_strip",
+        n_procs=threads,
+        mem_gb=2.0,
+    )
+    preproc_meta = pe.Node(
+        niu.Function(
+            input_names=["skull_stripped"], output_names=["meta"], function=_skullstripped_meta
+        ),
+        name="preproc_meta",
+        run_without_submitting=True,
+    )
+    steps.append(skullstrip)
     workflow.connect([
-        (inputnode, conform, [("in_file", "in_file")]),
-        (conform, collect_steps, [("step", "in1")]),
-        (conform, outputnode, [("out_file", "preproc")]),
-        (collect_steps, outputnode, [("out", "steps")]),
+        (preproc_source[0], skullstrip, [(preproc_source[1], "in_file")]),
+        (skullstrip, preproc_meta, [("skull_stripped", "skull_stripped")]),
+        (preproc_meta, outputnode, [("meta", "preproc_metadata")]),
+        (skullstrip, outputnode, [("out_mask", "brain_mask")]),
     ])  # fmt:skip
+
+    registered = config.registration.enabled
+    if registered:
+        register = pe.Node(
+            RegisterToTemplate(
+                preset=config.registration.preset,
+                template_resolution=config.registration.template_resolution,
+                random_seed=config.seed,
+                num_threads=threads,
+            ),
+            name="register",
+            n_procs=threads,
+            mem_gb=2.0,
+        )
+        first_fwd = pe.Node(niu.Select(index=[0]), name="first_fwd", run_without_submitting=True)
+        first_rev = pe.Node(niu.Select(index=[0]), name="first_rev", run_without_submitting=True)
+        std_preproc = _apply(config, "std_preproc", "linear")
+        std_mask = _apply(config, "std_mask", "nearest")
+        steps += [register, std_preproc, std_mask]
+        workflow.connect([
+            (skullstrip, register, [("out_file", "in_file"), ("out_mask", "mask_file")]),
+            (register, first_fwd, [("forward_transforms", "inlist")]),
+            (register, first_rev, [("reverse_transforms", "inlist")]),
+            (first_fwd, outputnode, [("out", "xfm_fwd")]),
+            (first_rev, outputnode, [("out", "xfm_rev")]),
+            (preproc_source[0], std_preproc, [(preproc_source[1], "in_file")]),
+            (register, std_preproc, [("forward_transforms", "transforms")]),
+            (skullstrip, std_mask, [("out_mask", "in_file")]),
+            (register, std_mask, [("forward_transforms", "transforms")]),
+            (std_preproc, outputnode, [("out_file", "std_preproc")]),
+            (std_mask, outputnode, [("out_file", "std_mask")]),
+        ])  # fmt:skip
+        # the ML export works in template space when there is one, else natively
+        export_image, export_mask = (std_preproc, "out_file"), (std_mask, "out_file")
+    else:
+        export_image, export_mask = preproc_source, (skullstrip, "out_mask")
+
+    if config.intensity.method != "none":
+        intensity = config.intensity
+        if intensity.method == "nyul" and not intensity.nyul_landmarks_file:
+            raise ValueError(
+                "intensity.method = 'nyul' needs a fitted standard at participant level: set "
+                "intensity.nyul_landmarks_file (written by the group level) or use another method"
+            )
+        normalize = pe.Node(
+            Normalize(
+                method=intensity.method,
+                parameters=method_parameters(intensity.method, config.section_dict("intensity")),
+            ),
+            name="normalize",
+            mem_gb=1.0,
+        )
+        steps.append(normalize)
+        workflow.connect([
+            (preproc_source[0], normalize, [(preproc_source[1], "in_file")]),
+            (skullstrip, normalize, [("out_mask", "mask_file")]),
+            (normalize, outputnode, [("out_file", "norm")]),
+        ])  # fmt:skip
+        export_image = (normalize, "out_file")
+        if registered:
+            std_norm = _apply(config, "std_norm", "linear")
+            steps.append(std_norm)
+            workflow.connect([
+                (normalize, std_norm, [("out_file", "in_file")]),
+                (register, std_norm, [("forward_transforms", "transforms")]),
+                (std_norm, outputnode, [("out_file", "std_norm")]),
+            ])  # fmt:skip
+            export_image = (std_norm, "out_file")
+
+    export_dseg = None
+    if config.segmentation.method != "none":
+        seg = config.segmentation
+        segment = pe.Node(
+            TissueSegmentation(
+                method=seg.method,
+                contrast="T1w",
+                use_priors=seg.use_priors and registered,
+                prior_weight=seg.prior_weight,
+                mrf_weight=seg.mrf_weight,
+                clip_percentiles=tuple(seg.clip_percentiles),
+                seed=config.seed,
+            ),
+            name="segment",
+            mem_gb=2.0,
+        )
+        split_probseg = pe.Node(
+            niu.Split(splits=[1, 1, 1], squeeze=True),
+            name="split_probseg",
+            run_without_submitting=True,
+        )
+        workflow.connect([
+            (preproc_source[0], segment, [(preproc_source[1], "in_file")]),
+            (skullstrip, segment, [("out_mask", "mask_file")]),
+            (segment, outputnode, [("dseg_file", "dseg"), ("warnings", "tissue_warnings")]),
+            (segment, split_probseg, [("probseg_files", "inlist")]),
+            (split_probseg, outputnode, [
+                ("out1", "probseg_csf"), ("out2", "probseg_gm"), ("out3", "probseg_wm"),
+            ]),
+        ])  # fmt:skip
+        export_dseg = (segment, "dseg_file")
+        if registered and seg.use_priors:
+            priors = pe.Node(
+                TemplateTissuePriors(num_threads=threads), name="template_priors", mem_gb=1.5
+            )
+            steps.append(priors)
+            workflow.connect([
+                (register, priors, [("reverse_transforms", "reverse_transforms")]),
+                (preproc_source[0], priors, [(preproc_source[1], "reference_file")]),
+                (priors, segment, [
+                    ("gm_prior", "gm_prior"), ("wm_prior", "wm_prior"), ("csf_prior", "csf_prior"),
+                ]),
+            ])  # fmt:skip
+        steps.append(segment)
+        if registered:
+            std_dseg = _apply(config, "std_dseg", "genericLabel")
+            steps.append(std_dseg)
+            workflow.connect([
+                (segment, std_dseg, [("dseg_file", "in_file")]),
+                (register, std_dseg, [("forward_transforms", "transforms")]),
+                (std_dseg, outputnode, [("out_file", "std_dseg")]),
+            ])  # fmt:skip
+            export_dseg = (std_dseg, "out_file")
+
+    _init_export(workflow, config, inputnode, outputnode, steps,
+                 export_image, export_mask, export_dseg)  # fmt:skip
+    return _collect_steps(workflow, steps, outputnode)
+
+
+def _init_export(workflow, config, inputnode, outputnode, steps, image, mask, dseg) -> None:
+    """Fixed-shape model-ready volume (+ mask, labels) and its 2D slices."""
+    export = config.export
+    space = TEMPLATE_SPACE if config.registration.enabled else "T1w"
+    model = pe.Node(
+        ModelReady(
+            target_shape=export.target_shape, margin_mm=export.crop_margin_mm, fit=export.fit
+        ),
+        name="model_ready",
+        mem_gb=1.0,
+    )
+    steps.append(model)
+    workflow.connect([
+        (image[0], model, [(image[1], "in_file")]),
+        (mask[0], model, [(mask[1], "mask_file")]),
+        (model, outputnode, [
+            ("out_file", "model"), ("out_mask", "model_mask"), ("out_dseg", "model_dseg"),
+        ]),
+    ])  # fmt:skip
+    if dseg:
+        workflow.connect(dseg[0], dseg[1], model, "dseg_file")
+    if not export.slices:
+        return
+    entities = {"desc": "model"}
+    if config.registration.enabled:
+        entities["space"] = TEMPLATE_SPACE
+    slices = pe.Node(
+        ExportSlices(
+            space=space,
+            entities=entities,
+            axes=export.slice_axes,
+            min_brain_fraction=export.min_brain_fraction,
+            fmt=export.slice_format,
+            png_bit_depth=export.png_bit_depth,
+        ),
+        name="slices",
+        mem_gb=1.0,
+    )
+    steps.append(slices)
+    workflow.connect([
+        (inputnode, slices, [("in_file", "source_file")]),
+        (model, slices, [("out_file", "in_file"), ("out_mask", "mask_file")]),
+        (slices, outputnode, [("staged", "slices_staged")]),
+    ])  # fmt:skip
+    if dseg:
+        workflow.connect(model, "out_dseg", slices, "dseg_file")
+
+
+def _apply(config: Config, name: str, interpolation: str) -> pe.Node:
+    return pe.Node(
+        ApplyTransforms(
+            interpolation=interpolation,
+            template_resolution=config.registration.template_resolution,
+            num_threads=max(1, config.execution.omp_nthreads),
+            step_name=name,
+        ),
+        name=name,
+        mem_gb=1.0,
+    )
+
+
+def _collect_steps(workflow: pe.Workflow, nodes: list[pe.Node], outputnode: pe.Node):
+    collect = pe.Node(niu.Merge(len(nodes)), name="collect_steps", run_without_submitting=True)
+    for index, node in enumerate(nodes, start=1):
+        workflow.connect(node, "step", collect, f"in{index}")
+    workflow.connect(collect, "out", outputnode, "steps")
     return workflow
+
+
+def _skullstripped_meta(skull_stripped):
+    return {"SkullStripped": bool(skull_stripped)}

@@ -8,14 +8,22 @@ from pathlib import Path
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from mriflow.bids.discovery import SubjectInputs
-from mriflow.bids.outputs import anat_derivatives
+from mriflow.bids.derivatives import build_path
+from mriflow.bids.discovery import AnatInput, SubjectInputs
+from mriflow.bids.outputs import DerivativeSpec, anat_derivatives
 from mriflow.config import Config
 from mriflow.interfaces.bids import DerivativesDataSink, PublishDerivatives
 from mriflow.interfaces.reports import SubjectReport
 from mriflow.workflows.anatomical import init_anat_preproc_wf
 
 __all__ = ["init_mriflow_wf", "init_single_subject_wf", "subject_workflow_name"]
+
+
+def _relpath(image: AnatInput, spec: DerivativeSpec) -> str:
+    """Where ``spec``'s derivative of ``image`` is published (for ``Sources`` links)."""
+    entities = {**image.entities, **spec.entities}
+    extension = spec.extension or ".nii.gz"
+    return build_path(entities, suffix=spec.suffix or image.suffix, extension=extension)
 
 
 def subject_workflow_name(subject: str) -> str:
@@ -58,13 +66,15 @@ def init_single_subject_wf(
     (IQMs, HTML, provenance) is made from the published files.
     """
     workflow = pe.Workflow(name=name or subject_workflow_name(subject.subject))
-    sinks: list[pe.Node] = []
+    staged: list[tuple[pe.Node, str]] = []
     for image in subject.images:
         anat_wf = init_anat_preproc_wf(
             config=config, contrast=image.suffix, name=f"anat_{image.key}_wf"
         )
         anat_wf.inputs.inputnode.in_file = str(image.path)
-        for spec in anat_derivatives(image.suffix):
+        specs = anat_derivatives(image.suffix, config)
+        relpaths = {spec.output: _relpath(image, spec) for spec in specs}
+        for spec in specs:
             sink = pe.Node(
                 DerivativesDataSink(
                     source_file=str(image.path),
@@ -73,23 +83,32 @@ def init_single_subject_wf(
                     entities=dict(spec.entities),
                     metadata=dict(spec.metadata),
                     step_names=list(spec.steps),
+                    derived_from=[relpaths[o] for o in spec.derived_from if o in relpaths],
                 ),
                 name=f"ds_{image.key}_{spec.output}",
                 run_without_submitting=True,
             )
             if spec.data_dtype:
                 sink.inputs.data_dtype = spec.data_dtype
+            if spec.extension:
+                sink.inputs.extension = spec.extension
             workflow.connect([
                 (anat_wf, sink, [
                     (f"outputnode.{spec.output}", "in_file"),
                     ("outputnode.steps", "steps"),
                 ]),
             ])  # fmt:skip
-            sinks.append(sink)
+            if spec.dynamic_metadata:
+                workflow.connect(
+                    anat_wf, f"outputnode.{spec.dynamic_metadata}", sink, "extra_metadata"
+                )
+            staged.append((sink, "staged"))
+        if image.suffix == "T1w" and config.export.slices:
+            staged.append((anat_wf, "outputnode.slices_staged"))
 
-    collect = pe.Node(niu.Merge(len(sinks)), name="collect_derivatives")
-    for index, sink in enumerate(sinks, start=1):
-        workflow.connect(sink, "staged", collect, f"in{index}")
+    collect = pe.Node(niu.Merge(len(staged)), name="collect_derivatives")
+    for index, (node, field) in enumerate(staged, start=1):
+        workflow.connect(node, field, collect, f"in{index}")
     publish = pe.Node(
         PublishDerivatives(out_dir=str(Path(out_dir).resolve())),
         name="publish",
