@@ -205,7 +205,12 @@ def _atomic(path: Path, write) -> Path:
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    return _atomic(Path(path), lambda handle: handle.write(data))
+    path = Path(path)
+    # Leave a file that already holds these bytes alone: a rerun with nothing
+    # changed must not touch outputs (mtime-based tools would see a change).
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return path
+    return _atomic(path, lambda handle: handle.write(data))
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:

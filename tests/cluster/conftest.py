@@ -37,9 +37,7 @@ def mriflow_env(**extra: str) -> dict[str, str]:
     """The environment of a run: this checkout importable (also by Slurm jobs, which
     inherit it through sbatch's default --export=ALL), no network version check."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
-    )
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env["NIPYPE_NO_ET"] = "1"
     env.update(extra)
     return env

@@ -136,5 +136,8 @@ def test_jobs_ran_in_slurm(slurm_cluster, slurm_run):
         assert list((work / node_dir).glob("result_*.pklz")), node_dir
 
 
-def test_slurm_outputs_equal_multiproc(slurm_run, multiproc_reference):
-    assert_same_outputs(multiproc_reference, slurm_run["out"])
+def test_slurm_outputs_equal_multiproc(slurm_run, request):
+    # requested here, not as an argument: pytest would set the session-scoped
+    # reference up before the module-scoped Slurm check could skip
+    reference = request.getfixturevalue("multiproc_reference")
+    assert_same_outputs(reference, slurm_run["out"])
