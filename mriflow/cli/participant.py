@@ -35,6 +35,10 @@ def plugin_settings(config: Config) -> tuple[str, dict]:
         if execution.mem_gb > 0:
             args.setdefault("memory_gb", execution.mem_gb)
         args.setdefault("raise_insufficient", False)
+    if plugin in ("SLURMGraph", "SGEGraph"):
+        # a rerun submits only the nodes not already done (resume); also, nipype's
+        # SLURMGraph fails with an AttributeError when this key is absent
+        args.setdefault("dont_resubmit_completed_jobs", True)
     return plugin, args
 
 
@@ -104,6 +108,11 @@ def run_participant(
             # Nipype raises after the graph ran when some nodes failed; the
             # crash files say which subjects, the others are complete.
             log.debug("workflow finished with errors: %s", err)
+        if plugin.endswith("Graph"):
+            # graph plugins return once every job is queued; the jobs run later
+            _wait_for_graph_jobs(
+                work_dir / workflow_name, crash_dir, [s.subject for s in runnable], started_wall
+            )
 
     crashes = subject_failures(crash_dir)
     outcomes = []
@@ -122,6 +131,25 @@ def run_participant(
     _write_summary(out_dir, run_id, outcomes, elapsed, crash_dir)
     print(format_summary(outcomes, elapsed))
     return EXIT_OK if all(o.ok for o in outcomes) else EXIT_FAILED
+
+
+def _wait_for_graph_jobs(
+    workflow_dir: Path, crash_dir: Path, subjects: list[str], since: float, poll: float = 5.0
+) -> None:
+    """Block until every subject's jobs published its outputs or one of them crashed.
+
+    A job killed by the scheduler (time or memory limit) leaves no crash file: stop
+    with Ctrl-C, fix the limits and rerun the command (done jobs are not resubmitted).
+    """
+    pending = set(subjects)
+    log.info("mriflow: jobs submitted; waiting for %d subject(s) to finish", len(pending))
+    while pending:
+        crashed = subject_failures(crash_dir)
+        pending = {
+            s for s in pending if s not in crashed and not _published(workflow_dir, s, since)
+        }
+        if pending:
+            time.sleep(poll)
 
 
 def _published(workflow_dir: Path, subject: str, since: float) -> bool:

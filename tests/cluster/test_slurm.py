@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -75,65 +76,94 @@ def slurm_cluster() -> dict[str, str]:
     return slurm_config()
 
 
-@pytest.fixture(scope="module")
-def slurm_run(slurm_cluster, tmp_path_factory):
-    """The two example subjects through ``--plugin SLURM``, with a unique job-name tag.
+@pytest.fixture(scope="module", params=["SLURM", "SLURMGraph"])
+def slurm_run(request, slurm_cluster, tmp_path_factory):
+    """The two example subjects through ``--plugin SLURM`` or ``SLURMGraph``.
 
-    Nipype's SLURM plugin names each job ``<node>.<workflows...>.$LOGNAME``; a fresh
-    LOGNAME makes this run's jobs findable in the cluster's job completion log.
+    SLURM submits one job per node as it becomes ready and polls squeue;
+    SLURMGraph submits the whole graph at once with job dependencies (mriflow
+    then waits for the subjects to be published). Every job of this run is
+    found in the job completion log by its working directory (the run's own
+    temporary folder); SLURM jobs also carry a unique tag, the plugin's
+    ``$LOGNAME`` suffix of the job name.
     """
-    tmp = tmp_path_factory.mktemp("slurm")
+    plugin = request.param
+    tmp = tmp_path_factory.mktemp(plugin.lower())
     tag = f"mriflowtest{uuid.uuid4().hex[:10]}"
     out, work = tmp / "out", tmp / "work"
     cmd = mriflow_command(
         out,
         work,
         "--plugin",
-        "SLURM",
+        plugin,
         "--plugin-args",
         json.dumps({"sbatch_args": SBATCH_ARGS}),
     )
     run_mriflow(cmd, cwd=tmp, env=mriflow_env(LOGNAME=tag))
-    return {"out": out, "work": work, "tag": tag}
+    return {"plugin": plugin, "out": out, "work": work, "tag": tag, "cwd": tmp}
+
+
+def _node_dirs(work: Path) -> dict[str, bool]:
+    """Each node's folder in the work dir -> whether Nipype runs it without submitting."""
+    nodes = {}
+    for node_pkl in (work / "mriflow_wf").rglob("_node.pklz"):
+        if "mapflow" not in node_pkl.parts:
+            rel = node_pkl.parent.relative_to(work).as_posix()
+            nodes[rel] = bool(loadpkl(node_pkl).run_without_submitting)
+    return nodes
+
+
+def _our_jobs(log: Path, cwd: Path, expected: int) -> list[dict[str, str]]:
+    # a job's line is written when Slurm retires it, which may be just after the
+    # run saw its last output appear
+    deadline = time.monotonic() + 60
+    while True:
+        jobs = [job for job in parse_jobcomp(log) if job.get("WorkDir") == str(cwd)]
+        if len(jobs) >= expected or time.monotonic() > deadline:
+            return jobs
+        time.sleep(1)
 
 
 def test_jobs_ran_in_slurm(slurm_cluster, slurm_run):
-    work, tag = slurm_run["work"], slurm_run["tag"]
+    plugin, work, tag = slurm_run["plugin"], slurm_run["work"], slurm_run["tag"]
+    nodes = _node_dirs(work)
+    subjects = {part for rel in nodes for part in rel.split("/") if part.startswith("sub_")}
+    assert subjects == {"sub_01_wf", "sub_02_wf"}, sorted(nodes)
+    # SLURM submits the nodes not marked run_without_submitting; SLURMGraph submits all
+    expected = sorted(rel for rel, local in nodes.items() if plugin == "SLURMGraph" or not local)
+    assert expected
+    for rel in expected:
+        assert list((work / rel).glob("result_*.pklz")), f"{rel} has no result"
+
     batch = work / "mriflow_wf" / "batch"
-    # Slurm itself expands %j in the plugin's "-o slurm-%j.out": one file per job
+    # Slurm itself expands %j in the SLURM plugin's "-o slurm-%j.out": one file per job
     job_ids = {
         int(m.group(1))
         for p in batch.glob("slurm-*.out")
         if (m := re.fullmatch(r"slurm-(\d+)\.out", p.name))
     }
-    assert job_ids, f"no Slurm job output files in {batch}"
-
-    # every node that Nipype may submit (not run_without_submitting) ran as a job
-    submittable = set()
-    for node_pkl in (work / "mriflow_wf").rglob("_node.pklz"):
-        if "mapflow" in node_pkl.parts:
-            continue
-        if not loadpkl(node_pkl).run_without_submitting:
-            submittable.add(node_pkl.parent.relative_to(work).as_posix())
-    subjects = {part for n in submittable for part in n.split("/") if part.startswith("sub_")}
-    assert subjects == {"sub_01_wf", "sub_02_wf"}, submittable
+    if plugin == "SLURM":
+        assert len(job_ids) == len(expected), f"{len(job_ids)} job files in {batch}"
 
     if slurm_cluster.get("JobCompType") != "jobcomp/filetxt":
         pytest.skip(
-            f"job ids checked; the cluster logs completions with "
-            f"{slurm_cluster.get('JobCompType')}, not jobcomp/filetxt"
+            f"the cluster logs completed jobs with {slurm_cluster.get('JobCompType')}, "
+            "not jobcomp/filetxt: the job completion log cannot be checked"
         )
-    log = Path(slurm_cluster["JobCompLoc"])
-    ours = [job for job in parse_jobcomp(log) if job.get("Name", "").endswith("." + tag)]
-    assert {int(job["JobId"]) for job in ours} == job_ids
+    ours = _our_jobs(Path(slurm_cluster["JobCompLoc"]), slurm_run["cwd"], len(expected))
     for job in ours:
         assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", job
         assert job["TimeLimit"] == TIME_LIMIT, f"--plugin-args did not reach sbatch: {job}"
-    # job name = node.workflow...mriflow_wf.TAG: reversed, the node's folder in the work dir
-    ran = {"/".join(job["Name"].split(".")[:-1][::-1]) for job in ours}
-    assert ran == submittable
-    for node_dir in ran:
-        assert list((work / node_dir).glob("result_*.pklz")), node_dir
+    if plugin == "SLURM":
+        assert {int(job["JobId"]) for job in ours} == job_ids
+        # job name = node.workflows...mriflow_wf.$LOGNAME: reversed, the node's folder
+        assert all(job["Name"].endswith("." + tag) for job in ours)
+        ran = sorted("/".join(job["Name"].split(".")[:-1][::-1]) for job in ours)
+        assert ran == expected
+    else:
+        # SLURMGraph names jobs j<index>_<node name>
+        ran = sorted(job["Name"].split("_", 1)[1] for job in ours)
+        assert ran == sorted(rel.rsplit("/", 1)[-1] for rel in expected)
 
 
 def test_slurm_outputs_equal_multiproc(slurm_run, request):
