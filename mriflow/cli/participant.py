@@ -95,6 +95,9 @@ def run_participant(
             }
         )
         plugin, plugin_args = plugin_settings(config)
+        from mriflow.execution import poll_interval
+
+        workflow.config["execution"]["poll_sleep_duration"] = poll_interval(plugin)
         log.info(
             "mriflow: %d subject(s), plugin %s %s, work dir %s",
             len(runnable),
