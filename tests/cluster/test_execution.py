@@ -174,6 +174,7 @@ def _intervals(tmp_path, *, n_procs, mem_gb, plugin_args):
         declare_resources(node, n_procs=n_procs, mem_gb=mem_gb)
         nodes.append(node)
     wf.add_nodes(nodes)
+    wf.config["execution"]["poll_sleep_duration"] = 0.2
     graph = wf.run(plugin="MultiProc", plugin_args=plugin_args)
     return sorted((n.result.outputs.start, n.result.outputs.end) for n in graph.nodes())
 
