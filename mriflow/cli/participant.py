@@ -39,6 +39,9 @@ def plugin_settings(config: Config) -> tuple[str, dict]:
         # a rerun submits only the nodes not already done (resume); also, nipype's
         # SLURMGraph fails with an AttributeError when this key is absent
         args.setdefault("dont_resubmit_completed_jobs", True)
+    if plugin == "SLURMGraph" and "--kill-on-invalid-dep" not in args.get("sbatch_args", ""):
+        # jobs after a failed one would otherwise wait in the queue forever
+        args["sbatch_args"] = f"--kill-on-invalid-dep=yes {args.get('sbatch_args', '')}".strip()
     return plugin, args
 
 

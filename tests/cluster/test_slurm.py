@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 from nipype.utils.filemanip import loadpkl
 
-from tests.cluster.compare import assert_same_outputs
-from tests.cluster.conftest import mriflow_command, mriflow_env, run_mriflow
+from tests.cluster.compare import assert_same_outputs, differences
+from tests.cluster.conftest import EXAMPLE, mriflow_command, mriflow_env, run_mriflow
+from tests.helpers import copy_layout
 
 pytestmark = pytest.mark.slow
 
@@ -171,3 +172,38 @@ def test_slurm_outputs_equal_multiproc(slurm_run, request):
     # reference up before the module-scoped Slurm check could skip
     reference = request.getfixturevalue("multiproc_reference")
     assert_same_outputs(reference, slurm_run["out"])
+
+
+def test_failed_subject_in_slurmgraph_ends_the_wait(slurm_cluster, tmp_path, request):
+    """One subject's job fails: mriflow stops waiting for it, reports it, publishes the
+    other subject, and leaves none of the failed subject's jobs waiting in the queue."""
+    bids = copy_layout(EXAMPLE, tmp_path / "bids")
+    broken = bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
+    broken.write_bytes(broken.read_bytes()[:5000])  # truncated gzip
+    out, work = tmp_path / "out", tmp_path / "work"
+    cmd = mriflow_command(out, work, "--plugin", "SLURMGraph")
+    cmd[3] = str(bids)
+    result = subprocess.run(
+        cmd, cwd=tmp_path, env=mriflow_env(), capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "sub-01  FAILED" in result.stdout and "not a readable image" in result.stdout
+    assert "sub-02  ok" in result.stdout
+    assert not (out / "sub-01").exists()
+
+    reference = request.getfixturevalue("multiproc_reference")
+    # sub-02 as in the full run (the dataset description names another raw folder here)
+    problems = [p for p in differences(reference, out) if "sub-02" in p]
+    assert (out / "sub-02").is_dir()
+    assert not problems, problems
+
+    deadline = time.monotonic() + 30
+    while True:
+        queued = subprocess.run(
+            ["squeue", "-h", "-o", "%i %Z"], capture_output=True, text=True, check=True
+        ).stdout.split("\n")
+        left = [line for line in queued if line.endswith(" " + str(tmp_path))]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert not left, f"jobs left in the queue after the run: {left}"
