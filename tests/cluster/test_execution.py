@@ -17,6 +17,7 @@ from mriflow.execution import (
     THREAD_ENV_VARS,
     declare_resources,
     limit_threads,
+    poll_interval,
     prepare_batch_environment,
     set_thread_environment,
     thread_environment,
@@ -203,3 +204,28 @@ def test_prepare_batch_environment_sets_logname(monkeypatch):
     monkeypatch.setenv("LOGNAME", "someone")
     prepare_batch_environment("SLURM")
     assert os.environ["LOGNAME"] == "someone"
+
+
+def test_graph_plugins_resume_and_clean_the_queue_by_default():
+    from mriflow.cli.participant import plugin_settings
+    from mriflow.config import Config
+
+    config = Config()
+    config.set("execution.plugin", "SLURMGraph")
+    config.set("execution.plugin_args", {"sbatch_args": "-p short"})
+    plugin, args = plugin_settings(config)
+    assert plugin == "SLURMGraph"
+    assert args["dont_resubmit_completed_jobs"] is True
+    assert args["sbatch_args"] == "--kill-on-invalid-dep=yes -p short"
+
+    config.set("execution.plugin_args", {"sbatch_args": "--kill-on-invalid-dep=no"})
+    assert plugin_settings(config)[1]["sbatch_args"] == "--kill-on-invalid-dep=no"
+
+    config.set("execution.plugin", "SLURM")
+    config.set("execution.plugin_args", {})
+    assert plugin_settings(config)[1] == {}
+
+
+def test_poll_interval_is_short_only_for_local_plugins():
+    assert poll_interval("MultiProc") < 0.5
+    assert poll_interval("SLURM") >= 2 and poll_interval("SGEGraph") >= 2
