@@ -90,10 +90,14 @@ def set_thread_environment(omp_nthreads: int) -> None:
 def limit_threads(num_threads: int) -> Iterator[None]:
     """Run a block with at most ``num_threads`` threads in every pool, then restore.
 
-    Covers BLAS/OpenMP (threadpoolctl), SimpleITK's global default, torch's
-    intra-op pool, and the ITK variables that antspyx reads when it creates a
-    filter. Use it in an interface around the one algorithm call, with the
-    node's ``num_threads`` input::
+    Covers BLAS/OpenMP (threadpoolctl), SimpleITK's global default and torch's
+    intra-op pool, which all change at run time. antspyx bundles its own ITK,
+    which sizes its thread pool from ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``
+    once per process (measured: a pool started at 1 thread stays at 1 after the
+    variable changes). The variables are set here for an antspyx imported inside
+    the block, but what counts for antspyx is the environment the process started
+    with, which the CLI sets before anything is imported. Use it in an interface
+    around the one algorithm call, with the node's ``num_threads`` input::
 
         with limit_threads(self.inputs.num_threads):
             out = n4_correct(img, ...)
