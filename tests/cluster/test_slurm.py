@@ -89,8 +89,10 @@ def slurm_run(request, slurm_cluster, tmp_path_factory):
     ``$LOGNAME`` suffix of the job name.
     """
     plugin = request.param
-    tmp = tmp_path_factory.mktemp(plugin.lower())
     tag = f"mriflowtest{uuid.uuid4().hex[:10]}"
+    # a unique folder: it identifies this run's jobs in a log that outlives /tmp
+    tmp = tmp_path_factory.mktemp(plugin.lower()) / tag
+    tmp.mkdir()
     out, work = tmp / "out", tmp / "work"
     cmd = mriflow_command(
         out,
@@ -177,6 +179,8 @@ def test_slurm_outputs_equal_multiproc(slurm_run, request):
 def test_failed_subject_in_slurmgraph_ends_the_wait(slurm_cluster, tmp_path, request):
     """One subject's job fails: mriflow stops waiting for it, reports it, publishes the
     other subject, and leaves none of the failed subject's jobs waiting in the queue."""
+    tmp_path = tmp_path / uuid.uuid4().hex  # unique, as the queue is matched by folder
+    tmp_path.mkdir()
     bids = copy_layout(EXAMPLE, tmp_path / "bids")
     broken = bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
     broken.write_bytes(broken.read_bytes()[:5000])  # truncated gzip
