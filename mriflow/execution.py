@@ -30,6 +30,8 @@ from typing import Any
 __all__ = [
     "THREAD_ENV_VARS",
     "STEP_MEMORY_GB",
+    "THREAD_NONDETERMINISTIC_STEPS",
+    "step_threads",
     "thread_environment",
     "set_thread_environment",
     "limit_threads",
@@ -62,6 +64,34 @@ STEP_MEMORY_GB: dict[str, float] = {
     "registration": 2.5,
     "segmentation": 1.0,
 }
+
+
+# Steps whose output changes from one run to the next, same seed and input, when they
+# use more than one thread (antspyx registration and denoising: ITK sums the metric in
+# thread-finishing order; benchmarks/bench_threads.py, docs/parallel.md). All ITK steps
+# also differ between thread counts, but repeat exactly at a fixed count.
+THREAD_NONDETERMINISTIC_STEPS = frozenset({"registration", "denoise"})
+
+
+def step_threads(step: str, omp_nthreads: int, *, reproducible: bool = True) -> int:
+    """Threads a step's node should use.
+
+    ``omp_nthreads``, except for :data:`THREAD_NONDETERMINISTIC_STEPS` when
+    ``reproducible``: those get 1 thread, so a rerun gives the same bytes.
+
+    Parameters
+    ----------
+    step : str
+        Config section name of the step (``"n4"``, ``"registration"``, ...).
+    omp_nthreads : int
+        Threads per step from the execution config, >= 1.
+    reproducible : bool
+        Prefer identical reruns over speed for the steps that cannot have both.
+    """
+    _check_threads(omp_nthreads, "omp_nthreads")
+    if reproducible and step in THREAD_NONDETERMINISTIC_STEPS:
+        return 1
+    return omp_nthreads
 
 
 def thread_environment(omp_nthreads: int) -> dict[str, str]:

@@ -229,3 +229,14 @@ def test_graph_plugins_resume_and_clean_the_queue_by_default():
 def test_poll_interval_is_short_only_for_local_plugins():
     assert poll_interval("MultiProc") < 0.5
     assert poll_interval("SLURM") >= 2 and poll_interval("SGEGraph") >= 2
+
+
+def test_step_threads_pins_nondeterministic_steps_to_one_thread():
+    from mriflow.execution import THREAD_NONDETERMINISTIC_STEPS, step_threads
+
+    assert {"registration", "denoise"} <= THREAD_NONDETERMINISTIC_STEPS
+    assert step_threads("registration", 4) == 1
+    assert step_threads("registration", 4, reproducible=False) == 4
+    assert step_threads("n4", 4) == 4
+    with pytest.raises(ValueError, match="omp_nthreads"):
+        step_threads("n4", 0)
