@@ -219,6 +219,11 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    path = Path(path)
+    # Leave a file that already holds these bytes alone: a rerun with nothing
+    # changed must not touch outputs (mtime-based tools would see a change).
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return path
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 

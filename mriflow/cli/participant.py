@@ -35,6 +35,13 @@ def plugin_settings(config: Config) -> tuple[str, dict]:
         if execution.mem_gb > 0:
             args.setdefault("memory_gb", execution.mem_gb)
         args.setdefault("raise_insufficient", False)
+    if plugin in ("SLURMGraph", "SGEGraph"):
+        # a rerun submits only the nodes not already done (resume); also, nipype's
+        # SLURMGraph fails with an AttributeError when this key is absent
+        args.setdefault("dont_resubmit_completed_jobs", True)
+    if plugin == "SLURMGraph" and "--kill-on-invalid-dep" not in args.get("sbatch_args", ""):
+        # jobs after a failed one would otherwise wait in the queue forever
+        args["sbatch_args"] = f"--kill-on-invalid-dep=yes {args.get('sbatch_args', '')}".strip()
     return plugin, args
 
 
@@ -98,6 +105,9 @@ def run_participant(
             }
         )
         plugin, plugin_args = plugin_settings(config)
+        from mriflow.execution import poll_interval
+
+        workflow.config["execution"]["poll_sleep_duration"] = poll_interval(plugin)
         log.info(
             "mriflow: %d subject(s), plugin %s %s, work dir %s",
             len(runnable),
@@ -111,6 +121,11 @@ def run_participant(
             # Nipype raises after the graph ran when some nodes failed; the
             # crash files say which subjects, the others are complete.
             log.debug("workflow finished with errors: %s", err)
+        if plugin.endswith("Graph"):
+            # graph plugins return once every job is queued; the jobs run later
+            _wait_for_graph_jobs(
+                work_dir / workflow_name, crash_dir, [s.subject for s in runnable], started_wall
+            )
 
     crashes = subject_failures(crash_dir)
     outcomes = []
@@ -140,6 +155,25 @@ def run_participant(
     )
     print(format_summary(outcomes, elapsed))
     return EXIT_OK if all(o.ok for o in outcomes) else EXIT_FAILED
+
+
+def _wait_for_graph_jobs(
+    workflow_dir: Path, crash_dir: Path, subjects: list[str], since: float, poll: float = 5.0
+) -> None:
+    """Block until every subject's jobs published its outputs or one of them crashed.
+
+    A job killed by the scheduler (time or memory limit) leaves no crash file: stop
+    with Ctrl-C, fix the limits and rerun the command (done jobs are not resubmitted).
+    """
+    pending = set(subjects)
+    log.info("mriflow: jobs submitted; waiting for %d subject(s) to finish", len(pending))
+    while pending:
+        crashed = subject_failures(crash_dir)
+        pending = {
+            s for s in pending if s not in crashed and not _published(workflow_dir, s, since)
+        }
+        if pending:
+            time.sleep(poll)
 
 
 def _published(workflow_dir: Path, subject: str, since: float) -> bool:

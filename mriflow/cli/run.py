@@ -168,14 +168,10 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 
 def _set_thread_env(omp_nthreads: int) -> None:
-    threads = str(max(1, omp_nthreads))
-    for var in (
-        "OMP_NUM_THREADS",
-        "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS",
-        "OPENBLAS_NUM_THREADS",
-        "MKL_NUM_THREADS",
-    ):
-        os.environ[var] = threads
+    # every thread pool (OpenMP, BLAS, ITK, torch), inherited by workers and cluster jobs
+    from mriflow.execution import set_thread_environment
+
+    set_thread_environment(max(1, omp_nthreads))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -189,6 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         bids_dir, out_dir, work_dir = check_paths(args)
         _setup_logging(args.verbose, args.quiet)
         _set_thread_env(config.execution.omp_nthreads)
+        from mriflow.execution import prepare_batch_environment
+
+        prepare_batch_environment(config.execution.plugin)  # $LOGNAME for batch plugins
         if args.analysis_level == "participant":
             from mriflow.cli.participant import run_participant
 

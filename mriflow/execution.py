@@ -1,0 +1,263 @@
+"""Execution resources: threads per step, memory and cores per node, batch schedulers.
+
+Three layers of parallelism meet in a run, and each needs its own knob:
+
+* **processes**: Nipype runs independent nodes (subjects, images) side by side,
+  up to ``--nprocs`` (MultiProc) or as separate cluster jobs (SLURM, SGE, PBS);
+* **threads inside a step**: ITK (SimpleITK, antspyx), OpenMP/BLAS (numpy,
+  scikit-learn) and torch each start their own pool, by default one thread per
+  core, so 2 processes x 2 pools x all cores oversubscribes the machine;
+* **memory**: MultiProc only stays under ``--mem-gb`` if the heavy nodes say
+  how much they need.
+
+This module holds the pieces: environment variables for every thread pool
+(:func:`thread_environment`), a context that limits the pools already loaded in
+a process (:func:`limit_threads`), per-node declarations that MultiProc and the
+batch plugins read (:func:`declare_resources`), and the environment that
+Nipype's batch plugins need (:func:`prepare_batch_environment`).
+"""
+
+from __future__ import annotations
+
+import getpass
+import math
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+__all__ = [
+    "THREAD_ENV_VARS",
+    "STEP_MEMORY_GB",
+    "THREAD_NONDETERMINISTIC_STEPS",
+    "step_threads",
+    "thread_environment",
+    "set_thread_environment",
+    "limit_threads",
+    "declare_resources",
+    "prepare_batch_environment",
+    "poll_interval",
+]
+
+# Read by the libraries when their pool starts (at import or first use), and
+# inherited by MultiProc workers and by cluster jobs (sbatch exports the environment).
+THREAD_ENV_VARS = (
+    "OMP_NUM_THREADS",  # OpenMP: torch, scikit-learn, OpenBLAS built with OpenMP
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "BLIS_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS",  # SimpleITK and antspyx (ITK 5)
+    "ITK_NUMBER_OF_THREADS",  # older ITK builds
+)
+
+# Peak resident memory of one step at 1 mm on this project's test images, rounded
+# up (measured in docs/parallel.md and the anchors baseline); what a node declares
+# with ``mem_gb`` so that MultiProc does not start two of them in too little memory.
+STEP_MEMORY_GB: dict[str, float] = {
+    "conform": 0.5,
+    "denoise": 0.75,
+    "n4": 0.5,
+    "skull_strip": 2.0,
+    "registration": 2.5,
+    "segmentation": 1.0,
+}
+
+
+# Steps whose output changes from one run to the next, same seed and input, when they
+# use more than one thread (antspyx registration and denoising: ITK sums the metric in
+# thread-finishing order; benchmarks/bench_threads.py, docs/parallel.md). All ITK steps
+# also differ between thread counts, but repeat exactly at a fixed count.
+THREAD_NONDETERMINISTIC_STEPS = frozenset({"registration", "denoise"})
+
+
+def step_threads(step: str, omp_nthreads: int, *, reproducible: bool = True) -> int:
+    """Threads a step's node should use.
+
+    ``omp_nthreads``, except for :data:`THREAD_NONDETERMINISTIC_STEPS` when
+    ``reproducible``: those get 1 thread, so a rerun gives the same bytes.
+
+    Parameters
+    ----------
+    step : str
+        Config section name of the step (``"n4"``, ``"registration"``, ...).
+    omp_nthreads : int
+        Threads per step from the execution config, >= 1.
+    reproducible : bool
+        Prefer identical reruns over speed for the steps that cannot have both.
+    """
+    _check_threads(omp_nthreads, "omp_nthreads")
+    if reproducible and step in THREAD_NONDETERMINISTIC_STEPS:
+        return 1
+    return omp_nthreads
+
+
+def thread_environment(omp_nthreads: int) -> dict[str, str]:
+    """The environment variables that cap every thread pool at ``omp_nthreads``.
+
+    Parameters
+    ----------
+    omp_nthreads : int
+        Threads per step, >= 1.
+    """
+    _check_threads(omp_nthreads, "omp_nthreads")
+    return {var: str(omp_nthreads) for var in THREAD_ENV_VARS}
+
+
+def set_thread_environment(omp_nthreads: int) -> None:
+    """Set :func:`thread_environment` in ``os.environ`` and limit pools already loaded.
+
+    Call it before the workflow runs: MultiProc workers and cluster jobs inherit
+    the variables, and libraries imported later read them at start.
+    """
+    os.environ.update(thread_environment(omp_nthreads))
+    _set_loaded_pools(omp_nthreads)
+
+
+@contextmanager
+def limit_threads(num_threads: int) -> Iterator[None]:
+    """Run a block with at most ``num_threads`` threads in every pool, then restore.
+
+    Covers BLAS/OpenMP (threadpoolctl), SimpleITK's global default and torch's
+    intra-op pool, which all change at run time. antspyx bundles its own ITK,
+    which sizes its thread pool from ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``
+    once per process (measured: a pool started at 1 thread stays at 1 after the
+    variable changes). The variables are set here for an antspyx imported inside
+    the block, but what counts for antspyx is the environment the process started
+    with, which the CLI sets before anything is imported. Use it in an interface
+    around the one algorithm call, with the node's ``num_threads`` input::
+
+        with limit_threads(self.inputs.num_threads):
+            out = n4_correct(img, ...)
+
+    Parameters
+    ----------
+    num_threads : int
+        Threads, >= 1.
+    """
+    _check_threads(num_threads, "num_threads")
+    from threadpoolctl import threadpool_limits
+
+    with ExitStack() as stack:
+        stack.enter_context(threadpool_limits(limits=num_threads))
+        saved_env = {var: os.environ.get(var) for var in THREAD_ENV_VARS}
+        stack.callback(_restore_env, saved_env)
+        os.environ.update(thread_environment(num_threads))
+        saved_pools = _loaded_pools()
+        stack.callback(_restore_pools, saved_pools)
+        _set_loaded_pools(num_threads)
+        yield
+
+
+def declare_resources(
+    node: Any,
+    *,
+    n_procs: int,
+    mem_gb: float,
+    plugin: str | None = None,
+) -> Any:
+    """Tell the scheduler what one node needs: threads and peak memory.
+
+    MultiProc reads ``node.n_procs`` / ``node.mem_gb`` and never starts more
+    than ``--nprocs`` threads or ``--mem-gb`` in total; a node whose interface
+    has a ``num_threads`` input gets it set to ``n_procs`` by Nipype. For batch
+    plugins the same request is added to the node's job arguments (Slurm:
+    ``--cpus-per-task`` and ``--mem``; PBS: ``-l nodes=1:ppn=,mem=``), after the
+    run-wide ``--plugin-args``.
+
+    Parameters
+    ----------
+    node : nipype.pipeline.engine.Node
+    n_procs : int
+        Threads the node uses (>= 1), usually ``config.execution.omp_nthreads``.
+    mem_gb : float
+        Peak memory in GB (> 0), e.g. from :data:`STEP_MEMORY_GB`.
+    plugin : str, optional
+        The Nipype plugin name; batch-job arguments are added for SLURM/SLURMGraph
+        and PBS/PBSGraph only (SGE parallel environments are site-specific).
+
+    Returns
+    -------
+    The same node, for chaining.
+    """
+    _check_threads(n_procs, "n_procs")
+    if not (isinstance(mem_gb, (int, float)) and mem_gb > 0 and math.isfinite(mem_gb)):
+        raise ValueError(f"mem_gb must be a positive number of GB, got {mem_gb!r}")
+    node.n_procs = n_procs
+    node._mem_gb = float(mem_gb)  # Nipype's Node has no public setter for mem_gb
+    mem_mb = math.ceil(mem_gb * 1024)
+    job_args = None
+    if plugin in ("SLURM", "SLURMGraph"):
+        job_args = {"sbatch_args": f"--cpus-per-task={n_procs} --mem={mem_mb}M"}
+    elif plugin in ("PBS", "PBSGraph"):
+        job_args = {"qsub_args": f"-l nodes=1:ppn={n_procs},mem={mem_mb}mb"}
+    if job_args:
+        # overwrite=False: appended to the run-wide arguments, not replacing them
+        node.plugin_args = {**(node.plugin_args or {}), **job_args, "overwrite": False}
+    return node
+
+
+def prepare_batch_environment(plugin: str) -> None:
+    """Environment that Nipype's batch plugins assume but a container or CI may lack.
+
+    Nipype's SLURM plugin names jobs after ``$LOGNAME`` and fails with a bare
+    ``KeyError: 'LOGNAME'`` where it is unset (containers, cron, CI); the PBS,
+    SGE and LSF plugins read it too.
+    """
+    if plugin in ("SLURM", "SGE", "PBS", "LSF", "Condor", "OAR") and not os.environ.get("LOGNAME"):
+        try:
+            os.environ["LOGNAME"] = getpass.getuser()
+        except (KeyError, OSError):  # no passwd entry for the uid (some containers)
+            os.environ["LOGNAME"] = f"uid{os.getuid()}"
+
+
+def poll_interval(plugin: str) -> float:
+    """Seconds between two looks of Nipype's scheduler at its running nodes.
+
+    Nipype waits a full interval (default 2 s) after every pass over the graph, so a
+    chain of N nodes costs at least N intervals even when every node takes
+    milliseconds: 8 of the 15 s of a cached rerun of one subject were these sleeps.
+    Local plugins look every 0.2 s; batch plugins keep 2 s, since each look asks the
+    scheduler (squeue, qstat) about every pending job.
+    """
+    return 0.2 if plugin in ("MultiProc", "LegacyMultiProc") else 2.0
+
+
+def _check_threads(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _restore_env(saved: dict[str, str | None]) -> None:
+    for var, value in saved.items():
+        if value is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = value
+
+
+def _loaded_pools() -> dict[str, int]:
+    """Thread counts of the SimpleITK and torch pools, if those are imported."""
+    pools: dict[str, int] = {}
+    sitk = sys.modules.get("SimpleITK")
+    if sitk is not None:
+        pools["sitk"] = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        pools["torch"] = torch.get_num_threads()
+    return pools
+
+
+def _set_loaded_pools(num_threads: int) -> None:
+    # Only libraries already imported: importing them here would cost seconds
+    # in every node and load torch where it is not needed.
+    _restore_pools({name: num_threads for name in _loaded_pools()})
+
+
+def _restore_pools(pools: dict[str, int]) -> None:
+    if "sitk" in pools:
+        sys.modules["SimpleITK"].ProcessObject.SetGlobalDefaultNumberOfThreads(pools["sitk"])
+    if "torch" in pools:
+        sys.modules["torch"].set_num_threads(pools["torch"])
