@@ -35,6 +35,9 @@ def plugin_settings(config: Config) -> tuple[str, dict]:
         if execution.mem_gb > 0:
             args.setdefault("memory_gb", execution.mem_gb)
         args.setdefault("raise_insufficient", False)
+        # forked workers inherit ITK/torch/OpenMP thread pools that the parent may
+        # already have started, and can deadlock in them; forkserver starts clean
+        args.setdefault("mp_context", "forkserver")
     if plugin in ("SLURMGraph", "SGEGraph"):
         # a rerun submits only the nodes not already done (resume); also, nipype's
         # SLURMGraph fails with an AttributeError when this key is absent
