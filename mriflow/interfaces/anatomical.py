@@ -21,7 +21,6 @@ from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     File,
     InputMultiObject,
-    OutputMultiObject,
     SimpleInterface,
     TraitedSpec,
     isdefined,
@@ -226,12 +225,9 @@ class _RegisterInputSpec(BaseInterfaceInputSpec):
 
 class _RegisterOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="subject image resampled into template space")
-    forward_transforms = OutputMultiObject(
-        File(exists=True), desc="subject -> template (composite .h5)"
-    )
-    reverse_transforms = OutputMultiObject(
-        File(exists=True), desc="template -> subject (composite .h5)"
-    )
+    # plain lists (not OutputMultiObject, which collapses one file to a string)
+    forward_transforms = traits.List(File(exists=True), desc="subject -> template [.h5]")
+    reverse_transforms = traits.List(File(exists=True), desc="template -> subject [.h5]")
     template = traits.Str(desc="template space name")
     step = traits.Dict(desc="step record for the sidecar")
 

@@ -1,0 +1,154 @@
+"""Registration to MNI152NLin2009aSym: known-transform recovery, Dice after warping, labels."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+from scipy.spatial.transform import Rotation
+
+from mriflow.image.registration import (
+    apply_transforms,
+    register_to_template,
+    transform_points,
+)
+from mriflow.image.template import load_template
+
+
+def _dice(a, b):
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+def _known_transform():
+    """World map M (mm): the synthetic image's point y shows template point M @ y."""
+    rotation = Rotation.from_euler("xyz", [8.0, -5.0, 10.0], degrees=True).as_matrix()
+    matrix = np.eye(4)
+    matrix[:3, :3] = rotation @ np.diag([1.08, 0.95, 1.03])  # rigid + scaling
+    matrix[:3, 3] = [6.0, -4.0, 5.0]
+    return matrix
+
+
+@pytest.fixture(scope="module")
+def moved_template():
+    """The 2 mm template T1w resampled through a known rigid + affine transform."""
+    tpl = load_template(2)
+    matrix = _known_transform()
+    affine = tpl.t1w.affine
+    voxel_map = np.linalg.inv(affine) @ matrix @ affine
+    data = ndi.affine_transform(
+        np.asarray(tpl.t1w.dataobj), voxel_map[:3, :3], voxel_map[:3, 3], order=1
+    )
+    return nib.Nifti1Image(data.astype(np.float32), affine), matrix
+
+
+@pytest.fixture(scope="module")
+def affine_result(moved_template, tmp_path_factory):
+    img, _ = moved_template
+    out = tmp_path_factory.mktemp("reg") / "synthetic_"
+    return register_to_template(
+        img, out, transform="affine", preset="fast", output_resolution=2, random_seed=7
+    )
+
+
+def _brain_points(tpl, step=40):
+    ijk = np.argwhere(np.asarray(tpl.mask.dataobj) > 0)[::step]
+    return nib.affines.apply_affine(tpl.mask.affine, ijk)
+
+
+def test_known_affine_is_recovered_within_1mm(moved_template, affine_result):
+    _, matrix = moved_template
+    tpl = load_template(2)
+    points = _brain_points(tpl)
+    # forward transform maps a template point to where the synthetic image shows it
+    mapped = transform_points(points, affine_result.forward_transforms)
+    expected = nib.affines.apply_affine(np.linalg.inv(matrix), points)
+    rms = np.sqrt(((mapped - expected) ** 2).sum(axis=1).mean())
+    print(f"landmark rms {rms:.3f} mm")
+    assert rms < 1.0, rms
+    # the reverse transform takes them back
+    back = transform_points(mapped, affine_result.reverse_transforms)
+    assert np.sqrt(((back - points) ** 2).sum(axis=1).mean()) < 0.1
+    # and the synthetic image lands on the template
+    brain = np.asarray(tpl.mask.dataobj) > 0
+    warped = affine_result.warped.get_fdata()[brain]
+    assert np.corrcoef(warped, np.asarray(tpl.t1w.dataobj)[brain])[0, 1] > 0.95
+
+
+def test_transform_files_are_composites(affine_result):
+    (forward,) = affine_result.forward_transforms
+    (reverse,) = affine_result.reverse_transforms
+    assert forward.name.endswith("Composite.h5") and forward.is_file()
+    assert reverse.name.endswith("InverseComposite.h5") and reverse.is_file()
+
+
+def test_same_seed_gives_the_same_transform(moved_template, affine_result, tmp_path):
+    img, _ = moved_template
+    again = register_to_template(
+        img, tmp_path / "again_", transform="affine", preset="fast", output_resolution=2,
+        random_seed=7,
+    )  # fmt: skip
+    points = _brain_points(load_template(2), step=400)
+    first = transform_points(points, affine_result.forward_transforms)
+    second = transform_points(points, again.forward_transforms)
+    assert np.allclose(first, second, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def real_brain(data_dir):
+    """A real skull-stripped T1w (post-gadolinium) and its brain mask."""
+    img = nib.load(str(data_dir / "anat" / "T1_gadolinium.nii.gz"))
+    data = img.get_fdata(dtype=np.float32)
+    mask = nib.Nifti1Image((data > 0).astype(np.uint8), img.affine)
+    return nib.Nifti1Image(data, img.affine), mask
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("transform", "min_dice"), [("syn", 0.95), ("affine", 0.90)])
+def test_warped_brain_mask_overlaps_template_mask(real_brain, tmp_path, transform, min_dice):
+    img, mask = real_brain
+    result = register_to_template(
+        img, tmp_path / "sub_", transform=transform, preset="fast", output_resolution=2
+    )
+    tpl = load_template(2)
+    warped_mask = apply_transforms(
+        mask, result.forward_transforms, tpl.mask, interpolation="nearest"
+    )
+    assert warped_mask.get_data_dtype() == np.uint8
+    dice = _dice(np.asarray(warped_mask.dataobj) > 0, np.asarray(tpl.mask.dataobj) > 0)
+    print(f"{transform} dice {dice:.4f}")
+    assert dice >= min_dice, dice
+
+
+def test_nearest_neighbour_keeps_label_values(affine_result, moved_template):
+    img, _ = moved_template
+    labels = np.digitize(img.get_fdata(), [0.05, 0.5, 0.75]).astype(np.int16)  # 0..3
+    label_img = nib.Nifti1Image(labels, img.affine)
+    tpl = load_template(2)
+    out = apply_transforms(
+        label_img, affine_result.forward_transforms, tpl.t1w, interpolation="nearest"
+    )
+    values = np.asarray(out.dataobj)
+    assert out.get_data_dtype() == np.int16
+    assert set(np.unique(values)) <= {0, 1, 2, 3}
+    assert np.allclose(out.affine, tpl.t1w.affine)
+    # labels land where the template has brain
+    inside = np.asarray(tpl.mask.dataobj) > 0
+    assert (values[inside] > 0).mean() > 0.95
+
+
+def test_apply_transforms_names_a_missing_file(moved_template, tmp_path):
+    img, _ = moved_template
+    missing = tmp_path / "nowhere_Composite.h5"
+    with pytest.raises(ValueError, match="nowhere_Composite.h5: transform file not found"):
+        apply_transforms(img, [missing], img)
+
+
+def test_register_validates(moved_template, tmp_path):
+    img, _ = moved_template
+    with pytest.raises(ValueError, match="preset"):
+        register_to_template(img, tmp_path / "x_", preset="sloppy")
+    with pytest.raises(ValueError, match="transform"):
+        register_to_template(img, tmp_path / "x_", transform="bspline")
+    with pytest.raises(ValueError, match="output folder does not exist"):
+        register_to_template(img, tmp_path / "no" / "x_")
