@@ -44,11 +44,11 @@ def test_denoise_and_n4_write_into_cwd(tmp_path, monkeypatch):
     den = Denoise(in_file=str(in_file), method="ants").run()
     assert Path(den.outputs.out_file).parent == tmp_path
     assert Path(den.outputs.out_file).name == "sub-01_T1w_denoised.nii.gz"
-    _check_step(den, "Denoise")
+    _check_step(den, "denoise")
     assert den.outputs.step["Parameters"] == {"method": "ants", "noise_model": "Rician"}
 
     n4 = N4BiasFieldCorrection(in_file=den.outputs.out_file, iterations=[20, 20]).run()
-    _check_step(n4, "N4BiasFieldCorrection")
+    _check_step(n4, "n4")
     assert n4.outputs.step["Parameters"]["iterations"] == [20, 20]
     assert n4.outputs.step["Parameters"]["shrink_factor"] == 4
     field = nib.load(n4.outputs.bias_field)
@@ -62,7 +62,7 @@ def test_skullstrip_passes_a_stripped_image_through(tmp_path, monkeypatch):
     res = SkullStrip(in_file=str(in_file), method="template").run()
     assert res.outputs.skull_stripped is True
     assert res.outputs.method == "passthrough"
-    _check_step(res, "SkullStrip")
+    _check_step(res, "skull_strip")
     mask = nib.load(res.outputs.out_mask)
     assert mask.get_data_dtype() == np.uint8
     assert np.array_equal(nib.load(res.outputs.out_file).get_fdata(), nib.load(in_file).get_fdata())
@@ -81,7 +81,7 @@ def test_register_and_apply_transforms(tmp_path, monkeypatch):
     reg = RegisterToTemplate(
         in_file=str(in_file), transform="rigid", template_resolution=2, num_threads=1
     ).run()
-    _check_step(reg, "RegisterToTemplate")
+    _check_step(reg, "registration")
     assert reg.outputs.template == "MNI152NLin2009aSym"
     (forward,) = reg.outputs.forward_transforms
     (reverse,) = reg.outputs.reverse_transforms
@@ -92,7 +92,7 @@ def test_register_and_apply_transforms(tmp_path, monkeypatch):
         in_file=str(mask_file), transforms=[forward], interpolation="nearest",
         template_resolution=2,
     ).run()  # fmt: skip
-    _check_step(app, "ApplyTransforms")
+    _check_step(app, "apply_transforms")
     warped = nib.load(app.outputs.out_file)
     assert warped.get_data_dtype() == np.uint8
     a, b = np.asarray(warped.dataobj) > 0, np.asarray(tpl.mask.dataobj) > 0
