@@ -53,3 +53,12 @@ def make_bids_dataset(root: Path, layout: dict[str, list[str]]) -> Path:
             prefix = "_".join(p for p in (f"sub-{subject}", session) if p)
             write_phantom_t1w(folder / f"{prefix}_T1w.nii.gz", seed=index)
     return root
+
+
+#: A real but quick chain for tests of execution mechanics (not of the algorithms):
+#: no template registration and no NL-means, GMM tissue classes.
+QUICK_CHAIN = [
+    "--set", "registration.enabled=false",
+    "--set", "denoise.method=none",
+    "--set", "segmentation.method=gmm",
+]  # fmt: skip

@@ -14,16 +14,10 @@ import pytest
 
 from mriflow.cli.run import main
 from mriflow.config import load_config
-from tests.helpers import copy_layout, make_bids_dataset
+from tests.helpers import QUICK_CHAIN, copy_layout, make_bids_dataset
 
-# CLI mechanics on phantoms: a light chain (no MNI registration of an ellipsoid)
-LIGHT = [
-    "--set", "registration.enabled=false",
-    "--set", "skull_strip.method=none",
-    "--set", "denoise.method=none",
-    "--set", "segmentation.method=gmm",
-]  # fmt: skip
-FAST = ["--voxel-size", "2", "--nprocs", "2", *LIGHT]
+# CLI mechanics on phantoms: the quick chain, and no brain extraction of an ellipsoid
+FAST = ["--voxel-size", "2", "--nprocs", "2", *QUICK_CHAIN, "--set", "skull_strip.method=none"]
 
 
 def _error_line(capsys) -> str:

@@ -10,6 +10,7 @@ import pytest
 
 from mriflow.cli.run import main
 from tests.conftest import REPO_ROOT
+from tests.helpers import QUICK_CHAIN
 
 DICOM = REPO_ROOT / "bids_examples" / "sourcedata" / "sub-01"
 
@@ -28,7 +29,8 @@ def test_convert_then_participant_end_to_end(tmp_path):
     assert np.array_equal(np.asanyarray(converted.dataobj), np.asanyarray(reference.dataobj))
 
     out = tmp_path / "out"
-    code = main([str(bids_dir), str(out), "participant", "-w", str(tmp_path / "work"), "-q"])
+    args = [str(bids_dir), str(out), "participant", "-w", str(tmp_path / "work"), "-q"]
+    code = main([*args, "--voxel-size", "2", *QUICK_CHAIN])  # the full chain: test_example
     assert code == 0
     preproc = out / "sub-01" / "anat" / "sub-01_acq-tfl_desc-preproc_T1w.nii.gz"
     assert nib.aff2axcodes(nib.load(preproc).affine) == ("R", "A", "S")

@@ -1,7 +1,13 @@
-"""The README's main job: the participant level on the bundled real-T1w example."""
+"""The README's main job: participant + group levels on the bundled real-T1w example.
+
+One run of the default configuration (module fixture) is checked against the
+acceptance of every step: spatial, anatomical core, tissues and intensities, ML
+export, QC reports and provenance.
+"""
 
 from __future__ import annotations
 
+import csv
 import json
 
 import nibabel as nib
@@ -18,14 +24,29 @@ T1W = [
     "sub-02/ses-hfs/anat/sub-02_ses-hfs_T1w.nii.gz",
     "sub-02/ses-hfdl/anat/sub-02_ses-hfdl_T1w.nii.gz",
 ]
+SPACE = "space-MNI152NLin2009aSym"
+
+
+def _derivative(out, raw_rel: str, entities: str, suffix: str = "T1w", ext: str = ".nii.gz"):
+    stem = raw_rel[: -len("_T1w.nii.gz")]
+    return out / f"{stem}_{entities}_{suffix}{ext}" if entities else out / f"{stem}_{suffix}{ext}"
+
+
+def _sidecar(path):
+    name = path.name
+    for ext in (".nii.gz", ".h5"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+    return json.loads(path.with_name(name + ".json").read_text())
 
 
 @pytest.fixture(scope="module")
 def example_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("example")
-    out = tmp / "out"
-    code = main([str(EXAMPLE), str(out), "participant", "-w", str(tmp / "work"), "-q"])
-    return code, out
+    out, work = tmp / "out", tmp / "work"
+    code = main([str(EXAMPLE), str(out), "participant", "-w", str(work), "-q"])
+    group_code = main([str(EXAMPLE), str(out), "group", "-w", str(work), "-q"])
+    return code, group_code, out
 
 
 def test_bundled_example_is_small_real_bids():
@@ -40,32 +61,115 @@ def test_bundled_example_is_small_real_bids():
 
 
 @pytest.mark.slow
-def test_participant_level_on_bundled_example(example_run):
-    code, out = example_run
+def test_participant_level_writes_native_derivatives(example_run):
+    code, _, out = example_run
     assert code == 0
     for rel in T1W:
-        preproc = out / rel.replace("_T1w.nii.gz", "_desc-preproc_T1w.nii.gz")
+        preproc = _derivative(out, rel, "desc-preproc")
         img = nib.load(preproc)
         assert nib.aff2axcodes(img.affine) == ("R", "A", "S"), preproc
         assert np.allclose(img.header.get_zooms()[:3], 1.0), preproc
-        sidecar = json.loads(preproc.with_name(preproc.name[:-7] + ".json").read_text())
+        sidecar = _sidecar(preproc)
         assert sidecar["Sources"][0] == f"bids:raw:{rel}"
-        assert "SkullStripped" in sidecar
+        assert sidecar["SkullStripped"] is False
+        assert [s["Name"] for s in sidecar["Steps"]] == ["denoise", "conform", "n4"]
+
+        mask = nib.load(_derivative(out, rel, "desc-brain", "mask"))
+        mask_data = np.asanyarray(mask.dataobj)
+        assert mask.shape == img.shape and np.allclose(mask.affine, img.affine)
+        assert set(np.unique(mask_data).tolist()) == {0, 1}
+        volume_ml = mask_data.sum() * np.prod(mask.header.get_zooms()[:3]) / 1000
+        assert 900 < volume_ml < 1900, (rel, volume_ml)
+        assert _sidecar(_derivative(out, rel, "desc-brain", "mask"))["Sources"][1].startswith(
+            "bids::"
+        )
+
+        dseg = np.asanyarray(nib.load(_derivative(out, rel, "", "dseg")).dataobj)
+        assert set(np.unique(dseg).tolist()) <= {0, 1, 2, 3}
+        assert np.all(dseg[mask_data == 0] == 0)
+        for label in ("CSF", "GM", "WM"):
+            assert _derivative(out, rel, f"label-{label}", "probseg").is_file()
+        norm = np.asanyarray(nib.load(_derivative(out, rel, "desc-norm")).dataobj)
+        inside = norm[mask_data > 0]
+        assert abs(inside.mean()) < 0.05 and abs(inside.std() - 1) < 0.05  # z-score default
+        assert np.all(norm[mask_data == 0] == 0)
+    assert (out / "dseg.tsv").read_text().splitlines()[1:] == ["1\tGM", "2\tWM", "3\tCSF"]
     assert json.loads((out / "dataset_description.json").read_text())["DatasetType"] == "derivative"
     assert load_config(out / "mriflow_config.toml").spatial.voxel_size == 1.0
 
 
 @pytest.mark.slow
+def test_participant_level_writes_template_space_and_transforms(example_run):
+    _, _, out = example_run
+    template_mask = None
+    for rel in T1W:
+        std = nib.load(_derivative(out, rel, f"{SPACE}_desc-preproc"))
+        std_mask = nib.load(_derivative(out, rel, f"{SPACE}_desc-brain", "mask"))
+        assert std.shape == std_mask.shape == (197, 233, 189)  # the 1 mm template grid
+        for direction in ("from-T1w_to-MNI152NLin2009aSym", "from-MNI152NLin2009aSym_to-T1w"):
+            xfm = _derivative(out, rel, f"{direction}_mode-image", "xfm", ".h5")
+            assert xfm.stat().st_size > 1000
+        if template_mask is None:
+            from mriflow.image.template import load_template
+
+            template_mask = np.asanyarray(load_template(1).mask.dataobj) > 0
+        warped = np.asanyarray(std_mask.dataobj) > 0
+        dice = 2 * (warped & template_mask).sum() / (warped.sum() + template_mask.sum())
+        assert dice > 0.85, (rel, dice)
+        assert _derivative(out, rel, f"{SPACE}", "dseg").is_file()
+
+
+@pytest.mark.slow
+def test_model_ready_volumes_slices_and_manifest(example_run):
+    _, group_code, out = example_run
+    assert group_code == 0
+    shape = tuple(load_config(out / "mriflow_config.toml").export.target_shape)
+    for rel in T1W:
+        model = nib.load(_derivative(out, rel, f"{SPACE}_desc-model"))
+        model_mask = nib.load(_derivative(out, rel, f"{SPACE}_desc-model", "mask"))
+        assert model.shape == model_mask.shape == shape
+        assert np.allclose(model.affine, model_mask.affine)
+        index = next((out / rel.split("/anat/")[0] / "slices").glob("*_slices.csv"))
+        rows = list(csv.DictReader(index.open()))
+        assert rows, index
+        for row in rows:
+            assert (index.parent / row["file"]).is_file()
+            assert float(row["brain_fraction"]) >= 0.05
+    splits = {row["participant_id"]: row["split"] for row in csv.DictReader(
+        (out / "splits.tsv").open(), delimiter="\t")}  # fmt: skip
+    assert sorted(splits) == ["sub-01", "sub-02"]
+    manifest = json.loads((out / "dataset.json").read_text())
+    entries = [e for name in ("training", "validation", "test") for e in manifest.get(name, [])]
+    assert len(entries) == 3  # three T1w images; sub-02's two sessions share one split
+    for entry in entries:
+        image = nib.load(out / entry["image"])
+        assert image.shape == shape
+        assert np.asanyarray(nib.load(out / entry["mask"]).dataobj).shape == shape
+        assert splits[entry["participant_id"]] == entry["split"]
+
+
+@pytest.mark.slow
+def test_reports_metrics_and_provenance(example_run):
+    _, _, out = example_run
+    for subject in ("sub-01", "sub-02"):
+        html = (out / f"{subject}.html").read_text()
+        assert "<img" in html
+        prov = json.loads((out / "provenance" / f"{subject}_prov.jsonld").read_text())
+        assert "@context" in prov or "@graph" in prov
+    metrics = json.loads((out / "sub-01" / "anat" / "sub-01_desc-qc_metrics.json").read_text())
+    assert metrics
+    assert (out / "group.html").is_file()
+
+
+@pytest.mark.slow
 def test_two_patient_positions_give_the_same_head_in_ras(example_run):
     """HFS and HFDL are one head lying differently: after conforming, both are RAS+ and
-    the head's extent along each world axis is alike (the scanner frame follows the table)."""
-    _, out = example_run
-    extents = []
+    their brain volumes agree (the DICOM patient frame follows the head)."""
+    _, _, out = example_run
+    volumes = []
     for session in ("hfs", "hfdl"):
-        img = nib.load(
-            out / f"sub-02/ses-{session}/anat/sub-02_ses-{session}_desc-preproc_T1w.nii.gz"
+        mask = nib.load(
+            out / f"sub-02/ses-{session}/anat/sub-02_ses-{session}_desc-brain_mask.nii.gz"
         )
-        data = np.asanyarray(img.dataobj)
-        head = np.argwhere(data > np.percentile(data, 75))
-        extents.append(head.max(0) - head.min(0))
-    assert np.all(np.abs(extents[0] - extents[1]) < 0.25 * np.maximum(extents[0], extents[1]))
+        volumes.append(np.asanyarray(mask.dataobj).sum())
+    assert abs(volumes[0] - volumes[1]) < 0.1 * max(volumes)

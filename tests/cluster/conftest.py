@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT
+from tests.helpers import QUICK_CHAIN
 
 EXAMPLE = REPO_ROOT / "bids_examples"
-# 2 mm voxels keep every run of the two example subjects short
-RUN_OPTIONS = ["--voxel-size", "2"]
+# 2 mm voxels and the quick chain (real brain extraction, N4, tissues, reports; no
+# registration) keep the many runs of the two example subjects short
+RUN_OPTIONS = ["--voxel-size", "2", *QUICK_CHAIN]
 RUN_TIMEOUT = 900
 
 
