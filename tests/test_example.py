@@ -149,6 +149,23 @@ def test_model_ready_volumes_slices_and_manifest(example_run):
 
 
 @pytest.mark.slow
+def test_group_fits_nyul_on_training_subjects_only(example_run):
+    _, _, out = example_run
+    splits = dict(line.split("\t") for line in (out / "splits.tsv").read_text().splitlines()[1:])
+    standard = json.loads((out / "nyul_standard.json").read_text())
+    fitted_subjects = {name.split("_")[0] for name in standard["subjects"]}
+    assert fitted_subjects == {s for s, split in splits.items() if split == "train"}
+    for rel in T1W:
+        nyul = _derivative(out, rel, "desc-nyul")
+        data = np.asanyarray(nib.load(nyul).dataobj)
+        mask = np.asanyarray(nib.load(_derivative(out, rel, "desc-brain", "mask")).dataobj) > 0
+        assert np.all(data[~mask] == 0)
+        low, high = np.percentile(data[mask], [1, 99])
+        # every image's own landmarks land on the standard scale
+        assert abs(low - standard["landmarks"][0]) < 1 and abs(high - standard["landmarks"][-1]) < 1
+
+
+@pytest.mark.slow
 def test_reports_metrics_and_provenance(example_run):
     _, _, out = example_run
     for subject in ("sub-01", "sub-02"):

@@ -296,6 +296,7 @@ BIDSIGNORE = (
     "dataset_slices.csv",
     "group_*",
     "mriflow_config.toml",
+    "nyul_standard.json",
 )
 
 

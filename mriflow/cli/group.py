@@ -51,6 +51,68 @@ def find_model_ready(out_dir: Path, subjects: list[str]) -> list:
     return entries
 
 
+def fit_and_apply_nyul(
+    out_dir: Path, subjects: list[str], training: list[str], config: Config
+) -> list[str]:
+    """Fit the Nyúl standard on the training subjects only, apply it to every subject.
+
+    Fitting on every image (as intensity-normalization's batch helper does) would
+    leak the validation and test histograms into the training data.
+    """
+    import nibabel as nib
+    import numpy as np
+
+    from mriflow.bids.derivatives import atomic_write, atomic_write_json, bids_uri
+    from mriflow.image.intensity import apply_nyul, fit_nyul
+    from mriflow.interfaces.base import step_record
+
+    pairs = []
+    for subject in subjects:
+        for preproc in sorted((out_dir / subject).rglob("*_desc-preproc_T1w.nii.gz")):
+            if "space-" in preproc.name:
+                continue
+            mask = preproc.with_name(preproc.name.replace("_desc-preproc_T1w", "_desc-brain_mask"))
+            if mask.is_file():
+                pairs.append((subject, preproc, mask))
+    fit_pairs = [p for p in pairs if p[0] in training]
+    if not fit_pairs:
+        return ["  Nyul: no native desc-preproc_T1w with a brain mask: not fitted"]
+
+    def load(path):
+        return np.asanyarray(nib.load(path).dataobj, dtype=np.float64)
+
+    standard = fit_nyul(
+        [load(p) for _, p, _ in fit_pairs],
+        [load(m) > 0 for _, _, m in fit_pairs],
+        percentiles=config.intensity.nyul_percentiles,
+        subjects=[p.name for _, p, _ in fit_pairs],
+    )
+    standard_path = out_dir / "nyul_standard.json"
+    atomic_write_json(standard_path, standard.to_dict())
+    step = step_record("nyul", {**standard.to_dict(), "StandardFile": standard_path.name})
+    for _, preproc, mask in pairs:
+        img = nib.load(preproc)
+        out = apply_nyul(load(preproc), load(mask) > 0, standard).astype(np.float32)
+        target = preproc.with_name(preproc.name.replace("_desc-preproc_", "_desc-nyul_"))
+        result = nib.Nifti1Image(out, img.affine, img.header)
+        result.set_data_dtype(np.float32)
+        atomic_write(target, lambda tmp, result=result: nib.save(result, str(tmp)))
+        relative = [p.relative_to(out_dir).as_posix() for p in (preproc, mask)]
+        atomic_write_json(
+            target.with_name(target.name.replace(".nii.gz", ".json")),
+            {
+                "Sources": [bids_uri(r, "") for r in relative]
+                + [bids_uri("nyul_standard.json", "")],
+                "SkullStripped": True,
+                "Steps": [step],
+            },
+        )
+    return [
+        f"  Nyul: fitted on {len(fit_pairs)} training image(s) -> {standard_path.name}; "
+        f"applied to {len(pairs)} image(s) (desc-nyul_T1w)"
+    ]
+
+
 def run_group(
     *,
     bids_dir: Path,
@@ -102,6 +164,9 @@ def run_group(
         raise UsageError(str(err)) from None
     tsv, _ = write_splits(splits, out_dir / "splits.tsv", out_dir / "splits.json")
     lines = [f"mriflow group: {len(subjects)} subject(s); splits {splits.counts()} -> {tsv.name}"]
+
+    training = [s for s in subjects if splits.split.get(s) == "train"] or subjects
+    lines += fit_and_apply_nyul(out_dir, subjects, training, config)
 
     entries = find_model_ready(out_dir, subjects)
     if entries:

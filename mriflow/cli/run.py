@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     conf.add_argument("--voxel-size", type=float, help="isotropic voxel size in mm")
     conf.add_argument("--seed", type=int, help="seed of every random step")
     conf.add_argument(
+        "--nyul-landmarks",
+        type=Path,
+        help="apply this Nyul standard (nyul_standard.json of a group run) as the normalization",
+    )
+    conf.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -109,6 +114,11 @@ def resolve_config(args: argparse.Namespace) -> Config:
         for key, value in flags.items():
             if value is not None:
                 config.set(key, value)
+        if args.nyul_landmarks:
+            if not args.nyul_landmarks.is_file():
+                raise ConfigError(f"--nyul-landmarks {args.nyul_landmarks}: file not found")
+            config.set("intensity.method", "nyul")
+            config.set("intensity.nyul_landmarks_file", str(args.nyul_landmarks.resolve()))
         if args.plugin_args:
             config.set("execution.plugin_args", _parse_plugin_args(args.plugin_args))
         for override in args.overrides:
