@@ -157,7 +157,8 @@ class SplitConfig:
 
 @dataclass
 class ExecutionConfig:
-    """How the workflow runs; none of it changes the outputs."""
+    """How the workflow runs. Only ``omp_nthreads`` can change outputs (ITK steps are
+    not bit-reproducible across thread counts; see docs/parallel.md)."""
 
     nprocs: int = 0
     """Processes for MultiProc (0: all cores)."""

@@ -216,7 +216,9 @@ def init_anat_preproc_wf(
         std_mask = _apply(config, "std_mask", "nearest")
         steps += [register, std_preproc, std_mask]
         workflow.connect([
-            (skullstrip, register, [("out_file", "in_file"), ("out_mask", "mask_file")]),
+            # the extracted brain is the moving image; a moving-mask metric adds nothing
+            # and antspyx's mask argument breaks its 3D call (seen: 2x2 spacing, exit 1)
+            (skullstrip, register, [("out_file", "in_file")]),
             (register, first_fwd, [("forward_transforms", "inlist")]),
             (register, first_rev, [("reverse_transforms", "inlist")]),
             (first_fwd, outputnode, [("out", "xfm_fwd")]),
