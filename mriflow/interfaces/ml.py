@@ -105,7 +105,7 @@ class ExportSlices(SimpleInterface):
         export = export_slices(
             load_image(self.inputs.in_file),
             out_dir,
-            Path(stem_path).name,
+            Path(stem_path).name[: -len(f"_{suffix}")],  # the slice names end in the suffix
             subject=entities["subject"],
             session=entities.get("session"),
             space=self.inputs.space,
