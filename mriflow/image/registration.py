@@ -228,8 +228,10 @@ def register(
     output_reference : nibabel image, optional
         Grid of ``warped``; fixed's by default.
     random_seed : int
-        Seed of the metric's random sampling (results repeat exactly for a
-        given seed and thread count).
+        Seed of the metric's random sampling. Results repeat exactly for a
+        given seed when ITK runs one thread; with more threads the metric's
+        partial sums are added in a varying order and transforms differ by
+        about 0.02 mm between runs.
     num_threads : int
         ITK threads. antspyx's ITK reads the thread count once per process,
         at its first use, so this is effective when the registration is the
