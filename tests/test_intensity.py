@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.tissue_data import T1_INTENSITY, T2_INTENSITY, tissue_phantom
 
 from mriflow.image import intensity as I  # noqa: E741
+from tests.tissue_data import T1_INTENSITY, T2_INTENSITY, tissue_phantom
 
 # --------------------------------------------------------------------------- phantoms
 

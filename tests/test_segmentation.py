@@ -8,9 +8,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from tests.tissue_data import T1_INTENSITY, T2_INTENSITY, load_t1, tissue_phantom
 
 from mriflow.image import segmentation as S
+from tests.tissue_data import T1_INTENSITY, T2_INTENSITY, load_t1, tissue_phantom
 
 LABEL = S.DSEG_LABELS
 
