@@ -183,8 +183,12 @@ def _published(workflow_dir: Path, subject: str, since: float) -> bool:
     """Whether the subject's publishing node ran in this run (it reruns every time)."""
     from mriflow.workflows.base import subject_workflow_name
 
-    result = workflow_dir / subject_workflow_name(subject) / "publish" / "result_publish.pklz"
-    return result.is_file() and result.stat().st_mtime >= since - 1
+    subject_dir = workflow_dir / subject_workflow_name(subject)
+    result = subject_dir / "publish" / "result_publish.pklz"
+    # the report runs after publishing (its own job under graph plugins); a rerun
+    # keeps its result when the published files did not change
+    report = subject_dir / "report" / "result_report.pklz"
+    return result.is_file() and result.stat().st_mtime >= since - 1 and report.is_file()
 
 
 def subject_failures(crash_dir: Path) -> dict[str, str]:

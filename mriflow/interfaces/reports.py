@@ -21,7 +21,9 @@ log = logging.getLogger("mriflow")
 class _SubjectReportInputSpec(BaseInterfaceInputSpec):
     out_dir = traits.Str(mandatory=True, desc="the derivatives dataset")
     subject = traits.Str(mandatory=True, desc="subject label without 'sub-'")
-    published = InputMultiObject(traits.Str, desc="published files (orders the node after them)")
+    published = InputMultiObject(
+        File(exists=True), desc="published files: the report reruns when their content changes"
+    )
     work_dir = traits.Str(desc="Nipype work folder, for run times per step")
     template = File(exists=True, desc="template image of the standard space")
     template_mask = File(exists=True, desc="its brain mask")
