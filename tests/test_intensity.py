@@ -358,7 +358,7 @@ def test_interfaces_normalize_and_fit_nyul(tmp_path):
 
 @pytest.fixture(scope="module")
 def real_t1(data_dir):
-    from tissue_data import load_t1
+    from tests.tissue_data import load_t1
 
     data, mask, _ = load_t1(data_dir, "T1_head")
     return data.astype(np.float32).astype(np.float64), mask

@@ -8,6 +8,7 @@ an interrupted run never leaves a half-written file under its final name.
 from __future__ import annotations
 
 import csv
+import filecmp
 import io
 import json
 import os
@@ -252,7 +253,18 @@ def atomic_write_table(
 
 
 def atomic_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
-    """Copy ``src`` to ``dst`` so that ``dst`` is either absent, old, or complete."""
+    """Copy ``src`` to ``dst`` so that ``dst`` is either absent, old, or complete.
+
+    A ``dst`` that already holds the same bytes is left untouched (see
+    :func:`atomic_write_bytes`).
+    """
+    dst = Path(dst)
+    if (
+        dst.is_file()
+        and os.stat(src).st_size == dst.stat().st_size
+        and filecmp.cmp(src, dst, shallow=False)
+    ):
+        return dst
     return atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 

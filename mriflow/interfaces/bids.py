@@ -152,18 +152,10 @@ class PublishDerivatives(SimpleInterface):
         published = []
         for staged in _flatten(self.inputs.in_files):
             target = out_dir / staged_relpath(staged)
-            if not _same_content(staged, target):
-                atomic_copy(staged, target)
+            atomic_copy(staged, target)  # leaves identical files untouched
             published.append(str(target))
         self._results["out_files"] = published
         return runtime
-
-
-def _same_content(a: str | Path, b: str | Path) -> bool:
-    b = Path(b)
-    if not b.is_file() or Path(a).stat().st_size != b.stat().st_size:
-        return False
-    return filecmp.cmp(a, b, shallow=False)
 
 
 def _flatten(items) -> list[str]:

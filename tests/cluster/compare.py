@@ -40,7 +40,9 @@ def output_files(root: Path) -> dict[str, Path]:
 
 def _check_report(path: Path) -> None:
     text = path.read_text()
-    assert "<img" in text and "</html>" in text.lower(), f"{path}: not a complete report"
+    assert "</html>" in text.lower(), f"{path}: not a complete report"
+    # a failed subject's report shows its error instead of figures
+    assert "<img" in text or 'class="err">ERROR: ' in text, f"{path}: no figures, no error"
 
 
 def differences(expected_root: Path, actual_root: Path) -> list[str]:
