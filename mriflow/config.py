@@ -22,6 +22,8 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 import tomli_w
 
+from mriflow.image.intensity import IntensityMethod
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -85,19 +87,7 @@ class RegistrationConfig:
 
 @dataclass
 class IntensityConfig:
-    method: Literal[
-        "zscore",
-        "minmax",
-        "percentile",
-        "whitestripe",
-        "fcm",
-        "binning",
-        "histeq",
-        "rmshe",
-        "clahe",
-        "nyul",
-        "none",
-    ] = "zscore"
+    method: IntensityMethod = "zscore"
     minmax_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
     percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
     percentile_clip: bool = True

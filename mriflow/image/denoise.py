@@ -43,6 +43,9 @@ def denoise(
         Magnitude MR images have Rician noise; used by ``ants`` only.
     mask : nibabel image or array, optional
         Denoise only inside (``ants``); outside voxels are returned unchanged.
+        Default for ``ants``: the head (:func:`mriflow.image.bias.foreground_mask`),
+        as denoising the air around it costs most of the time and changes nothing
+        downstream.
     num_threads : int
         ITK threads for ``ants`` (see :func:`mriflow.image._itk.itk_threads`).
 
@@ -70,6 +73,10 @@ def denoise(
     if method == "none":
         return new_like(data, img.affine, img)
     zeros = data == 0
+    if method == "ants" and mask_arr is None:
+        from mriflow.image.bias import foreground_mask
+
+        mask_arr = foreground_mask(data)
     if method == "ants":
         out = _ants_nlm(data, img, noise_model, mask_arr, num_threads)
     else:

@@ -30,12 +30,13 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
 __all__ = [
     "METHODS",
+    "IntensityMethod",
     "NyulStandard",
     "apply_nyul",
     "bin_intensities",
@@ -53,7 +54,7 @@ __all__ = [
     "zscore",
 ]
 
-METHODS = (
+IntensityMethod = Literal[
     "zscore",
     "minmax",
     "percentile",
@@ -65,7 +66,8 @@ METHODS = (
     "clahe",
     "nyul",
     "none",
-)
+]
+METHODS: tuple[str, ...] = get_args(IntensityMethod)
 
 CONTRASTS = ("T1w", "T2w", "FLAIR", "PDw")
 

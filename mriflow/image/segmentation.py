@@ -425,6 +425,13 @@ def segment_atropos(
     return _assemble(in_mask, mask, parameters)
 
 
+def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+    ijk = np.argwhere(mask)
+    low = np.maximum(ijk.min(axis=0) - margin, 0)
+    high = np.minimum(ijk.max(axis=0) + margin + 1, mask.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(low, high, strict=True))
+
+
 def _run_atropos(
     clamped: np.ndarray,
     mask: np.ndarray,
@@ -444,15 +451,18 @@ def _run_atropos(
         img.set_spacing(spacing)
         return img
 
-    image = to_ants(clamped)
-    ants_mask = to_ants(mask.astype(np.float32))
+    # Atropos walks the whole grid; the brain's bounding box (plus the MRF
+    # neighbourhood) gives the same result in a third of the time at 1 mm.
+    box = _bounding_box(mask, margin=mrf_radius + 1)
+    image = to_ants(clamped[box])
+    ants_mask = to_ants(mask[box].astype(np.float32))
     radius = "x".join([str(int(mrf_radius))] * 3)
     if prior_maps is not None:
         ordered = []
         for name in TISSUES:
             full = np.zeros(mask.shape, dtype=np.float32)
             full[mask] = prior_maps[name]
-            ordered.append(to_ants(full))
+            ordered.append(to_ants(full[box]))
         init: Any = ordered
         class_names: tuple[str, ...] = TISSUES  # with priors, classes follow their order
     else:
@@ -481,7 +491,11 @@ def _run_atropos(
                 os.environ.pop("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", None)
             else:
                 os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = previous
-        probabilities = [p.numpy().astype(np.float64) for p in result["probabilityimages"]]
+        probabilities = []
+        for cropped in result["probabilityimages"]:
+            full = np.zeros(mask.shape, dtype=np.float64)
+            full[box] = cropped.numpy()
+            probabilities.append(full)
     if len(probabilities) != 3:
         raise RuntimeError(f"Atropos returned {len(probabilities)} probability maps, expected 3")
     return dict(zip(class_names, probabilities, strict=True)), class_names

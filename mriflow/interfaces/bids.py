@@ -8,7 +8,6 @@ succeeded, so a failed subject leaves nothing half-written in the output folder.
 
 from __future__ import annotations
 
-import filecmp
 import os
 import shutil
 from pathlib import Path
