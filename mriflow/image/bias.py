@@ -101,7 +101,7 @@ def n4_bias_correct(
     *,
     shrink_factor: int = 4,
     iterations: Sequence[int] = (50, 50, 50, 50),
-    convergence_threshold: float = 1e-7,
+    convergence_threshold: float = 1e-3,
     spline_distance_mm: float = 200.0,
     num_threads: int = 1,
 ) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:

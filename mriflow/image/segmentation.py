@@ -341,7 +341,7 @@ def segment_atropos(
     prior_weight: float = 0.25,
     mrf_weight: float = 0.2,
     mrf_radius: int = 1,
-    n_iterations: int = 5,
+    n_iterations: int = 3,
     clip_percentiles: Sequence[float] = (1.0, 99.0),
     outlier_fence: float | None = 4.0,
     spacing: Sequence[float] | None = None,

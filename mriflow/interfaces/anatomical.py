@@ -109,7 +109,7 @@ class _N4InputSpec(BaseInterfaceInputSpec):
     iterations = traits.List(
         traits.Int, value=[50, 50, 50, 50], usedefault=True, desc="iterations per level"
     )
-    convergence_threshold = traits.Float(1e-7, usedefault=True)
+    convergence_threshold = traits.Float(1e-3, usedefault=True)
     spline_distance_mm = traits.Float(200.0, usedefault=True, desc="B-spline knot spacing")
     num_threads = traits.Int(1, usedefault=True, desc="SimpleITK threads")
 

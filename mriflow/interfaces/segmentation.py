@@ -40,6 +40,7 @@ class _TissueSegmentationInputSpec(BaseInterfaceInputSpec):
     use_priors = traits.Bool(True, usedefault=True, desc="use the priors when given")
     prior_weight = traits.Float(desc="weight of the priors (method default when unset)")
     mrf_weight = traits.Float(0.3, usedefault=True, desc="Atropos MRF smoothing factor")
+    n_iterations = traits.Int(3, usedefault=True, desc="Atropos EM iterations")
     clip_percentiles = traits.Tuple(
         (1.0, 99.0), traits.Float, traits.Float, usedefault=True, desc="robust intensity window"
     )
@@ -100,6 +101,7 @@ class TissueSegmentation(SimpleInterface):
             params["prior_weight"] = self.inputs.prior_weight
         if self.inputs.method == "atropos":
             params["mrf_weight"] = self.inputs.mrf_weight
+            params["n_iterations"] = self.inputs.n_iterations
             params["spacing"] = tuple(float(z) for z in img.header.get_zooms()[:3])
             software = ["antspyx"]
         else:

@@ -277,6 +277,7 @@ def init_anat_preproc_wf(
                 use_priors=seg.use_priors and registered,
                 prior_weight=seg.prior_weight,
                 mrf_weight=seg.mrf_weight,
+                n_iterations=seg.n_iterations,
                 clip_percentiles=tuple(seg.clip_percentiles),
                 seed=config.seed,
             ),
