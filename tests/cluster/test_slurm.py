@@ -1,4 +1,5 @@
-"""End to end through a real Slurm: two subjects via Nipype's SLURM plugin.
+"""End to end through a real Slurm: two subjects via Nipype's SLURM plugin, and a
+failing subject via SLURMGraph.
 
 Needs a running Slurm (CI starts a one-node cluster with
 ``bash tests/cluster/setup_slurm.sh``). Skipped outside CI when Slurm is not
@@ -77,18 +78,17 @@ def slurm_cluster() -> dict[str, str]:
     return slurm_config()
 
 
-@pytest.fixture(scope="module", params=["SLURM", "SLURMGraph"])
-def slurm_run(request, slurm_cluster, tmp_path_factory):
-    """The two example subjects through ``--plugin SLURM`` or ``SLURMGraph``.
+@pytest.fixture(scope="module")
+def slurm_run(slurm_cluster, tmp_path_factory):
+    """The two example subjects through ``--plugin SLURM``.
 
-    SLURM submits one job per node as it becomes ready and polls squeue;
-    SLURMGraph submits the whole graph at once with job dependencies (mriflow
-    then waits for the subjects to be published). Every job of this run is
-    found in the job completion log by its working directory (the run's own
-    temporary folder); SLURM jobs also carry a unique tag, the plugin's
-    ``$LOGNAME`` suffix of the job name.
+    SLURM submits one job per node as it becomes ready and polls squeue. Every
+    job of this run is found in the job completion log by its working directory
+    (the run's own temporary folder) and by a unique tag, the plugin's
+    ``$LOGNAME`` suffix of the job name. (SLURMGraph, which submits the whole
+    graph at once with job dependencies, runs in the failing-subject test.)
     """
-    plugin = request.param
+    plugin = "SLURM"
     tag = f"mriflowtest{uuid.uuid4().hex[:10]}"
     # a unique folder: it identifies this run's jobs in a log that outlives /tmp
     tmp = tmp_path_factory.mktemp(plugin.lower()) / tag
@@ -128,12 +128,12 @@ def _our_jobs(log: Path, cwd: Path, expected: int) -> list[dict[str, str]]:
 
 
 def test_jobs_ran_in_slurm(slurm_cluster, slurm_run):
-    plugin, work, tag = slurm_run["plugin"], slurm_run["work"], slurm_run["tag"]
+    work, tag = slurm_run["work"], slurm_run["tag"]
     nodes = _node_dirs(work)
     subjects = {part for rel in nodes for part in rel.split("/") if part.startswith("sub_")}
     assert subjects == {"sub_01_wf", "sub_02_wf"}, sorted(nodes)
-    # SLURM submits the nodes not marked run_without_submitting; SLURMGraph submits all
-    expected = sorted(rel for rel, local in nodes.items() if plugin == "SLURMGraph" or not local)
+    # SLURM submits the nodes not marked run_without_submitting
+    expected = sorted(rel for rel, local in nodes.items() if not local)
     assert expected
     for rel in expected:
         assert list((work / rel).glob("result_*.pklz")), f"{rel} has no result"
@@ -145,8 +145,7 @@ def test_jobs_ran_in_slurm(slurm_cluster, slurm_run):
         for p in batch.glob("slurm-*.out")
         if (m := re.fullmatch(r"slurm-(\d+)\.out", p.name))
     }
-    if plugin == "SLURM":
-        assert len(job_ids) == len(expected), f"{len(job_ids)} job files in {batch}"
+    assert len(job_ids) == len(expected), f"{len(job_ids)} job files in {batch}"
 
     if slurm_cluster.get("JobCompType") != "jobcomp/filetxt":
         pytest.skip(
@@ -157,16 +156,11 @@ def test_jobs_ran_in_slurm(slurm_cluster, slurm_run):
     for job in ours:
         assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", job
         assert job["TimeLimit"] == TIME_LIMIT, f"--plugin-args did not reach sbatch: {job}"
-    if plugin == "SLURM":
-        assert {int(job["JobId"]) for job in ours} == job_ids
-        # job name = node.workflows...mriflow_wf.$LOGNAME: reversed, the node's folder
-        assert all(job["Name"].endswith("." + tag) for job in ours)
-        ran = sorted("/".join(job["Name"].split(".")[:-1][::-1]) for job in ours)
-        assert ran == expected
-    else:
-        # SLURMGraph names jobs j<index>_<node name>
-        ran = sorted(job["Name"].split("_", 1)[1] for job in ours)
-        assert ran == sorted(rel.rsplit("/", 1)[-1] for rel in expected)
+    assert {int(job["JobId"]) for job in ours} == job_ids
+    # job name = node.workflows...mriflow_wf.$LOGNAME: reversed, the node's folder
+    assert all(job["Name"].endswith("." + tag) for job in ours)
+    ran = sorted("/".join(job["Name"].split(".")[:-1][::-1]) for job in ours)
+    assert ran == expected
 
 
 def test_slurm_outputs_equal_multiproc(slurm_run, request):
@@ -181,8 +175,13 @@ def test_failed_subject_in_slurmgraph_ends_the_wait(slurm_cluster, tmp_path, req
     other subject, and leaves none of the failed subject's jobs waiting in the queue."""
     tmp_path = tmp_path / uuid.uuid4().hex  # unique, as the queue is matched by folder
     tmp_path.mkdir()
+    # sub-01 and a broken copy of it, sub-03 (sub-02's two sessions would only add time)
     bids = copy_layout(EXAMPLE, tmp_path / "bids")
-    broken = bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
+    shutil.rmtree(bids / "sub-02")
+    shutil.copytree(bids / "sub-01", bids / "sub-03")
+    for path in list((bids / "sub-03").rglob("sub-01_*")):
+        path.rename(path.with_name(path.name.replace("sub-01_", "sub-03_")))
+    broken = bids / "sub-03" / "anat" / "sub-03_T1w.nii.gz"
     broken.write_bytes(broken.read_bytes()[:5000])  # truncated gzip
     out, work = tmp_path / "out", tmp_path / "work"
     cmd = mriflow_command(out, work, "--plugin", "SLURMGraph")
@@ -191,15 +190,27 @@ def test_failed_subject_in_slurmgraph_ends_the_wait(slurm_cluster, tmp_path, req
         cmd, cwd=tmp_path, env=mriflow_env(), capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "sub-01  FAILED" in result.stdout and "not a readable image" in result.stdout
-    assert "sub-02  ok" in result.stdout
-    assert not (out / "sub-01").exists()
+    assert "sub-03  FAILED" in result.stdout and "not a readable image" in result.stdout
+    assert "sub-01  ok" in result.stdout
+    assert not (out / "sub-03").exists()
 
     reference = request.getfixturevalue("multiproc_reference")
-    # sub-02 as in the full run (the dataset description names another raw folder here)
-    problems = [p for p in differences(reference, out) if "sub-02" in p]
-    assert (out / "sub-02").is_dir()
+    # sub-01 as in the full run; its provenance record names another raw folder here
+    problems = [p for p in differences(reference, out) if "sub-01" in p and "_prov.jsonld" not in p]
+    assert (out / "sub-01").is_dir()
     assert not problems, problems
+
+    # SLURMGraph submitted every node of both subjects; sub-01's all completed
+    nodes = _node_dirs(work)
+    good = sorted(rel.rsplit("/", 1)[-1] for rel in nodes if "/sub_01_wf/" in f"/{rel}/")
+    assert good and any("/sub_03_wf/" in f"/{rel}/" for rel in nodes), sorted(nodes)
+    if slurm_cluster.get("JobCompType") == "jobcomp/filetxt":
+        log = Path(slurm_cluster["JobCompLoc"])
+        jobs = _our_jobs(log, tmp_path, len(good) + 1)
+        completed = [job["Name"].split("_", 1)[1] for job in jobs if job["JobState"] == "COMPLETED"]
+        # SLURMGraph names jobs j<index>_<node name>; sub-03 fails at its first node
+        assert sorted(completed) == good
+        assert any(job["JobState"] == "FAILED" for job in jobs), jobs
 
     deadline = time.monotonic() + 30
     while True:
