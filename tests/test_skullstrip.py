@@ -130,6 +130,10 @@ def test_template_backend_on_real_heads(data_dir, name):
     result = skull_strip(img, method="template", random_seed=42)
     _assert_one_piece_without_holes(result.mask)
     assert 1000 <= _volume_ml(result.mask) <= 1800
+    if deepbet_available():  # the two backends agree on where the brain is
+        reference = skull_strip(img, method="deepbet").mask
+        overlap = _dice(np.asarray(result.mask.dataobj) > 0, np.asarray(reference.dataobj) > 0)
+        assert overlap >= 0.85, overlap
 
 
 def test_skull_strip_validates():

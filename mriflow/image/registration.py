@@ -31,10 +31,12 @@ is Mattes mutual information throughout, so T2w and T1w inputs both work):
     outputs may still be written on the 1 mm template grid; the warp field is
     then 2 mm-smooth, which is finer than the SyN regularisation (3 voxels).
 ``precise``
-    metric on the **1 mm** template grid; rigid, then affine, at 8/4/2/1 mm, then SyN
-    with 100x70x50x10 iterations at 8/4/2/1 mm. Several minutes on 2 cores.
+    metric on the **1 mm** template grid (smoothed and shrunk by ANTs per level);
+    rigid, then affine, at 8/4/2 mm, then SyN with 100x70x40 iterations at 8/4/2 mm:
+    the 2 mm level runs to convergence instead of 10 iterations.
 ``coarse``
-    (used by the template skull-strip backend) as ``fast`` but SyN stops at 4 mm.
+    (used by the template skull-strip backend) as ``fast``, but a similarity
+    transform (rigid + isotropic scale) replaces the affine and SyN stops at 4 mm.
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ class _Preset:
     linear: _Stage
     syn: _Stage
     rigid_first: bool
+    linear_type: str = "Affine"
     syn_gradient_step: float = 0.1
     sampling_rate: float = 0.25
     convergence_threshold: float = 1e-6
@@ -98,19 +101,25 @@ PRESETS: dict[str, _Preset] = {
         rigid_first=False,
         syn=_Stage((100, 70, 10), (4, 2, 1), (2, 1, 0)),
     ),
-    # Coarse SyN (8 and 4 mm levels) for brain extraction, where a 2 mm-accurate
-    # mask boundary is refined from the intensities afterwards.
+    # For brain extraction of a whole head against the pseudo-head: a similarity
+    # (rigid + one scale) instead of a full affine, whose anisotropic scales and
+    # shears over-stretched the template into the orbits and skull base (measured:
+    # Dice with deepbet 0.83 -> 0.93 on a 1 mm N4-corrected head), then SyN at
+    # 8 and 4 mm only (a 2 mm level did not improve the mask).
     "coarse": _Preset(
         template_resolution=2,
         linear=_Stage((1000, 500), (4, 2), (2, 1)),
         syn=_Stage((100, 50), (4, 2), (2, 1)),
         rigid_first=False,
+        linear_type="Similarity",
     ),
     "precise": _Preset(
         template_resolution=1,
-        linear=_Stage((1000, 500, 250, 100), (8, 4, 2, 1), (3, 2, 1, 0)),
+        # No 1 mm level: with SyN 100x70x50x10 at 8/4/2/1 mm it took 490 CPU-s and
+        # 3.6 GB for the same overlap as one default ANTs SyN (Dice 0.989 vs 0.988).
+        linear=_Stage((1000, 500, 250), (8, 4, 2), (3, 2, 1)),
         rigid_first=True,
-        syn=_Stage((100, 70, 50, 10), (8, 4, 2, 1), (3, 2, 1, 0)),
+        syn=_Stage((100, 70, 40), (8, 4, 2), (3, 2, 1)),
     ),
 }
 
@@ -277,7 +286,7 @@ def register(
         if transform == "rigid" or spec.rigid_first:
             stages.append(("Rigid", spec.linear))
         if transform in ("affine", "syn"):
-            stages.append(("Affine", spec.linear))
+            stages.append((spec.linear_type, spec.linear))
         if transform == "syn":
             stages.append(("SyN", spec.syn))
         args: list[object] = [

@@ -12,25 +12,21 @@ Backends
     Atlas-based, torch-free, in the spirit of antsBrainExtraction.sh. The embedded
     template is brain-only, and an unmasked whole-head registration to it squeezes
     the head into the brain (measured: a 2.6 l "brain"). So the subject's head is
-    registered (affine + coarse SyN at 8 and 4 mm, Mattes MI, fixed seed) to a
+    registered (similarity + coarse SyN at 8 and 4 mm, Mattes MI, fixed seed) to a
     *pseudo-head* built from the 2 mm template: the brain, then concentric shells
     standing in for the CSF rim (0-2 mm, dark), the skull (2-8 mm, darker) and
     the scalp (8-14 mm, bright), with the metric restricted to 20 mm around the
-    brain. Mutual information needs only that these layers exist, not their exact
-    intensities, so T2w heads work too. The template brain mask is pulled back
-    to the subject with the inverse transform (linear interpolation, so it is a
-    probability) and refined: thresholded at 0.5, opened with a 2 mm ball to cut
-    thin bridges to the dura or eyes, reduced to its largest component, closed
-    with a 2 mm ball, and holes filled. About 20-45 s on 2 cores.
-
-    **Limitation (measured).** Dice 0.963 against the SPM avg152 brain mask, and
-    0.967 against deepbet on the raw 1.6 mm ``T1_head``; but on the same head
-    resampled to 1 mm, denoised and N4-corrected (the workflow's input) the mask
-    came out too large (1956 ml against deepbet's 1490 ml, Dice 0.83): the
-    affine stage settled on an over-scaled template, and variants tried (neck
-    cut, zeroed air, shells above the skull base only, a second brain-to-brain
-    pass, CC-metric SyN, an intensity refinement) did not fix it robustly. Use
-    deepbet (the default when installed) where masks matter.
+    brain. The linear stage is a similarity transform (rigid + one scale): a
+    full affine's anisotropic scales stretched the template into the orbits and
+    skull base on some heads (Dice with deepbet 0.83 instead of 0.93). Mutual
+    information needs only that the layers exist, not their exact intensities,
+    so T2w heads work too. The template brain mask is pulled back to the subject
+    with the inverse transform (linear interpolation, so it is a probability)
+    and refined: thresholded at 0.5, opened with a 2 mm ball to cut thin
+    bridges to the dura or eyes, reduced to its largest component, closed with a
+    2 mm ball, and holes filled. About 20-45 s on 2 cores. It is less exact than
+    deepbet (Dice 0.90-0.95 against deepbet's masks on real heads; see
+    docs/anatomical.md); prefer deepbet where it is installed.
 ``none``
     The input is taken to be brain-only: the mask is its nonzero support.
 

@@ -204,7 +204,7 @@ class SkullStrip(SimpleInterface):
         elif result.method == "template":
             parameters.update(
                 template="MNI152NLin2009aSym (pseudo-head, 2 mm)",
-                registration="affine + SyN (8, 4 mm), Mattes MI",
+                registration="similarity + SyN (8, 4 mm), Mattes MI",
                 random_seed=inputs.random_seed,
             )
             software = ["antspyx"]
