@@ -259,11 +259,7 @@ def atomic_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Pat
     :func:`atomic_write_bytes`).
     """
     dst = Path(dst)
-    if (
-        dst.is_file()
-        and os.stat(src).st_size == dst.stat().st_size
-        and filecmp.cmp(src, dst, shallow=False)
-    ):
+    if dst.is_file() and filecmp.cmp(src, dst, shallow=False):  # sizes first, then bytes
         return dst
     return atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 

@@ -23,8 +23,9 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from mriflow.image._itk import affine_to_itk, new_like
+from mriflow.image.masks import finite_values, largest_component
 
-__all__ = ["n4_bias_correct", "head_mask", "foreground_mask"]
+__all__ = ["n4_bias_correct", "head_mask"]
 
 
 def head_mask(data: np.ndarray) -> np.ndarray:
@@ -32,7 +33,7 @@ def head_mask(data: np.ndarray) -> np.ndarray:
 
     On T1w images with bright fat the Otsu threshold falls between tissues, so this
     keeps the bright tissue rather than the whole head (N4 fits its field there);
-    :func:`foreground_mask` finds the whole head.
+    :func:`mriflow.image.masks.foreground_mask` finds the whole head.
 
     Parameters
     ----------
@@ -45,42 +46,7 @@ def head_mask(data: np.ndarray) -> np.ndarray:
     """
     from skimage.filters import threshold_otsu
 
-    values = _finite_values(data)
-    return _largest_piece_filled(data > threshold_otsu(values))
-
-
-def foreground_mask(data: np.ndarray, dilate_voxels: int = 2) -> np.ndarray:
-    """The whole head (or brain) against the air around it.
-
-    Otsu's threshold on log intensities separates air noise from tissue even when
-    the tissue histogram has a long bright tail; the largest piece is kept, its
-    holes filled, and it is dilated by ``dilate_voxels`` to keep the scalp edge.
-    """
-    from skimage.filters import threshold_otsu
-
-    values = _finite_values(data)
-    shift = values.min()
-    threshold = np.expm1(threshold_otsu(np.log1p(values - shift))) + shift
-    mask = _largest_piece_filled(data > threshold)
-    if dilate_voxels > 0:
-        mask = ndi.binary_dilation(mask, iterations=int(dilate_voxels))
-    return mask
-
-
-def _finite_values(data: np.ndarray) -> np.ndarray:
-    values = data[np.isfinite(data)]
-    if values.size == 0 or values.max() <= values.min():
-        raise ValueError("image is constant or empty: no foreground to find")
-    return values
-
-
-def _largest_piece_filled(foreground: np.ndarray) -> np.ndarray:
-    labels, n = ndi.label(foreground)
-    if n > 1:
-        sizes = np.bincount(labels.ravel())
-        sizes[0] = 0
-        foreground = labels == sizes.argmax()
-    return ndi.binary_fill_holes(foreground)
+    return ndi.binary_fill_holes(largest_component(data > threshold_otsu(finite_values(data))))
 
 
 def _sitk_image(data: np.ndarray, affine: np.ndarray):  # -> sitk.Image

@@ -19,6 +19,7 @@ import nibabel as nib
 import numpy as np
 
 from mriflow.image._itk import itk_threads, new_like, to_ants
+from mriflow.image.masks import foreground_mask
 
 __all__ = ["DENOISE_METHODS", "denoise"]
 
@@ -43,7 +44,7 @@ def denoise(
         Magnitude MR images have Rician noise; used by ``ants`` only.
     mask : nibabel image or array, optional
         Denoise only inside (``ants``); outside voxels are returned unchanged.
-        Default for ``ants``: the head (:func:`mriflow.image.bias.foreground_mask`),
+        Default for ``ants``: the head (:func:`mriflow.image.masks.foreground_mask`),
         as denoising the air around it costs most of the time and changes nothing
         downstream.
     num_threads : int
@@ -73,11 +74,9 @@ def denoise(
     if method == "none":
         return new_like(data, img.affine, img)
     zeros = data == 0
-    if method == "ants" and mask_arr is None:
-        from mriflow.image.bias import foreground_mask
-
-        mask_arr = foreground_mask(data)
     if method == "ants":
+        if mask_arr is None:
+            mask_arr = foreground_mask(data)
         out = _ants_nlm(data, img, noise_model, mask_arr, num_threads)
     else:
         out = _skimage_nlm(data)

@@ -30,6 +30,8 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy import stats as sstats
 
+from mriflow.image.masks import bounding_box, largest_component
+
 __all__ = [
     "DIETRICH_FACTOR",
     "MAD_NORMAL",
@@ -314,22 +316,10 @@ def summary_stats(
 # --------------------------------------------------------------------------------------
 
 
-def _bbox(mask: np.ndarray, pad: int) -> tuple[slice, ...]:
-    """Bounding box of ``mask`` grown by ``pad`` voxels (clipped to the array)."""
-    if not mask.any():
-        return tuple(slice(0, 0) for _ in mask.shape)
-    box = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        present = np.flatnonzero(np.any(mask, axis=other))
-        box.append(slice(max(0, present[0] - pad), min(mask.shape[axis], present[-1] + pad + 1)))
-    return tuple(box)
-
-
 def _erode(mask: np.ndarray, structure: np.ndarray, iterations: int = 1) -> np.ndarray:
     """Binary erosion computed in the mask's bounding box only (same result, less work)."""
     out = np.zeros(mask.shape, bool)
-    box = _bbox(mask, 1)
+    box = bounding_box(mask, 1)
     out[box] = ndi.binary_erosion(mask[box], structure=structure, iterations=iterations)
     return out
 
@@ -340,18 +330,9 @@ def _dilate(mask: np.ndarray, structure: np.ndarray, iterations: int = 1) -> np.
     Voxels the growth would push past the array's edge are cut, as scipy does.
     """
     out = np.zeros(mask.shape, bool)
-    box = _bbox(mask, iterations)
+    box = bounding_box(mask, iterations)
     out[box] = ndi.binary_dilation(mask[box], structure=structure, iterations=iterations)
     return out
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    labels, count = ndi.label(mask)
-    if count <= 1:
-        return mask.astype(bool)
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)
-    sizes[0] = 0
-    return labels == int(np.argmax(sizes))
 
 
 def estimate_head_mask(
@@ -393,13 +374,13 @@ def estimate_head_mask(
     clipped = np.minimum(smooth, np.percentile(smooth, 99.5))
     head = smooth > threshold_otsu(clipped)
     # closing = dilation then erosion; in a box padded so the dilation never hits its edge
-    box = _bbox(head, 3)
+    box = bounding_box(head, 3)
     padded = np.pad(head[box], 2)
     closed = ndi.binary_closing(padded, ndi.generate_binary_structure(3, 1), iterations=2)
     head = np.zeros(head.shape, bool)
     head[box] = closed[2:-2, 2:-2, 2:-2]
     head = ndi.binary_fill_holes(head)
-    head = _largest_component(head)
+    head = largest_component(head)
     if brain_mask is not None:
         head |= np.asarray(brain_mask, bool)
     return head

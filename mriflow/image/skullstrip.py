@@ -53,6 +53,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from mriflow.image._itk import new_like
+from mriflow.image.masks import largest_component
 from mriflow.image.registration import apply_transforms, register
 from mriflow.image.template import load_template
 
@@ -107,15 +108,6 @@ def deepbet_available() -> bool:
 
 def _voxel_ml(img: nib.spatialimages.SpatialImage) -> float:
     return float(abs(np.linalg.det(img.affine[:3, :3]))) / 1000.0
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    labels, n = ndi.label(mask)
-    if n <= 1:
-        return mask.astype(bool)
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == sizes.argmax()
 
 
 def is_skull_stripped(img: nib.spatialimages.SpatialImage) -> bool:
@@ -190,7 +182,7 @@ def clean_mask(
         opened = ndi.binary_opening(mask, structure=ball)
         if opened.any():
             mask = opened
-    mask = _largest_component(mask)
+    mask = largest_component(mask)
     if smooth_mm > 0:
         pad = max(ball.shape)
         padded = np.pad(mask, pad)
