@@ -52,6 +52,11 @@ class DenoiseConfig:
     method: Literal["ants", "skimage", "none"] = "ants"
     """ANTs non-local means (Rician, as sMRIPrep), scikit-image NL-means, or off."""
     noise_model: Literal["Rician", "Gaussian"] = "Rician"
+    patch_radius: int = 1
+    """ANTs NLM patch radius in voxels (DenoiseImage's -p)."""
+    search_radius: int = 1
+    """ANTs NLM search radius in voxels; DenoiseImage's default is 2, which was slower
+    and no better on 1 mm phantoms (docs/anatomical.md)."""
     order: Literal["before_n4", "after_n4"] = "before_n4"
     """sMRIPrep denoises before N4."""
 

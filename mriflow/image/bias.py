@@ -25,7 +25,7 @@ from scipy import ndimage as ndi
 from mriflow.image._itk import affine_to_itk, new_like
 from mriflow.image.masks import finite_values, largest_component
 
-__all__ = ["n4_bias_correct", "head_mask"]
+__all__ = ["n4_bias_correct", "head_mask", "remove_bias_field"]
 
 
 def head_mask(data: np.ndarray) -> np.ndarray:
@@ -156,3 +156,27 @@ def n4_bias_correct(
     field = np.exp(sitk.GetArrayFromImage(log_field).transpose(2, 1, 0)).astype(np.float32)
     corrected = (data / field).astype(np.float32)
     return new_like(corrected, img.affine, img), new_like(field, img.affine, img)
+
+
+def remove_bias_field(
+    img: nib.spatialimages.SpatialImage, bias_field: nib.spatialimages.SpatialImage
+) -> nib.Nifti1Image:
+    """Divide an image by a bias field that N4 fitted on another image of the same grid.
+
+    Lets the field be fitted on the raw image while a denoised copy is made
+    alongside, and then removed from that copy.
+
+    Returns
+    -------
+    nibabel.Nifti1Image
+        float32, ``img / bias_field``, ``img``'s header.
+    """
+    if img.shape != bias_field.shape or not np.allclose(img.affine, bias_field.affine, atol=1e-4):
+        raise ValueError(
+            f"bias field grid {bias_field.shape} differs from the image grid {img.shape}"
+        )
+    field = bias_field.get_fdata(dtype=np.float32)
+    if not (np.isfinite(field).all() and field.min() > 0):
+        raise ValueError("bias field must be finite and positive everywhere")
+    corrected = img.get_fdata(dtype=np.float32) / field
+    return new_like(corrected.astype(np.float32), img.affine, img)

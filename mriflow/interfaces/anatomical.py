@@ -33,6 +33,7 @@ from mriflow.interfaces.base import step_record
 __all__ = [
     "Denoise",
     "N4BiasFieldCorrection",
+    "RemoveBiasField",
     "SkullStrip",
     "RegisterToTemplate",
     "ApplyTransforms",
@@ -64,6 +65,8 @@ class _DenoiseInputSpec(BaseInterfaceInputSpec):
     mask_file = File(exists=True, desc="denoise only inside this mask (ants)")
     method = traits.Enum("ants", "skimage", "none", usedefault=True, desc="NLM backend")
     noise_model = traits.Enum("Rician", "Gaussian", usedefault=True, desc="ants noise model")
+    patch_radius = traits.Int(1, usedefault=True, desc="ants patch radius (voxels)")
+    search_radius = traits.Int(1, usedefault=True, desc="ants search radius (voxels)")
     num_threads = traits.Int(1, usedefault=True, desc="ITK threads")
 
 
@@ -88,13 +91,19 @@ class Denoise(SimpleInterface):
             method=inputs.method,
             noise_model=inputs.noise_model,
             mask=_optional_image(inputs.mask_file),
+            patch_radius=inputs.patch_radius,
+            search_radius=inputs.search_radius,
             num_threads=inputs.num_threads,
         )
         self._results["out_file"] = _save(out, runtime.cwd, inputs.in_file, "denoised")
         software = {"ants": ["antspyx"], "skimage": ["scikit-image"], "none": []}[inputs.method]
         parameters = {"method": inputs.method}
         if inputs.method == "ants":
-            parameters["noise_model"] = inputs.noise_model
+            parameters.update(
+                noise_model=inputs.noise_model,
+                patch_radius=inputs.patch_radius,
+                search_radius=inputs.search_radius,
+            )
         if inputs.method == "skimage":
             parameters.update(patch_size=5, patch_distance=6, h="0.8 * estimated sigma")
         self._results["step"] = step_record("denoise", parameters, software)
@@ -150,6 +159,30 @@ class N4BiasFieldCorrection(SimpleInterface):
             "mask": "given" if isdefined(inputs.mask_file) else "Otsu head mask",
         }
         self._results["step"] = step_record("n4", parameters, ["SimpleITK"])
+        return runtime
+
+
+class _RemoveBiasFieldInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="image on the field's grid")
+    bias_field = File(exists=True, mandatory=True, desc="multiplicative field from N4")
+
+
+class _RemoveBiasFieldOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="in_file / bias_field (float32)")
+
+
+class RemoveBiasField(SimpleInterface):
+    """Divide by a kept N4 field (:func:`mriflow.image.bias.remove_bias_field`)."""
+
+    input_spec = _RemoveBiasFieldInputSpec
+    output_spec = _RemoveBiasFieldOutputSpec
+
+    def _run_interface(self, runtime):
+        from mriflow.image.bias import remove_bias_field
+
+        img = load_image(self.inputs.in_file)
+        out = remove_bias_field(img, load_image(self.inputs.bias_field))
+        self._results["out_file"] = _save(out, runtime.cwd, self.inputs.in_file, "n4")
         return runtime
 
 
@@ -221,6 +254,9 @@ class _RegisterInputSpec(BaseInterfaceInputSpec):
     template_resolution = traits.Enum(1, 2, usedefault=True, desc="output grid (mm)")
     random_seed = traits.Int(42, usedefault=True)
     num_threads = traits.Int(1, usedefault=True, desc="ITK threads")
+    write_warped = traits.Bool(
+        True, usedefault=True, desc="also write in_file resampled into template space"
+    )
 
 
 class _RegisterOutputSpec(TraitedSpec):
@@ -257,10 +293,12 @@ class RegisterToTemplate(SimpleInterface):
             output_resolution=int(inputs.template_resolution),
             random_seed=inputs.random_seed,
             num_threads=inputs.num_threads,
+            compute_warped=inputs.write_warped,
         )
-        self._results["out_file"] = _save(
-            result.warped, runtime.cwd, inputs.in_file, f"space-{TEMPLATE_SPACE}"
-        )
+        if result.warped is not None:
+            self._results["out_file"] = _save(
+                result.warped, runtime.cwd, inputs.in_file, f"space-{TEMPLATE_SPACE}"
+            )
         self._results["forward_transforms"] = [str(p) for p in result.forward_transforms]
         self._results["reverse_transforms"] = [str(p) for p in result.reverse_transforms]
         self._results["template"] = TEMPLATE_SPACE

@@ -13,6 +13,7 @@ from mriflow.interfaces.anatomical import (
     Denoise,
     N4BiasFieldCorrection,
     RegisterToTemplate,
+    RemoveBiasField,
     SkullStrip,
     TemplateTissuePriors,
 )
@@ -65,6 +66,12 @@ def init_anat_preproc_wf(
     intensity normalization -> model-ready fixed-shape MNI volume and its 2D slices.
     Other contrasts (T2w, FLAIR): denoise, conform, N4 only.
 
+    N4 fits its field on the conformed image before denoising, and skull stripping
+    and registration take that corrected image, so they run while the image is being
+    denoised; the published ``preproc`` (and everything derived from its
+    intensities: segmentation, normalization, MNI-space images) is the denoised,
+    conformed image divided by the same field.
+
     Parameters
     ----------
     config : Config
@@ -112,18 +119,23 @@ def init_anat_preproc_wf(
     outputnode = pe.Node(
         niu.IdentityInterface(fields=[*anat_output_fields(contrast), "steps"]), name="outputnode"
     )
-    conform = pe.Node(
-        Conform(
-            voxel_size=config.spatial.voxel_size,
-            interpolation=config.spatial.image_interpolation,
-            reorient=config.spatial.reorient,
-        ),
-        name="conform",
-    )
+    def conform_node(name: str) -> pe.Node:
+        return pe.Node(
+            Conform(
+                voxel_size=config.spatial.voxel_size,
+                interpolation=config.spatial.image_interpolation,
+                reorient=config.spatial.reorient,
+            ),
+            name=name,
+        )
+
+    conform = conform_node("conform")
     denoise = pe.Node(
         Denoise(
             method=config.denoise.method,
             noise_model=config.denoise.noise_model,
+            patch_radius=config.denoise.patch_radius,
+            search_radius=config.denoise.search_radius,
             num_threads=threads,
         ),
         name="denoise",
@@ -142,28 +154,34 @@ def init_anat_preproc_wf(
         n_procs=threads,
         mem_gb=1.0,
     )
+    # N4 fits its field on the conformed raw image, and skull stripping and
+    # registration run on that corrected image, so none of them waits for the
+    # denoising; the denoised image (the published preproc) gets the same field.
+    workflow.connect([
+        (inputnode, conform, [("in_file", "in_file")]),
+        (conform, n4, [("out_file", "in_file")]),
+        (n4, outputnode, [("bias_field", "bias_field")]),
+    ])  # fmt:skip
     if config.denoise.order == "before_n4":
         # As sMRIPrep: denoise the raw grid, before conforming. Noise is still
         # independent between voxels there, and an anisotropic scan has several
         # times fewer voxels than its 1 mm resampling.
         steps = [denoise, conform, n4]
+        conform_denoised = conform_node("conform_denoised")
+        remove_bias = pe.Node(RemoveBiasField(), name="remove_bias_field", mem_gb=1.0)
         workflow.connect([
             (inputnode, denoise, [("in_file", "in_file")]),
-            (denoise, conform, [("out_file", "in_file")]),
-            (conform, n4, [("out_file", "in_file")]),
-            (n4, outputnode, [("out_file", "preproc")]),
+            (denoise, conform_denoised, [("out_file", "in_file")]),
+            (conform_denoised, remove_bias, [("out_file", "in_file")]),
+            (n4, remove_bias, [("bias_field", "bias_field")]),
         ])  # fmt:skip
-        preproc_source = (n4, "out_file")
+        preproc_source = (remove_bias, "out_file")
     else:
         steps = [conform, n4, denoise]
-        workflow.connect([
-            (inputnode, conform, [("in_file", "in_file")]),
-            (conform, n4, [("out_file", "in_file")]),
-            (n4, denoise, [("out_file", "in_file")]),
-            (denoise, outputnode, [("out_file", "preproc")]),
-        ])  # fmt:skip
+        workflow.connect(n4, "out_file", denoise, "in_file")
         preproc_source = (denoise, "out_file")
-    workflow.connect(n4, "bias_field", outputnode, "bias_field")
+    workflow.connect(preproc_source[0], preproc_source[1], outputnode, "preproc")
+    corrected_source = (n4, "out_file")
 
     if not is_t1w:
         outputnode.inputs.preproc_metadata = {"SkullStripped": False}
@@ -191,7 +209,7 @@ def init_anat_preproc_wf(
     )
     steps.append(skullstrip)
     workflow.connect([
-        (preproc_source[0], skullstrip, [(preproc_source[1], "in_file")]),
+        (corrected_source[0], skullstrip, [(corrected_source[1], "in_file")]),
         (skullstrip, preproc_meta, [("skull_stripped", "skull_stripped")]),
         (preproc_meta, outputnode, [("meta", "preproc_metadata")]),
         (skullstrip, outputnode, [("out_mask", "brain_mask")]),
@@ -205,6 +223,7 @@ def init_anat_preproc_wf(
                 template_resolution=config.registration.template_resolution,
                 random_seed=config.seed,
                 num_threads=threads,
+                write_warped=False,
             ),
             name="register",
             n_procs=threads,
@@ -306,7 +325,8 @@ def init_anat_preproc_wf(
             steps.append(priors)
             workflow.connect([
                 (register, priors, [("reverse_transforms", "reverse_transforms")]),
-                (preproc_source[0], priors, [(preproc_source[1], "reference_file")]),
+                # any image on the native grid: N4's comes before the denoised one
+                (corrected_source[0], priors, [(corrected_source[1], "reference_file")]),
                 (priors, segment, [
                     ("gm_prior", "gm_prior"), ("wm_prior", "wm_prior"), ("csf_prior", "csf_prior"),
                 ]),
