@@ -3,14 +3,18 @@
 Usage::
 
     PYTHONPATH=. python benchmarks/bench_run.py [--data ../shared/data] [--omp 1,2]
+        [--configs default,chain]
 
-Input: ``anat/T1_head`` (1.6 mm) resampled to 1 mm (175x245x221), as the only T1w of
-a one-subject BIDS dataset. For each ``--omp-nthreads`` value, ``mriflow BIDS OUT
-participant --nprocs 2`` runs from a cold work dir with the default config (denoise,
+Input: ``anat/T1_head`` (1.6 mm) resampled to 1 mm (167x240x213), as the only T1w of
+a one-subject BIDS dataset. ``mriflow BIDS OUT participant --nprocs 2`` runs from a
+cold work dir for each ``--omp-nthreads`` value and each config: ``default`` (denoise,
 conform, N4, deepbet, fast SyN to MNI, Atropos with priors, z-score, model-ready
-volume, slices, report). Printed: wall time and peak memory of the whole process tree
+volume, slices, report) and ``chain``, the steps issue #4 times (the default without
+segmentation, intensity normalization and slices; the model-ready volume and the
+report still run). Printed: wall time and peak memory of the whole process tree
 (CLI and workers, sampled every 0.1 s), then each step's own run time from Nipype's
-node reports.
+node reports (steps overlap: N4, skull stripping and registration run while the
+image is denoised).
 
 The anchor, in a fresh process with 2 ITK threads on the same image: ANTs N4
 (antspyx defaults) plus one default ``ants.registration(type_of_transform="SyN")``
@@ -35,7 +39,10 @@ from bench_parallel import run  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 # the steps issue #4 times (reorient/resample are the "conform" step)
-CORE_STEPS = ("denoise", "conform", "n4", "skull_strip", "register", "std_preproc", "std_mask")
+CORE_STEPS = (
+    "denoise", "conform", "conform_denoised", "n4", "remove_bias_field", "skull_strip",
+    "register", "std_preproc", "std_mask",
+)  # fmt: skip
 
 
 def make_dataset(data: Path, root: Path) -> Path:
@@ -100,10 +107,19 @@ def extracted_brain(out: Path, tmp: Path) -> Path:
     return path
 
 
+# The chain issue #4 times: the default config without the later issues' steps
+# (tissue segmentation, intensity normalization, 2D slices); the model-ready volume
+# and the QC report still run.
+CHAIN_ONLY = ("segmentation.method=none", "intensity.method=none", "export.slices=false")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
-    parser.add_argument("--omp", default="1,2", help="--omp-nthreads values to run")
+    parser.add_argument("--omp", default="1", help="--omp-nthreads values to run, e.g. 1,2")
+    parser.add_argument(
+        "--configs", default="default,chain", help="default (whole run) and/or chain (issue #4)"
+    )
     args = parser.parse_args()
     if not (args.data / "anat" / "T1_head.nii.gz").is_file():
         print(f"test data not found under {args.data}", file=sys.stderr)
@@ -112,27 +128,34 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="mriflow-bench-run-") as tmp_name:
         tmp = Path(tmp_name)
         bids = make_dataset(args.data, tmp / "bids")
+        shape = "x".join(str(n) for n in nib_shape(bids))
         runs = {}
-        for omp in (int(v) for v in args.omp.split(",")):
-            case = tmp / f"omp{omp}"
-            cmd = [
-                sys.executable, "-m", "mriflow.cli.run", str(bids), str(case / "out"),
-                "participant", "-w", str(case / "work"), "--nprocs", "2",
-                "--omp-nthreads", str(omp), "-q",
-            ]  # fmt: skip
-            measured = run(cmd, tmp)
-            runs[omp] = {**measured, "steps": node_times(case / "work")}
-            print(f"  --omp-nthreads {omp}: {measured['wall']:.1f} s", file=sys.stderr)
+        for config in args.configs.split(","):
+            for omp in (int(v) for v in args.omp.split(",")):
+                label = f"{config} omp{omp}"
+                case = tmp / label.replace(" ", "_")
+                cmd = [
+                    sys.executable, "-m", "mriflow.cli.run", str(bids), str(case / "out"),
+                    "participant", "-w", str(case / "work"), "--nprocs", "2",
+                    "--omp-nthreads", str(omp), "-q",
+                ]  # fmt: skip
+                if config == "chain":
+                    for setting in CHAIN_ONLY:
+                        cmd += ["--set", setting]
+                measured = run(cmd, tmp)
+                runs[label] = {**measured, "steps": node_times(case / "work"), "out": case / "out"}
+                print(f"  {label}: {measured['wall']:.1f} s", file=sys.stderr)
         first = next(iter(runs))
-        brain = extracted_brain(tmp / f"omp{first}" / "out", tmp)
+        brain = extracted_brain(runs[first]["out"], tmp)
         t1 = bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
         ref = anchor(t1, brain, threads=2)
 
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"machine: {os.cpu_count()} CPUs, load average {load} at the end")
-    print("input: T1_head resampled to 1 mm (175x245x221); --nprocs 2; default config\n")
-    omps = list(runs)
-    header = f"{'':<36}" + "".join(f"{'omp ' + str(o):>12}" for o in omps)
+    print(f"input: T1_head resampled to 1 mm ({shape}); --nprocs 2")
+    print(f"chain = default config with --set {' --set '.join(CHAIN_ONLY)}\n")
+    labels = list(runs)
+    header = f"{'step (node run time, s)':<36}" + "".join(f"{label:>16}" for label in labels)
     print(header)
     print("-" * len(header))
     steps = sorted(
@@ -142,30 +165,29 @@ def main() -> int:
     for step in steps:
         if runs[first]["steps"].get(step, 0) < 1.0:
             continue
-        label = f"  {step}" + (" *" if step in CORE_STEPS else "")
-        print(f"{label:<36}" + "".join(f"{r['steps'].get(step, 0):>12.1f}" for r in runs.values()))
-    core = {o: sum(r["steps"].get(s, 0) for s in CORE_STEPS) for o, r in runs.items()}
-    print(
-        f"{'  sum of * steps (issue #4 list) s':<36}" + "".join(f"{core[o]:>12.1f}" for o in omps)
+        name = f"  {step}" + (" *" if step in CORE_STEPS else "")
+        print(f"{name:<36}" + "".join(f"{r['steps'].get(step, 0):>16.1f}" for r in runs.values()))
+    rows = (
+        ("wall time of the run, s", "wall", ".1f"),
+        ("peak RSS of the process tree, GB", "tree_gb", ".2f"),
+        ("largest process, GB", "largest_gb", ".2f"),
     )
-    print(f"{'whole run, wall s':<36}" + "".join(f"{r['wall']:>12.1f}" for r in runs.values()))
-    print(
-        f"{'whole run, peak tree RSS GB':<36}"
-        + "".join(f"{r['tree_gb']:>12.2f}" for r in runs.values())
-    )
-    print(
-        f"{'whole run, largest process GB':<36}"
-        + "".join(f"{r['largest_gb']:>12.2f}" for r in runs.values())
-    )
+    for title, key, fmt in rows:
+        print(f"{title:<36}" + "".join(f"{format(r[key], fmt):>16}" for r in runs.values()))
     total = ref["n4"] + ref["syn"]
     print(
         f"\nanchor (2 ITK threads): ANTs N4 {ref['n4']:.1f} s"
         f" + ANTs SyN to 1 mm {ref['syn']:.1f} s = {total:.1f} s"
     )
-    for omp, r in runs.items():
-        print(f"whole run / anchor, omp {omp}: {r['wall'] / total:.2f}; "
-              f"issue #4 steps / anchor: {core[omp] / total:.2f}")  # fmt: skip
+    for label, r in runs.items():
+        print(f"{label}: wall / anchor {r['wall'] / total:.2f}")
     return 0
+
+
+def nib_shape(bids: Path) -> tuple[int, ...]:
+    import nibabel as nib
+
+    return nib.load(bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz").shape
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mriflow.config import N4Config
-from mriflow.image.bias import head_mask, n4_bias_correct
+from mriflow.image.bias import head_mask, n4_bias_correct, remove_bias_field
 
 
 def _phantom(rng, n=96, voxel=2.0):
@@ -88,3 +88,25 @@ def test_n4_validates_parameters(rng, kwargs, message):
     img, *_ = _phantom(rng, n=16, voxel=8.0)
     with pytest.raises(ValueError, match=message):
         n4_bias_correct(img, **kwargs)
+
+
+def test_field_fitted_on_the_raw_image_corrects_a_smoothed_copy(rng):
+    """The workflow fits N4 on the raw image and removes that field from the denoised one."""
+    from scipy import ndimage as ndi
+
+    img, field, wm, _ = _phantom(rng, n=64, voxel=3.0)
+    _, bias = n4_bias_correct(img, iterations=[20, 20, 20])
+    smoothed = ndi.gaussian_filter(img.get_fdata(dtype=np.float32), 0.7)
+    copy = nib.Nifti1Image(smoothed, img.affine)
+    corrected = remove_bias_field(copy, bias)
+    assert corrected.get_data_dtype() == np.float32
+    out = corrected.get_fdata()
+    assert _cv(out[wm]) <= 0.5 * _cv(smoothed[wm])
+    assert np.allclose(out * bias.get_fdata(), smoothed, rtol=1e-4, atol=1e-3)
+
+    shifted = nib.Nifti1Image(smoothed[1:], img.affine)
+    with pytest.raises(ValueError, match="grid"):
+        remove_bias_field(shifted, bias)
+    zero = nib.Nifti1Image(np.zeros(img.shape, np.float32), img.affine)
+    with pytest.raises(ValueError, match="positive"):
+        remove_bias_field(copy, zero)

@@ -53,3 +53,17 @@ def test_anat_preproc_wf_runs_inside_a_user_workflow(tmp_path):
     steps = nodes["user_wf.count"].result.outputs.steps
     assert [s["Name"] for s in steps][:3] == ["denoise", "conform", "n4"]
     assert steps[1]["Parameters"]["voxel_size_mm"] == 3.0
+
+
+def test_skull_strip_and_registration_do_not_wait_for_denoising():
+    """Denoising runs beside N4, skull stripping and registration (a second core's work)."""
+    import networkx as nx
+
+    graph = init_anat_preproc_wf(config=Config())._create_flat_graph()
+    by_name = {node.name: node for node in graph.nodes()}
+    after_denoise = nx.descendants(graph, by_name["denoise"])
+    for name in ("n4", "skull_strip", "register", "template_priors"):
+        assert by_name[name] not in after_denoise, name
+    # what is published still comes from the denoised image
+    assert by_name["remove_bias_field"] in after_denoise
+    assert by_name["segment"] in after_denoise
