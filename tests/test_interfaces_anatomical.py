@@ -43,7 +43,7 @@ def test_denoise_and_n4_write_into_cwd(tmp_path, monkeypatch):
     in_file = _phantom(tmp_path / "sub-01_T1w.nii.gz")
     den = Denoise(in_file=str(in_file), method="ants").run()
     assert Path(den.outputs.out_file).parent == tmp_path
-    assert Path(den.outputs.out_file).name == "sub-01_T1w_denoised.nii.gz"
+    assert Path(den.outputs.out_file).name == "sub-01_T1w_denoised.nii"
     _check_step(den, "denoise")
     assert den.outputs.step["Parameters"] == {
         "method": "ants", "noise_model": "Rician", "patch_radius": 1, "search_radius": 1

@@ -160,7 +160,7 @@ def test_interface_writes_dseg_probseg_and_table(tmp_path):
     dseg = nib.load(out.dseg_file)
     assert dseg.get_data_dtype() == np.uint8 and np.allclose(dseg.affine, affine)
     assert [Path(p).name for p in out.probseg_files] == [
-        f"t1w_label-{t}_probseg.nii.gz" for t in ("CSF", "GM", "WM")
+        f"t1w_label-{t}_probseg.nii" for t in ("CSF", "GM", "WM")
     ]
     assert Path(out.dseg_tsv).read_text() == S.dseg_tsv()
     assert np.mean(np.asanyarray(dseg.dataobj)[tissues["WM"]] == LABEL["WM"]) > 0.9

@@ -50,7 +50,10 @@ def _stem(path: str) -> str:
 
 
 def _save(img: nib.Nifti1Image, cwd: str, in_file: str, suffix: str) -> str:
-    out = Path(cwd) / f"{_stem(in_file)}_{suffix}.nii.gz"
+    # Uncompressed: work-dir files are read once or twice, and gzip cost about 1 s
+    # per 1 mm float volume, a dozen times on one subject's critical path; the
+    # derivatives sink compresses what is published.
+    out = Path(cwd) / f"{_stem(in_file)}_{suffix}.nii"
     nib.save(img, str(out))
     return str(out)
 

@@ -42,7 +42,7 @@ class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):
     source_file = traits.Str(mandatory=True, desc="raw BIDS file the output derives from")
     raw_relpath = traits.Str(mandatory=True, desc="source_file relative to the raw dataset")
     suffix = traits.Str(mandatory=True, desc="BIDS suffix (T1w, mask, dseg, probseg, xfm)")
-    extension = traits.Str(desc="output extension; default: that of in_file")
+    extension = traits.Str(desc="output extension; default: .nii.gz for NIfTI, else in_file's")
     datatype = traits.Str("anat", usedefault=True)
     entities = traits.Dict(
         traits.Str, traits.Str, desc="entities to set (desc, space, label, from, to, mode)"
@@ -76,9 +76,8 @@ class DerivativesDataSink(SimpleInterface):
         if isdefined(self.inputs.extension):
             extension = self.inputs.extension
         else:
-            extension = next(
-                (e for e in (".nii.gz", ".nii") if in_file.endswith(e)), Path(in_file).suffix
-            )
+            # NIfTI derivatives are always published compressed (work files are not)
+            extension = ".nii.gz" if in_file.endswith(_NIFTI) else Path(in_file).suffix
         relpath = build_path(
             entities,
             suffix=self.inputs.suffix,

@@ -58,7 +58,7 @@ class ModelReady(SimpleInterface):
             outputs["out_dseg"] = (self.inputs.dseg_file, "nearest")
         for key, (path, interpolation) in outputs.items():
             fitted = fit_to_shape(load_image(path), mask, interpolation=interpolation, **options)
-            out_path = os.path.join(runtime.cwd, f"{key}.nii.gz")
+            out_path = os.path.join(runtime.cwd, f"{key}.nii")
             nib.save(fitted, out_path)
             self._results[key] = out_path
         self._results["step"] = step_record(

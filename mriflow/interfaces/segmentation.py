@@ -110,11 +110,11 @@ class TissueSegmentation(SimpleInterface):
         result = segment(data, mask, self.inputs.method, **params)
 
         base = os.path.basename(self.inputs.in_file).split(".nii")[0]
-        dseg_file = os.path.join(runtime.cwd, f"{base}_dseg.nii.gz")
+        dseg_file = os.path.join(runtime.cwd, f"{base}_dseg.nii")
         save_like(result.dseg, img, dseg_file)
         probseg_files = []
         for name in TISSUES:
-            path = os.path.join(runtime.cwd, f"{base}_label-{name}_probseg.nii.gz")
+            path = os.path.join(runtime.cwd, f"{base}_label-{name}_probseg.nii")
             probseg_files.append(save_like(result.probabilities[name], img, path))
         tsv = os.path.join(runtime.cwd, "dseg.tsv")
         with open(tsv, "w") as handle:

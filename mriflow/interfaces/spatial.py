@@ -47,7 +47,7 @@ class Conform(SimpleInterface):
         if self.inputs.reorient:
             img = reorient_to_ras(img)
         out = resample_to_voxel_size(img, self.inputs.voxel_size, self.inputs.interpolation)
-        out_file = os.path.join(runtime.cwd, "conformed.nii.gz")
+        out_file = os.path.join(runtime.cwd, "conformed.nii")
         nib.save(out, out_file)
         self._results["out_file"] = out_file
         self._results["step"] = step_record(
