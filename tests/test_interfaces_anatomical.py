@@ -46,7 +46,10 @@ def test_denoise_and_n4_write_into_cwd(tmp_path, monkeypatch):
     assert Path(den.outputs.out_file).name == "sub-01_T1w_denoised.nii"
     _check_step(den, "denoise")
     assert den.outputs.step["Parameters"] == {
-        "method": "ants", "noise_model": "Rician", "patch_radius": 1, "search_radius": 1
+        "method": "ants",
+        "noise_model": "Rician",
+        "patch_radius": 1,
+        "search_radius": 1,
     }
 
     n4 = N4BiasFieldCorrection(in_file=den.outputs.out_file, iterations=[20, 20]).run()

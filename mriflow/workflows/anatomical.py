@@ -119,6 +119,7 @@ def init_anat_preproc_wf(
     outputnode = pe.Node(
         niu.IdentityInterface(fields=[*anat_output_fields(contrast), "steps"]), name="outputnode"
     )
+
     def conform_node(name: str) -> pe.Node:
         return pe.Node(
             Conform(
