@@ -58,7 +58,8 @@ class DenoiseConfig:
     """ANTs NLM search radius in voxels; DenoiseImage's default is 2, which was slower
     and no better on 1 mm phantoms (docs/anatomical.md)."""
     order: Literal["before_n4", "after_n4"] = "before_n4"
-    """sMRIPrep denoises before N4."""
+    """sMRIPrep denoises before N4 (here: the native grid, before conforming; N4's field
+    is fitted on the raw image meanwhile and then removed from the denoised one)."""
 
 
 @dataclass
