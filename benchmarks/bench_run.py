@@ -33,6 +33,8 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
+import nibabel as nib
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_parallel import run  # noqa: E402
 
@@ -46,7 +48,6 @@ CORE_STEPS = (
 
 
 def make_dataset(data: Path, root: Path) -> Path:
-    import nibabel as nib
 
     from mriflow.image.spatial import reorient_to_ras, resample_to_voxel_size
 
@@ -95,7 +96,6 @@ def anchor(t1: Path, brain: Path, threads: int) -> dict[str, float]:
 
 
 def extracted_brain(out: Path, tmp: Path) -> Path:
-    import nibabel as nib
     import numpy as np
 
     anat = out / "sub-01" / "anat"
@@ -128,7 +128,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="mriflow-bench-run-") as tmp_name:
         tmp = Path(tmp_name)
         bids = make_dataset(args.data, tmp / "bids")
-        shape = "x".join(str(n) for n in nib_shape(bids))
+        t1 = bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
+        shape = "x".join(str(n) for n in nib.load(t1).shape)
         runs = {}
         for config in args.configs.split(","):
             for omp in (int(v) for v in args.omp.split(",")):
@@ -147,7 +148,6 @@ def main() -> int:
                 print(f"  {label}: {measured['wall']:.1f} s", file=sys.stderr)
         first = next(iter(runs))
         brain = extracted_brain(runs[first]["out"], tmp)
-        t1 = bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
         ref = anchor(t1, brain, threads=2)
 
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -182,12 +182,6 @@ def main() -> int:
     for label, r in runs.items():
         print(f"{label}: wall / anchor {r['wall'] / total:.2f}")
     return 0
-
-
-def nib_shape(bids: Path) -> tuple[int, ...]:
-    import nibabel as nib
-
-    return nib.load(bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz").shape
 
 
 if __name__ == "__main__":

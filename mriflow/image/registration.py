@@ -134,7 +134,8 @@ class RegistrationResult:
     Attributes
     ----------
     warped : nibabel.Nifti1Image or None
-        The moving image resampled into the fixed (or ``output_reference``) grid
+        The moving image resampled into the fixed grid (or, from
+        :func:`register_to_template`, the output template grid)
         (None when not asked for).
     forward_transforms : list of Path
         Resample moving -> fixed: ``[{out_prefix}Composite.h5]``.
@@ -214,7 +215,6 @@ def register(
     preset: Preset = "fast",
     fixed_mask: nib.spatialimages.SpatialImage | None = None,
     moving_mask: nib.spatialimages.SpatialImage | None = None,
-    output_reference: nib.spatialimages.SpatialImage | None = None,
     random_seed: int = 42,
     num_threads: int = 1,
     compute_warped: bool = True,
@@ -237,8 +237,6 @@ def register(
         grid is the caller's; :func:`register_to_template` also picks it.)
     fixed_mask, moving_mask : nibabel images, optional
         Restrict the metric to the nonzero voxels (all stages).
-    output_reference : nibabel image, optional
-        Grid of ``warped``; fixed's by default.
     random_seed : int
         Seed of the metric's random sampling. Results repeat exactly for a
         given seed when ITK runs one thread; with more threads the metric's
@@ -329,8 +327,7 @@ def register(
                 raise RuntimeError(f"antsRegistration did not write {path}")
         warped = None
         if compute_warped:
-            reference = output_reference if output_reference is not None else fixed
-            warped = apply_transforms(moving, [forward], reference, num_threads=num_threads)
+            warped = apply_transforms(moving, [forward], fixed, num_threads=num_threads)
     return RegistrationResult(warped, [forward], [reverse])
 
 
@@ -350,8 +347,9 @@ def register_to_template(
     """Register a skull-stripped image to the embedded ``MNI152NLin2009aSym`` template.
 
     The preset chooses the template grid the metric is computed on (2 mm for
-    ``fast``, 1 mm for ``precise``); ``warped`` is resampled on the
-    ``output_resolution`` mm template grid either way.
+    ``fast``, 1 mm for ``precise``); a finer moving image is registered through a
+    copy resampled to that grid. ``warped`` is the original moving image resampled
+    on the ``output_resolution`` mm template grid either way.
 
     Parameters
     ----------

@@ -182,7 +182,6 @@ def init_anat_preproc_wf(
         workflow.connect(n4, "out_file", denoise, "in_file")
         preproc_source = (denoise, "out_file")
     workflow.connect(preproc_source[0], preproc_source[1], outputnode, "preproc")
-    corrected_source = (n4, "out_file")
 
     if not is_t1w:
         outputnode.inputs.preproc_metadata = {"SkullStripped": False}
@@ -210,7 +209,7 @@ def init_anat_preproc_wf(
     )
     steps.append(skullstrip)
     workflow.connect([
-        (corrected_source[0], skullstrip, [(corrected_source[1], "in_file")]),
+        (n4, skullstrip, [("out_file", "in_file")]),
         (skullstrip, preproc_meta, [("skull_stripped", "skull_stripped")]),
         (preproc_meta, outputnode, [("meta", "preproc_metadata")]),
         (skullstrip, outputnode, [("out_mask", "brain_mask")]),
@@ -327,7 +326,7 @@ def init_anat_preproc_wf(
             workflow.connect([
                 (register, priors, [("reverse_transforms", "reverse_transforms")]),
                 # any image on the native grid: N4's comes before the denoised one
-                (corrected_source[0], priors, [(corrected_source[1], "reference_file")]),
+                (n4, priors, [("out_file", "reference_file")]),
                 (priors, segment, [
                     ("gm_prior", "gm_prior"), ("wm_prior", "wm_prior"), ("csf_prior", "csf_prior"),
                 ]),
