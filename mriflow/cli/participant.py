@@ -66,6 +66,10 @@ def run_participant(
         subjects = collect_inputs(bids_dir, participant_labels, session_labels)
     except DiscoveryError as err:
         raise UsageError(str(err)) from None
+    from mriflow.cli.preflight import check_free_space
+
+    runnable_images = [(i.path, i.suffix) for s in subjects if not s.error for i in s.images]
+    check_free_space(runnable_images, config, out_dir, work_dir)  # exit 2 before any work
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_dataset_description(out_dir, [bids_dir])
