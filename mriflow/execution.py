@@ -301,10 +301,6 @@ def log_nipype_to_file(log_file: str | Path | None, level: int = logging.INFO) -
     without this, 40-150 lines of traceback per failed node reach it. ``None`` keeps
     Nipype's messages at WARNING and above on stderr (used where no log file exists).
     """
-    nipype_logger = logging.getLogger("nipype")
-    for handler in list(nipype_logger.handlers):
-        nipype_logger.removeHandler(handler)
-        handler.close()
     if log_file is None:
         handler: logging.Handler = logging.StreamHandler(sys.stderr)
         level = logging.WARNING
@@ -312,8 +308,15 @@ def log_nipype_to_file(log_file: str | Path | None, level: int = logging.INFO) -
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(str(log_file), mode="a", encoding="utf-8", delay=True)
     handler.setFormatter(logging.Formatter(_NIPYPE_LOG_FORMAT))
-    nipype_logger.addHandler(handler)
-    nipype_logger.propagate = False  # the root logger prints to the terminal
+    # nibabel's header repairs ("setting 0 dims to 1") name no file; mriflow's input
+    # checks report them with the file's name
+    for name in ("nipype", "nibabel.global"):
+        logger = logging.getLogger(name)
+        for old in list(logger.handlers):
+            logger.removeHandler(old)
+            old.close()
+        logger.addHandler(handler)
+        logger.propagate = False  # the root logger prints to the terminal
     for name in ("nipype.workflow", "nipype.interface", "nipype.utils", "nipype.filemanip"):
         logging.getLogger(name).setLevel(level)
 
@@ -453,6 +456,15 @@ def run_workflow(
     """
     log_nipype_to_file(log_file)
     outcome = GraphRun()
+    # Nipype (and its workers) resolve paths against the current folder, which may be
+    # gone (a cleaned-up job folder): every result file would then "not exist"
+    try:
+        previous_cwd: str | None = os.getcwd()
+    except FileNotFoundError:
+        previous_cwd = None
+    if workflow.base_dir:
+        Path(workflow.base_dir).mkdir(parents=True, exist_ok=True)
+        os.chdir(workflow.base_dir)
     runner: Any = plugin
     if plugin == "MultiProc":
         runner = _make_plugin_class()(
@@ -479,6 +491,11 @@ def run_workflow(
             if outcome.fatal is None and runner.fatal is not None:
                 outcome.fatal = f"{workflow.base_dir}: {runner.fatal} (work dir); the run stopped"
             runner.stop()
+        if previous_cwd is not None:
+            try:
+                os.chdir(previous_cwd)
+            except OSError:
+                pass
     return outcome
 
 

@@ -89,7 +89,7 @@ def load_image(path: str | Path, *, ndim: int | None = 3) -> nib.Nifti1Image:
         raise ImageError(f"{path}: file not found")
     _check_size(path)
     try:
-        img = nib.load(str(path))
+        img = _load_quietly(path)
     except Exception as err:  # nibabel raises many types for damaged files
         raise ImageError(f"{path}: not a readable image ({_one_line(err)})") from None
     _check_voxel_type(path, img)  # before reading: numpy would drop an imaginary part
@@ -124,7 +124,7 @@ def check_readable(path: str | Path) -> None:
         raise ImageError(f"{path}: file not found")
     size = _check_size(path)
     try:
-        img = nib.load(str(path))
+        img = _load_quietly(path)
     except Exception as err:
         raise ImageError(f"{path}: not a readable image ({_one_line(err)})") from None
     shape = img.shape
@@ -189,6 +189,13 @@ def check_input_header(path: str | Path, img: nib.spatialimages.SpatialImage) ->
                 "would be inverted; fix the header or rescale the image"
             )
     warnings = []
+    zero_sides = _zero_voxel_sides(path, img)
+    if zero_sides:
+        axes = ", ".join(map(str, zero_sides))
+        warnings.append(
+            f"{path}: the header gives voxels 0 mm wide along axis {axes}; read as 1 mm "
+            "(nibabel's repair): check the geometry in the report"
+        )
     zooms = np.asarray(header.get_zooms()[:3], dtype=float)
     if np.all(zooms > 0) and zooms.max() / zooms.min() >= MAX_VOXEL_ANISOTROPY:
         sides = "x".join(f"{z:g}" for z in zooms)
@@ -249,8 +256,9 @@ def load_input_image(path: str | Path) -> tuple[nib.Nifti1Image, InputReport]:
         report.warnings.append(
             f"{path}: {n_bad} non-finite voxel(s) (NaN/inf) of {data.size} set to 0"
         )
-    for warning in report.warnings:
-        log.warning("%s", warning)
+        # the header's warnings were logged when the inputs were planned
+        # (check_readable); this one only the voxels tell
+        log.warning("%s", report.warnings[-1])
     return img, report
 
 
@@ -274,6 +282,32 @@ def _check_voxel_type(path: Path, img: nib.spatialimages.SpatialImage) -> None:
             f"{path}: complex-valued voxels ({dtype.name}): expected a real intensity image "
             "(save the magnitude, e.g. abs(), instead)"
         )
+
+
+def _load_quietly(path: Path) -> nib.spatialimages.SpatialImage:
+    # nibabel logs the header fixes it makes ("setting 0 dims to 1") without the file's
+    # name; check_input_header reports them with it
+    nib_logger = nib.imageglobals.logger
+    disabled = nib_logger.disabled
+    nib_logger.disabled = True
+    try:
+        return nib.load(str(path))
+    finally:
+        nib_logger.disabled = disabled
+
+
+def _zero_voxel_sides(path: Path, img: nib.spatialimages.SpatialImage) -> list[int]:
+    """Axes whose voxel size the file's header stores as 0 (nibabel reads them as 1 mm)."""
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        return []
+    try:
+        with nib.openers.ImageOpener(str(path)) as fileobj:
+            raw = type(img.header).from_fileobj(fileobj, check=False)
+    except Exception:
+        return []
+    if int(raw["sform_code"]) > 0:
+        return []  # the sform gives the grid; pixdim is not used
+    return [axis for axis in range(3) if float(raw["pixdim"][axis + 1]) == 0.0]
 
 
 def _qform_sform_angle(img: nib.spatialimages.SpatialImage) -> float | None:
