@@ -24,11 +24,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from mriflow.cli.run import UsageError
 from mriflow.config import Config
+from mriflow.image.io import load_header_quietly
 
 __all__ = [
     "PreflightError",
@@ -116,7 +116,7 @@ def estimate_run_bytes(images: Sequence[tuple[str | Path, str]], config: Config)
     model_voxels = int(np.prod(config.export.target_shape))
     for path, suffix in images:
         try:
-            header = nib.load(str(path)).header
+            header = load_header_quietly(path).header
             shape = np.asarray(header.get_data_shape()[:3], dtype=float)
             zooms = np.asarray(header.get_zooms()[:3], dtype=float)
         except Exception:  # unreadable images fail their subject later, in one line

@@ -30,6 +30,7 @@ __all__ = [
     "load_input_image",
     "check_readable",
     "check_input_header",
+    "load_header_quietly",
 ]
 
 log = logging.getLogger("mriflow")
@@ -89,7 +90,7 @@ def load_image(path: str | Path, *, ndim: int | None = 3) -> nib.Nifti1Image:
         raise ImageError(f"{path}: file not found")
     _check_size(path)
     try:
-        img = _load_quietly(path)
+        img = load_header_quietly(path)
     except Exception as err:  # nibabel raises many types for damaged files
         raise ImageError(f"{path}: not a readable image ({_one_line(err)})") from None
     _check_voxel_type(path, img)  # before reading: numpy would drop an imaginary part
@@ -124,7 +125,7 @@ def check_readable(path: str | Path) -> None:
         raise ImageError(f"{path}: file not found")
     size = _check_size(path)
     try:
-        img = _load_quietly(path)
+        img = load_header_quietly(path)
     except Exception as err:
         raise ImageError(f"{path}: not a readable image ({_one_line(err)})") from None
     shape = img.shape
@@ -284,9 +285,12 @@ def _check_voxel_type(path: Path, img: nib.spatialimages.SpatialImage) -> None:
         )
 
 
-def _load_quietly(path: Path) -> nib.spatialimages.SpatialImage:
-    # nibabel logs the header fixes it makes ("setting 0 dims to 1") without the file's
-    # name; check_input_header reports them with it
+def load_header_quietly(path: str | Path) -> nib.spatialimages.SpatialImage:
+    """``nib.load`` (lazy: header only) without nibabel's messages about header repairs.
+
+    nibabel logs the fixes it makes ("setting 0 dims to 1") without the file's name;
+    :func:`check_input_header` reports them with it.
+    """
     nib_logger = nib.imageglobals.logger
     disabled = nib_logger.disabled
     nib_logger.disabled = True
