@@ -121,7 +121,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
             config.set("intensity.method", "nyul")
             config.set("intensity.nyul_landmarks_file", str(args.nyul_landmarks.resolve()))
         if args.plugin_args:
-            config.set("execution.plugin_args", _parse_plugin_args(args.plugin_args))
+            plugin_args = _parse_plugin_args(args.plugin_args)
+            config.set("execution.plugin_args", plugin_args, source="--plugin-args")
         for override in args.overrides:
             key, sep, value = override.partition("=")
             if not sep:
