@@ -85,6 +85,11 @@ def load_image(path: str | Path, *, ndim: int | None = 3) -> nib.Nifti1Image:
         Missing, empty, truncated or unparsable file, complex or RGB voxels, or wrong
         dimensionality.
     """
+    return _load_with_data(path, ndim)[0]
+
+
+def _load_with_data(path: str | Path, ndim: int | None) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """:func:`load_image`, and the voxels it read (reading them again costs a decompression)."""
     path = Path(path)
     if not path.exists():
         raise ImageError(f"{path}: file not found")
@@ -108,7 +113,7 @@ def load_image(path: str | Path, *, ndim: int | None = 3) -> nib.Nifti1Image:
             raise ImageError(f"{path}: expected a {ndim}D image, got shape {data.shape}")
     if not np.all(np.isfinite(img.affine)) or abs(np.linalg.det(img.affine[:3, :3])) < 1e-8:
         raise ImageError(f"{path}: the header's affine is degenerate ({img.affine.tolist()})")
-    return img
+    return img, data
 
 
 def check_readable(path: str | Path) -> None:
@@ -236,9 +241,8 @@ def load_input_image(path: str | Path) -> tuple[nib.Nifti1Image, InputReport]:
         finite voxel or only one value.
     """
     path = Path(path)
-    img = load_image(path)
+    img, data = _load_with_data(path, 3)
     report = InputReport(warnings=check_input_header(path, img))
-    data = np.asanyarray(img.dataobj)
     finite = np.isfinite(data)
     n_bad = int(finite.size - np.count_nonzero(finite))
     if n_bad == finite.size:
