@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from mriflow.execution import disk_error, run_workflow
 from tests import mounts
 from tests.conftest import REPO_ROOT
 from tests.helpers import QUICK_CHAIN, make_bids_dataset
@@ -71,3 +72,57 @@ def test_full_work_disk_ends_the_run_with_exit_1_and_the_summary(tmp_path, small
     assert list((out / "logs").glob("run-*_summary.json"))
     # seconds under normal load; generous for a loaded 2-core CI machine
     assert ended_after < 120
+
+
+def _unpicklable(x):
+    import threading
+
+    return threading.Lock()  # Nipype cannot write this node's result file
+
+
+def _plus_one(x):
+    return x + 1
+
+
+def test_task_without_a_result_file_fails_instead_of_hanging(tmp_path):
+    """nipype#3404 without a full disk: the worker cannot deliver the node's result.
+
+    Nipype's own MultiProc waits for that task for ever (checked by hand: killed after
+    45 s); mriflow's records it as failed and finishes the graph.
+    """
+    from nipype.interfaces import utility as niu
+    from nipype.pipeline import engine as pe
+
+    workflow = pe.Workflow("watchdog", base_dir=str(tmp_path / "work"))
+    for name, function in (("bad", _unpicklable), ("good", _plus_one)):
+        node = pe.Node(
+            niu.Function(function=function, input_names=["x"], output_names=["y"]), name=name
+        )
+        node.inputs.x = 1
+        workflow.add_nodes([node])
+    workflow.config["execution"].update(
+        {"crashdump_dir": str(tmp_path / "crash"), "poll_sleep_duration": 0.2}
+    )
+    started = time.monotonic()
+    outcome = run_workflow(
+        workflow,
+        "MultiProc",
+        {"n_procs": 1, "mp_context": "forkserver"},
+        log_file=tmp_path / "run.log",
+    )
+    assert time.monotonic() - started < 120
+    assert list(outcome.failures) == ["watchdog.bad"]
+    assert outcome.fatal is None  # not a disk problem: the other nodes ran
+    assert (tmp_path / "work" / "watchdog" / "good" / "result_good.pklz").is_file()
+    assert "Traceback" in (tmp_path / "run.log").read_text()
+
+
+def test_disk_errors_are_recognised_in_tracebacks():
+    text = "OSError: [Errno 28] No space left on device: '/w/n4/result_n4.pklz'"
+    assert disk_error(text) == "No space left on device (/w/n4/result_n4.pklz)"
+    assert disk_error("OSError: [Errno 30] Read-only file system") == "Read-only file system"
+    eio = "OSError: [Errno 5] Input/output error: '/w/x'"
+    assert disk_error(eio) == "Input/output error (/w/x)"
+    # a missing input or a permission problem is one subject's failure, not the run's
+    assert disk_error("FileNotFoundError: [Errno 2] No such file or directory: '/x'") is None
+    assert disk_error("ValueError: image is constant") is None
