@@ -65,7 +65,8 @@ class PreflightError(UsageError):
 
 
 def check_writable(path: Path, what: str) -> None:
-    """Create ``path`` if needed and write (then remove) a small file in it.
+    """Check that ``path`` can be written: a probe file in it, or in its nearest existing
+    parent when it does not exist yet (nothing is created, so a refused run leaves no trace).
 
     Parameters
     ----------
@@ -80,9 +81,11 @@ def check_writable(path: Path, what: str) -> None:
         The folder cannot be created or written (read-only, no permission, a file in
         the way, full).
     """
-    probe = path / f".mriflow-write-test-{uuid.uuid4().hex[:8]}"
+    existing = _existing(path)
+    if not existing.is_dir():
+        raise PreflightError(f"{what} {path}: not writable ({existing} is not a folder)")
+    probe = existing / f".mriflow-write-test-{uuid.uuid4().hex[:8]}"
     try:
-        path.mkdir(parents=True, exist_ok=True)
         with open(probe, "wb") as handle:
             handle.write(b"\0" * 4096)
             handle.flush()
@@ -95,6 +98,13 @@ def check_writable(path: Path, what: str) -> None:
             probe.unlink()
         except OSError:
             pass
+
+
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest parent that exists."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
 
 
 def estimate_run_bytes(images: Sequence[tuple[str | Path, str]], config: Config) -> tuple[int, int]:
@@ -145,8 +155,8 @@ def check_free_space(
     needs: dict[int, list] = {}  # file system -> [bytes needed, folders, free]
     for folder, need in ((work_dir, work_need), (out_dir, out_need)):
         try:
-            device = folder.stat().st_dev
-            free = shutil.disk_usage(folder).free
+            device = _existing(folder).stat().st_dev  # the folder may not exist yet
+            free = shutil.disk_usage(_existing(folder)).free
         except OSError:
             continue  # check_writable has said what is wrong with it
         entry = needs.setdefault(device, [0, [], free])
@@ -179,6 +189,11 @@ def out_dir_lock(out_dir: Path) -> Iterator[Path]:
         Another live run holds the lock.
     """
     lock = out_dir / LOCK_NAME
+    created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PreflightError(f"OUT_DIR {out_dir}: cannot be created ({err.strerror})") from None
     me = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
@@ -186,6 +201,18 @@ def out_dir_lock(out_dir: Path) -> Iterator[Path]:
         "process_start": _process_start(os.getpid()),
         "command": " ".join(sys.argv),
     }
+    try:
+        yield from _hold(lock, out_dir, me)
+    finally:
+        # a run refused or stopped before writing anything leaves no empty OUT_DIR behind
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty: the run wrote into it
+
+
+def _hold(lock: Path, out_dir: Path, me: dict) -> Iterator[Path]:
     for _ in range(3):  # create, or take over a stale lock and create
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
