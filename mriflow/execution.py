@@ -26,7 +26,9 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import traceback as tb
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -465,16 +467,19 @@ def run_workflow(
     if workflow.base_dir:
         Path(workflow.base_dir).mkdir(parents=True, exist_ok=True)
         os.chdir(workflow.base_dir)
+    # a scheduler's SIGTERM (time limit, scancel) stops the workers too, as Ctrl-C does;
+    # by default the parent would die alone and leave them running
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_sigterm = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     runner: Any = plugin
-    if plugin == "MultiProc":
-        runner = _make_plugin_class()(
-            plugin_args=plugin_args, log_file=None if log_file is None else str(log_file)
-        )
     try:
-        if isinstance(runner, str):
-            workflow.run(plugin=runner, plugin_args=plugin_args)
-        else:
+        if plugin == "MultiProc":
+            runner = _make_plugin_class()(
+                plugin_args=plugin_args, log_file=None if log_file is None else str(log_file)
+            )
             workflow.run(plugin=runner)
+        else:
+            workflow.run(plugin=plugin, plugin_args=plugin_args)
     except WorkDirError as err:
         outcome.fatal = f"{workflow.base_dir}: {err} (work dir); the run stopped"
     except RuntimeError as err:
@@ -496,7 +501,13 @@ def run_workflow(
                 os.chdir(previous_cwd)
             except OSError:
                 pass
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     return outcome
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _last_line(text: str) -> str:

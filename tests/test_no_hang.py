@@ -4,9 +4,11 @@ within seconds, instead of the endless wait of Nipype's MultiProc (nipype#3404).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +128,50 @@ def test_disk_errors_are_recognised_in_tracebacks():
     # a missing input or a permission problem is one subject's failure, not the run's
     assert disk_error("FileNotFoundError: [Errno 2] No such file or directory: '/x'") is None
     assert disk_error("ValueError: image is constant") is None
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":  # zombies are gone already
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_workers_too(tmp_path):
+    """A scheduler's time limit sends SIGTERM: no worker may keep running after the run."""
+    root = make_bids_dataset(tmp_path / "raw", {"01": [""], "02": [""]})
+    run = subprocess.Popen(
+        [sys.executable, "-m", "mriflow.cli.run", str(root), str(tmp_path / "out"), "participant"]
+        + ["-w", str(tmp_path / "work"), *FAST],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    started = time.monotonic()
+    workers: set[int] = set()
+    while len(workers) < 2 and run.poll() is None:  # the forkserver and a worker at least
+        assert time.monotonic() - started < 300, "no workers started"
+        time.sleep(0.2)
+        workers = _descendants(run.pid)
+    run.send_signal(signal.SIGTERM)
+    run.communicate(timeout=120)
+    deadline = time.monotonic() + 30
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.5)
+        alive = {p for p in workers if Path(f"/proc/{p}").exists()}
+    assert not alive, "workers outlived the run"
+    assert run.returncode != 0
