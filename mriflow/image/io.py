@@ -243,11 +243,13 @@ def load_input_image(path: str | Path) -> tuple[nib.Nifti1Image, InputReport]:
     path = Path(path)
     img, data = _load_with_data(path, 3)
     report = InputReport(warnings=check_input_header(path, img))
-    finite = np.isfinite(data)
-    n_bad = int(finite.size - np.count_nonzero(finite))
-    if n_bad == finite.size:
+    n_bad = 0
+    if not np.issubdtype(data.dtype, np.integer):  # integers are always finite
+        finite = np.isfinite(data)
+        n_bad = int(finite.size - np.count_nonzero(finite))
+    if n_bad == data.size:
         raise ImageError(f"{path}: every voxel is NaN or infinite")
-    values = data[finite]
+    values = data[finite] if n_bad else data  # no copy of a clean image
     if values.min() == values.max():
         raise ImageError(
             f"{path}: the image is constant (every voxel is {values.min():g}): nothing to process"
