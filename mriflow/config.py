@@ -9,6 +9,7 @@ can be repeated exactly with ``mriflow ... --config OUT_DIR/mriflow_config.toml`
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ __all__ = [
     "Config",
     "ConfigError",
     "load_config",
+    "validate_plugin_args",
+    "PLUGINS",
 ]
 
 
@@ -154,6 +157,55 @@ class SplitConfig:
     """> 1: bin a numeric ``stratify_by`` column (e.g. age) into this many quantile classes."""
 
 
+#: Nipype plugins mriflow can run under (``--plugin``).
+PLUGINS = (
+    "Linear",
+    "MultiProc",
+    "LegacyMultiProc",
+    "SLURM",
+    "SLURMGraph",
+    "SGE",
+    "SGEGraph",
+    "PBS",
+    "PBSGraph",
+    "LSF",
+    "OAR",
+    "Condor",
+    "CondorDAGMan",
+)
+
+#: Every plugin argument mriflow passes on, with its type. Nipype reads more (a Python
+#: ``status_callback``, ...), none of which can come from a command line or a file.
+_PLUGIN_ARG_TYPES: dict[str, Any] = {
+    "n_procs": int,
+    "n_gpu_procs": int,
+    "memory_gb": float,
+    "raise_insufficient": bool,
+    "non_daemon": bool,
+    "maxtasksperchild": int,
+    "mp_context": Literal["fork", "spawn", "forkserver"],
+    "scheduler": Literal["tsort", "mem_thread"],
+    "max_jobs": int,
+    "max_jobname_len": int,
+    "max_tries": int,
+    "retry_timeout": float,
+    "dont_resubmit_completed_jobs": bool,
+    "overwrite": bool,
+    "template": Path,
+    "jobid_re": str,
+    "sbatch_args": "shell",
+    "qsub_args": "shell",
+    "bsub_args": "shell",
+    "oarsub_args": "shell",
+    "submit_specs": "shell",
+}
+
+# Nipype's batch plugins run ``sbatch <args> script`` through a shell: an argument may
+# hold option words, not commands. Letters, digits and ``_-=:,./@%+[]`` and spaces only
+# (``--time=1:00:00 -p short --exclude=node[01-04]`` passes; ``;|&$`<>(){}'"\`` do not).
+_SHELL_SAFE = re.compile(r"[A-Za-z0-9_\-=:,./@%+\[\] ]*")
+
+
 @dataclass
 class ExecutionConfig:
     """How the workflow runs. Only ``omp_nthreads`` can change outputs (ITK steps are
@@ -166,7 +218,12 @@ class ExecutionConfig:
     mem_gb: float = 0.0
     """Memory available to MultiProc (0: let Nipype decide)."""
     plugin: str = "MultiProc"
+    """Nipype plugin, one of :data:`PLUGINS`."""
     plugin_args: dict[str, Any] = field(default_factory=dict)
+    """Plugin arguments, validated (types; no shell metacharacters in ``sbatch_args``,
+    ``qsub_args``, ...). Given with ``--plugin-args`` only: never written into
+    ``mriflow_config.toml`` and refused in a ``--config`` file, since the batch plugins
+    pass them to a shell and a config file is meant to be shared and reused."""
     stop_on_first_crash: bool = False
 
 
@@ -191,10 +248,13 @@ class Config:
         return dataclasses.asdict(self)
 
     def to_toml(self) -> str:
-        return tomli_w.dumps(self.to_dict())
+        """The config as TOML, without ``execution.plugin_args`` (see :class:`ExecutionConfig`)."""
+        values = self.to_dict()
+        values["execution"].pop("plugin_args", None)
+        return tomli_w.dumps(values)
 
     def write(self, path: str | Path) -> Path:
-        """Write the resolved config as TOML (atomically)."""
+        """Write the resolved config as TOML (atomically), plugin arguments left out."""
         from mriflow.bids.derivatives import atomic_write_text
 
         return atomic_write_text(Path(path), self.to_toml())
@@ -234,7 +294,64 @@ def load_config(path: str | Path | None = None) -> Config:
         raise ConfigError(f"{path}: config file not found") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    execution = values.get("execution")
+    if isinstance(execution, dict) and "plugin_args" in execution:
+        # a shared or reused file must not run commands on whoever uses it (sbatch_args
+        # reach a shell): plugin arguments come from the command line only
+        raise ConfigError(
+            f"{path}: 'execution.plugin_args' is not read from config files; "
+            "give plugin arguments with --plugin-args"
+        )
     return config.update(values, source=str(path))
+
+
+def validate_plugin_args(args: dict[str, Any], *, source: str = "config") -> dict[str, Any]:
+    """Check Nipype plugin arguments: known keys, types, no shell metacharacters.
+
+    Parameters
+    ----------
+    args : dict
+        ``execution.plugin_args``.
+    source : str
+        Where they came from, for the message.
+
+    Returns
+    -------
+    dict
+        The arguments, numbers and booleans coerced (``"4"`` -> ``4``).
+
+    Raises
+    ------
+    ConfigError
+        One line naming the key and the problem.
+    """
+    checked: dict[str, Any] = {}
+    for key, value in args.items():
+        dotted = f"execution.plugin_args.{key}"
+        kind = _PLUGIN_ARG_TYPES.get(key)
+        if kind is None:
+            known = ", ".join(sorted(_PLUGIN_ARG_TYPES))
+            raise ConfigError(f"{source}: unknown plugin argument '{key}' (known: {known})")
+        if kind == "shell":
+            if not isinstance(value, str):
+                raise ConfigError(f"{source}: '{dotted}' must be a string, got {value!r}")
+            if not _SHELL_SAFE.fullmatch(value):
+                bad = next(c for c in value if not _SHELL_SAFE.fullmatch(c))
+                raise ConfigError(
+                    f"{source}: '{dotted}' contains {bad!r}: only option words are allowed "
+                    "(letters, digits, spaces and _-=:,./@%+[]), since the batch plugin "
+                    "passes them to a shell"
+                )
+            checked[key] = value
+        elif kind is Path:
+            if not isinstance(value, str) or not Path(value).is_file():
+                raise ConfigError(f"{source}: '{dotted}' must be an existing file, got {value!r}")
+            checked[key] = value
+        else:
+            checked[key] = _coerce(value, kind, dotted, source)
+        if kind in (int, float) and checked[key] <= 0:
+            raise ConfigError(f"{source}: '{dotted}' must be positive, got {value!r}")
+    return checked
 
 
 def _update_dataclass(obj: Any, values: dict[str, Any], *, prefix: str, source: str) -> None:
@@ -251,7 +368,20 @@ def _update_dataclass(obj: Any, values: dict[str, Any], *, prefix: str, source: 
                 raise ConfigError(f"{source}: '{dotted}' must be a table of settings")
             _update_dataclass(current, value, prefix=f"{dotted}.", source=source)
         else:
-            setattr(obj, key, _coerce(value, hints[key], dotted, source))
+            value = _coerce(value, hints[key], dotted, source)
+            if isinstance(obj, ExecutionConfig):
+                value = _check_execution(key, value, source)
+            setattr(obj, key, value)
+
+
+def _check_execution(key: str, value: Any, source: str) -> Any:
+    if key == "plugin_args":
+        return validate_plugin_args(value, source=source)
+    if key == "plugin" and value not in PLUGINS:
+        raise ConfigError(
+            f"{source}: 'execution.plugin' = {value!r} is not one of {', '.join(PLUGINS)}"
+        )
+    return value
 
 
 def _coerce(value: Any, hint: Any, dotted: str, source: str) -> Any:

@@ -19,12 +19,21 @@ Nipype's batch plugins need (:func:`prepare_batch_environment`).
 
 from __future__ import annotations
 
+import errno
+import functools
 import getpass
+import logging
 import math
 import os
+import re
+import signal
 import sys
+import threading
+import traceback as tb
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 __all__ = [
@@ -38,7 +47,12 @@ __all__ = [
     "declare_resources",
     "prepare_batch_environment",
     "poll_interval",
+    "GraphRun",
+    "run_workflow",
+    "log_nipype_to_file",
 ]
+
+log = logging.getLogger("mriflow")
 
 # Read by the libraries when their pool starts (at import or first use), and
 # inherited by MultiProc workers and by cluster jobs (sbatch exports the environment).
@@ -261,3 +275,241 @@ def _restore_pools(pools: dict[str, int]) -> None:
         sys.modules["SimpleITK"].ProcessObject.SetGlobalDefaultNumberOfThreads(pools["sitk"])
     if "torch" in pools:
         sys.modules["torch"].set_num_threads(pools["torch"])
+
+
+# ------------------------------------------------------------------ running the graph
+#: errno values that mean the work dir cannot take more writes: no point going on.
+DISK_ERRNOS = {errno.ENOSPC, errno.EIO, errno.EROFS, errno.EDQUOT}
+_ERRNO_IN_TEXT = re.compile(r"\[Errno (\d+)\] ([^:\n]+)(?:: '([^'\n]*)')?")
+
+_NIPYPE_LOG_FORMAT = "%(asctime)s %(process)d %(name)s %(levelname)s: %(message)s"
+
+
+@dataclass
+class GraphRun:
+    """What :func:`run_workflow` learned while the graph ran."""
+
+    failures: dict[str, str] = field(default_factory=dict)
+    """Node full name -> one-line reason, for every node that failed (also when its
+    crash file could not be written)."""
+    fatal: str | None = None
+    """One line: why the run stopped before the graph finished (e.g. the work dir is full)."""
+
+
+def log_nipype_to_file(log_file: str | Path | None, level: int = logging.INFO) -> None:
+    """Send Nipype's log (node progress, tracebacks of failed nodes) to ``log_file`` only.
+
+    The terminal keeps mriflow's own messages (one line per problem and the summary);
+    without this, 40-150 lines of traceback per failed node reach it. ``None`` keeps
+    Nipype's messages at WARNING and above on stderr (used where no log file exists).
+    """
+    if log_file is None:
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        level = logging.WARNING
+    else:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(str(log_file), mode="a", encoding="utf-8", delay=True)
+    handler.setFormatter(logging.Formatter(_NIPYPE_LOG_FORMAT))
+    # nibabel's header repairs ("setting 0 dims to 1") name no file; mriflow's input
+    # checks report them with the file's name
+    for name in ("nipype", "nibabel.global"):
+        logger = logging.getLogger(name)
+        for old in list(logger.handlers):
+            logger.removeHandler(old)
+            old.close()
+        logger.addHandler(handler)
+        logger.propagate = False  # the root logger prints to the terminal
+    for name in ("nipype.workflow", "nipype.interface", "nipype.utils", "nipype.filemanip"):
+        logging.getLogger(name).setLevel(level)
+
+
+def _worker_initializer(cwd: str, log_file: str | None) -> None:
+    """Start of every MultiProc worker: Nipype's own setup, then the same log file."""
+    from nipype.pipeline.plugins.multiproc import process_initializer
+
+    process_initializer(cwd)
+    log_nipype_to_file(log_file)
+
+
+def disk_error(text: str) -> str | None:
+    """The one-line disk problem in an error text or traceback, if there is one.
+
+    Parameters
+    ----------
+    text : str
+        An exception message or a formatted traceback.
+    """
+    for match in _ERRNO_IN_TEXT.finditer(text):
+        if int(match.group(1)) in DISK_ERRNOS:
+            where = f" ({match.group(3)})" if match.group(3) else ""
+            return f"{match.group(2).strip()}{where}"
+    return None
+
+
+def _make_plugin_class():
+    from concurrent.futures import ProcessPoolExecutor
+
+    from nipype.pipeline.plugins.multiproc import MultiProcPlugin, mp, run_node
+
+    class WatchedMultiProcPlugin(MultiProcPlugin):
+        """Nipype's MultiProc that cannot wait for ever (nipype#3404).
+
+        * A task whose future raises (its result pickle could not be written or read,
+          the worker died) is recorded as failed with the exception's traceback; Nipype
+          drops it, and then waits for its result for ever.
+        * A crash file that cannot be written does not stop the run; the failure is
+          kept in :attr:`failures`.
+        * The first disk error (no space, I/O error, read-only) stops the run with
+          :class:`WorkDirError`: every later node would fail the same way.
+        """
+
+        def __init__(self, plugin_args=None, log_file: str | None = None):
+            super().__init__(plugin_args=plugin_args)
+            self.failures: dict[str, str] = {}
+            self.fatal: str | None = None
+            # Nipype's pool, restarted with an initializer that also routes the
+            # workers' Nipype log to the run's log file
+            self.pool.shutdown(wait=True)
+            self.pool = ProcessPoolExecutor(
+                max_workers=self.processors,
+                initializer=_worker_initializer,
+                initargs=(self._cwd, log_file),
+                mp_context=mp.get_context(self.plugin_args.get("mp_context")),
+            )
+
+        def _submit_job(self, node, updatehash=False):
+            self._taskid += 1
+            if getattr(node.interface, "terminal_output", "") == "stream":
+                node.interface.terminal_output = "allatonce"
+            future = self.pool.submit(run_node, node, updatehash, self._taskid)
+            future.add_done_callback(functools.partial(self._task_done, self._taskid))
+            self._task_obj[self._taskid] = future
+            return self._taskid
+
+        def _task_done(self, taskid, future):
+            try:
+                result = future.result()
+            except BaseException as err:  # noqa: BLE001 - any failure must end the task
+                result = {
+                    "result": None,
+                    "traceback": tb.format_exception(type(err), err, err.__traceback__),
+                    "taskid": taskid,
+                }
+            if result.get("traceback"):
+                self._note_disk_error("".join(result["traceback"]))
+            self._taskresult[taskid] = result
+
+        def _report_crash(self, node, result=None):
+            text = "".join((result or {}).get("traceback") or []) or "unknown error"
+            self.failures.setdefault(node.fullname, disk_error(text) or _last_line(text))
+            self._note_disk_error(text)
+            try:
+                return super()._report_crash(node, result=result)
+            except OSError as err:  # the crash dir is on the same full disk
+                self._note_disk_error(f"[Errno {err.errno}] {err.strerror}: '{err.filename}'")
+                return None
+
+        def _note_disk_error(self, text: str) -> None:
+            problem = disk_error(text)
+            if problem and self.fatal is None:
+                self.fatal = problem
+
+        def _send_procs_to_workers(self, updatehash=False, graph=None):
+            if self.fatal is not None:
+                raise WorkDirError(self.fatal)
+            return super()._send_procs_to_workers(updatehash=updatehash, graph=graph)
+
+        def stop(self) -> None:
+            """Stop the workers now, running tasks included (the run is over)."""
+            for process in list((getattr(self.pool, "_processes", None) or {}).values()):
+                process.terminate()
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+    return WatchedMultiProcPlugin
+
+
+class WorkDirError(RuntimeError):
+    """The work dir cannot be written (full, failing or read-only): the run stops."""
+
+
+def run_workflow(
+    workflow: Any,
+    plugin: str,
+    plugin_args: dict[str, Any],
+    *,
+    log_file: str | Path | None = None,
+) -> GraphRun:
+    """Run a Nipype workflow; failed nodes are reported, never raised, and it never hangs.
+
+    Parameters
+    ----------
+    workflow : nipype.pipeline.engine.Workflow
+    plugin : str
+        Nipype plugin name; ``MultiProc`` runs as :class:`WatchedMultiProcPlugin`.
+    plugin_args : dict
+        Its arguments (see :func:`mriflow.cli.participant.plugin_settings`).
+    log_file : path, optional
+        Where Nipype's log and the tracebacks go (see :func:`log_nipype_to_file`).
+
+    Returns
+    -------
+    GraphRun
+        Failures per node and, if the run stopped early, the one-line reason.
+    """
+    log_nipype_to_file(log_file)
+    outcome = GraphRun()
+    # Nipype (and its workers) resolve paths against the current folder, which may be
+    # gone (a cleaned-up job folder): every result file would then "not exist"
+    try:
+        previous_cwd: str | None = os.getcwd()
+    except FileNotFoundError:
+        previous_cwd = None
+    if workflow.base_dir:
+        Path(workflow.base_dir).mkdir(parents=True, exist_ok=True)
+        os.chdir(workflow.base_dir)
+    # a scheduler's SIGTERM (time limit, scancel) stops the workers too, as Ctrl-C does;
+    # by default the parent would die alone and leave them running
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_sigterm = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
+    runner: Any = plugin
+    try:
+        if plugin == "MultiProc":
+            runner = _make_plugin_class()(
+                plugin_args=plugin_args, log_file=None if log_file is None else str(log_file)
+            )
+            workflow.run(plugin=runner)
+        else:
+            workflow.run(plugin=plugin, plugin_args=plugin_args)
+    except WorkDirError as err:
+        outcome.fatal = f"{workflow.base_dir}: {err} (work dir); the run stopped"
+    except RuntimeError as err:
+        # Nipype raises after the graph ran when some nodes failed; the crash files
+        # and ``failures`` say which subjects, the others are complete.
+        log.debug("workflow finished with errors: %s", _last_line(str(err)))
+    except OSError as err:  # the parent itself could not write (graph files, pickles)
+        problem = disk_error(f"[Errno {err.errno}] {err.strerror}: '{err.filename}'")
+        outcome.fatal = f"{workflow.base_dir}: {problem or err} (work dir); the run stopped"
+        logging.getLogger("nipype.workflow").error("run stopped", exc_info=True)
+    finally:
+        if not isinstance(runner, str):
+            outcome.failures = dict(runner.failures)
+            if outcome.fatal is None and runner.fatal is not None:
+                outcome.fatal = f"{workflow.base_dir}: {runner.fatal} (work dir); the run stopped"
+            runner.stop()
+        if previous_cwd is not None:
+            try:
+                os.chdir(previous_cwd)
+            except OSError:
+                pass
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+    return outcome
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "unknown error"

@@ -20,7 +20,6 @@ def test_toml_round_trip_reproduces_the_config(tmp_path):
     config = Config()
     config.set("spatial.voxel_size", "1.5")
     config.set("export.target_shape", "128,128,128")
-    config.set("execution.plugin_args", {"sbatch_args": "-p short"})
     config.set("seed", 7)
     path = config.write(tmp_path / "mriflow_config.toml")
     again = load_config(path)

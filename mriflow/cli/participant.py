@@ -66,6 +66,10 @@ def run_participant(
         subjects = collect_inputs(bids_dir, participant_labels, session_labels)
     except DiscoveryError as err:
         raise UsageError(str(err)) from None
+    from mriflow.cli.preflight import check_free_space
+
+    runnable_images = [(i.path, i.suffix) for s in subjects if not s.error for i in s.images]
+    check_free_space(runnable_images, config, out_dir, work_dir)  # exit 2 before any work
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_dataset_description(out_dir, [bids_dir])
@@ -86,6 +90,7 @@ def run_participant(
 
     workflow_name = "mriflow_wf"
     workflow = None
+    graph_run = None
     if runnable:
         from mriflow.workflows.base import init_mriflow_wf
 
@@ -118,19 +123,21 @@ def run_participant(
             plugin_args,
             work_dir,
         )
-        try:
-            workflow.run(plugin=plugin, plugin_args=plugin_args)
-        except RuntimeError as err:
-            # Nipype raises after the graph ran when some nodes failed; the
-            # crash files say which subjects, the others are complete.
-            log.debug("workflow finished with errors: %s", err)
-        if plugin.endswith("Graph"):
+        from mriflow.execution import run_workflow
+
+        # failed nodes are reported, not raised; tracebacks go to the log file
+        graph_run = run_workflow(
+            workflow, plugin, plugin_args, log_file=out_dir / "logs" / f"run-{run_id}.log"
+        )
+        if graph_run.fatal:
+            log.error("mriflow: %s", graph_run.fatal)
+        if plugin.endswith("Graph") and not graph_run.fatal:
             # graph plugins return once every job is queued; the jobs run later
             _wait_for_graph_jobs(
                 work_dir / workflow_name, crash_dir, [s.subject for s in runnable], started_wall
             )
 
-    crashes = subject_failures(crash_dir)
+    crashes = subject_failures(crash_dir, subjects, graph_run.failures if graph_run else None)
     outcomes = []
     for subject in subjects:
         label = subject.subject
@@ -191,11 +198,20 @@ def _published(workflow_dir: Path, subject: str, since: float) -> bool:
     return result.is_file() and result.stat().st_mtime >= since - 1 and report.is_file()
 
 
-def subject_failures(crash_dir: Path) -> dict[str, str]:
-    """First failure reason per subject label, read from Nipype crash files."""
+def subject_failures(
+    crash_dir: Path, subjects: list | None = None, node_failures: dict[str, str] | None = None
+) -> dict[str, str]:
+    """First failure reason per subject label, read from Nipype crash files.
+
+    ``node_failures`` (node full name -> reason, from :func:`mriflow.execution.run_workflow`)
+    covers failures whose crash file could not be written. With ``subjects``, a reason that
+    names a work-dir file, or none, names the subject's raw image instead.
+    """
     from nipype.utils.filemanip import loadcrash
 
-    failures: dict[str, str] = {}
+    from mriflow.execution import disk_error
+
+    found: list[tuple[str, str, str]] = []  # (node full name, reason, crash file)
     for crashfile in sorted(glob.glob(str(crash_dir / "crash-*.pklz")), key=os.path.getmtime):
         try:
             crash = loadcrash(crashfile)
@@ -204,6 +220,13 @@ def subject_failures(crash_dir: Path) -> dict[str, str]:
         except Exception as err:  # an unreadable crash file must not hide the others
             log.warning("cannot read crash file %s: %s", crashfile, err)
             continue
+        # a full work disk shows as a missing result file last: say what happened first
+        reason = disk_error("".join(map(str, traceback))) or _last_error_line(traceback)
+        found.append((fullname, reason, f"; crash file {crashfile}"))
+    for fullname, reason in (node_failures or {}).items():
+        found.append((fullname, disk_error(reason) or _last_error_line([reason]), ""))
+    failures: dict[str, str] = {}
+    for fullname, reason, where in found:
         subject = next(
             (
                 part[len("sub_") : -len("_wf")]
@@ -214,9 +237,23 @@ def subject_failures(crash_dir: Path) -> dict[str, str]:
         )
         if subject is None or subject in failures:
             continue
+        reason = _name_raw_image(reason, fullname, subject, subjects or [])
         node = fullname.split(".")[-1]
-        failures[subject] = f"{_last_error_line(traceback)} [step {node}; crash file {crashfile}]"
+        failures[subject] = f"{reason} [step {node}{where}]"
     return failures
+
+
+def _name_raw_image(reason: str, fullname: str, subject: str, subjects: list) -> str:
+    """``"<raw image>: <problem>"`` for a failure inside an image's chain of steps."""
+    keys = [p[len("anat_") : -len("_wf")] for p in fullname.split(".") if p.startswith("anat_")]
+    inputs = next((s for s in subjects if s.subject == subject), None)
+    image = next((i for i in inputs.images if i.key in keys), None) if inputs and keys else None
+    if image is None or str(image.path) in reason:
+        return reason
+    named, sep, problem = reason.partition(": ")
+    if sep and "/" in named and " " not in named:  # a work-dir file: the user never saw it
+        reason = problem
+    return f"{image.path}: {reason}"
 
 
 def _last_error_line(traceback: list[str]) -> str:

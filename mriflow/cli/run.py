@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 # Nipype asks a web service for its latest version at import unless told not to;
@@ -120,7 +121,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
             config.set("intensity.method", "nyul")
             config.set("intensity.nyul_landmarks_file", str(args.nyul_landmarks.resolve()))
         if args.plugin_args:
-            config.set("execution.plugin_args", _parse_plugin_args(args.plugin_args))
+            plugin_args = _parse_plugin_args(args.plugin_args)
+            config.set("execution.plugin_args", plugin_args, source="--plugin-args")
         for override in args.overrides:
             key, sep, value = override.partition("=")
             if not sep:
@@ -190,6 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _convert(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on bad usage
+    held = ExitStack()  # the OUT_DIR lock, released when the run ends
     try:
         config = resolve_config(args)
         bids_dir, out_dir, work_dir = check_paths(args)
@@ -198,6 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from mriflow.execution import prepare_batch_environment
 
         prepare_batch_environment(config.execution.plugin)  # $LOGNAME for batch plugins
+        from mriflow.cli.preflight import preflight
+
+        held.enter_context(preflight(out_dir, work_dir))  # writable, one run per OUT_DIR
         if args.analysis_level == "participant":
             from mriflow.cli.participant import run_participant
 
@@ -221,6 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         print(f"mriflow: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        held.close()
 
 
 def _convert(argv: list[str]) -> int:

@@ -21,14 +21,13 @@ from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     File,
     InputMultiObject,
-    SimpleInterface,
     TraitedSpec,
     isdefined,
     traits,
 )
 
-from mriflow.image.io import load_image
-from mriflow.interfaces.base import step_record
+from mriflow.image.io import load_image, load_input_image
+from mriflow.interfaces.base import MriflowInterface, step_record
 
 __all__ = [
     "Denoise",
@@ -78,7 +77,7 @@ class _DenoiseOutputSpec(TraitedSpec):
     step = traits.Dict(desc="step record for the sidecar")
 
 
-class Denoise(SimpleInterface):
+class Denoise(MriflowInterface):
     """Non-local means denoising (:func:`mriflow.image.denoise.denoise`)."""
 
     input_spec = _DenoiseInputSpec
@@ -88,7 +87,8 @@ class Denoise(SimpleInterface):
         from mriflow.image.denoise import denoise
 
         inputs = self.inputs
-        img = load_image(inputs.in_file)
+        # denoising runs on the raw image (sMRIPrep's order): NaN voxels are zeroed here too
+        img, input_report = load_input_image(inputs.in_file)
         out = denoise(
             img,
             method=inputs.method,
@@ -109,7 +109,9 @@ class Denoise(SimpleInterface):
             )
         if inputs.method == "skimage":
             parameters.update(patch_size=5, patch_distance=6, h="0.8 * estimated sigma")
-        self._results["step"] = step_record("denoise", parameters, software)
+        self._results["step"] = step_record(
+            "denoise", parameters, software, input_report=input_report
+        )
         return runtime
 
 
@@ -132,7 +134,7 @@ class _N4OutputSpec(TraitedSpec):
     step = traits.Dict(desc="step record for the sidecar")
 
 
-class N4BiasFieldCorrection(SimpleInterface):
+class N4BiasFieldCorrection(MriflowInterface):
     """N4 bias-field correction (:func:`mriflow.image.bias.n4_bias_correct`)."""
 
     input_spec = _N4InputSpec
@@ -174,7 +176,7 @@ class _RemoveBiasFieldOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="in_file / bias_field (float32)")
 
 
-class RemoveBiasField(SimpleInterface):
+class RemoveBiasField(MriflowInterface):
     """Divide by a kept N4 field (:func:`mriflow.image.bias.remove_bias_field`)."""
 
     input_spec = _RemoveBiasFieldInputSpec
@@ -208,7 +210,7 @@ class _SkullStripOutputSpec(TraitedSpec):
     step = traits.Dict(desc="step record for the sidecar")
 
 
-class SkullStrip(SimpleInterface):
+class SkullStrip(MriflowInterface):
     """Brain extraction (:func:`mriflow.image.skullstrip.skull_strip`)."""
 
     input_spec = _SkullStripInputSpec
@@ -271,7 +273,7 @@ class _RegisterOutputSpec(TraitedSpec):
     step = traits.Dict(desc="step record for the sidecar")
 
 
-class RegisterToTemplate(SimpleInterface):
+class RegisterToTemplate(MriflowInterface):
     """Registration to MNI152NLin2009aSym.
 
     See :func:`mriflow.image.registration.register_to_template`.
@@ -342,7 +344,7 @@ class _ApplyOutputSpec(TraitedSpec):
     step = traits.Dict(desc="step record for the sidecar")
 
 
-class ApplyTransforms(SimpleInterface):
+class ApplyTransforms(MriflowInterface):
     """Resample an image through kept transforms.
 
     See :func:`mriflow.image.registration.apply_transforms`.
@@ -396,7 +398,7 @@ class _PriorsOutputSpec(TraitedSpec):
     step = traits.Dict(desc="step record for the sidecar")
 
 
-class TemplateTissuePriors(SimpleInterface):
+class TemplateTissuePriors(MriflowInterface):
     """The template's GM, WM and CSF probability maps brought into the subject's grid."""
 
     input_spec = _PriorsInputSpec

@@ -11,7 +11,6 @@ from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     File,
     InputMultiObject,
-    SimpleInterface,
     TraitedSpec,
     traits,
 )
@@ -19,7 +18,7 @@ from nipype.utils.filemanip import fname_presuffix
 
 from mriflow.image.intensity import METHODS, NyulStandard, fit_nyul, normalize
 from mriflow.image.io import load_image
-from mriflow.interfaces.base import step_record
+from mriflow.interfaces.base import MriflowInterface, step_record
 
 __all__ = ["FitNyul", "Normalize", "save_like"]
 
@@ -59,7 +58,7 @@ class _NormalizeOutputSpec(TraitedSpec):
     step = traits.Dict(desc="step record for the sidecar")
 
 
-class Normalize(SimpleInterface):
+class Normalize(MriflowInterface):
     """Normalize intensities inside the brain mask with one of :data:`METHODS`."""
 
     input_spec = _NormalizeInputSpec
@@ -110,7 +109,7 @@ class _FitNyulOutputSpec(TraitedSpec):
     step = traits.Dict(desc="step record for the sidecar")
 
 
-class FitNyul(SimpleInterface):
+class FitNyul(MriflowInterface):
     """Fit a Nyúl & Udupa standard scale on a group of (training) images."""
 
     input_spec = _FitNyulInputSpec

@@ -10,7 +10,6 @@ import nibabel as nib
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     File,
-    SimpleInterface,
     TraitedSpec,
     isdefined,
     traits,
@@ -19,7 +18,7 @@ from nipype.interfaces.base import (
 from mriflow.bids.derivatives import STAGING_DIRNAME, build_path, parse_entities
 from mriflow.image.io import load_image
 from mriflow.image.spatial import fit_to_shape
-from mriflow.interfaces.base import step_record
+from mriflow.interfaces.base import MriflowInterface, step_record
 from mriflow.ml.slices import export_slices
 
 
@@ -39,7 +38,7 @@ class _ModelReadyOutputSpec(TraitedSpec):
     step = traits.Dict()
 
 
-class ModelReady(SimpleInterface):
+class ModelReady(MriflowInterface):
     """Crop to the brain box and fit a fixed shape; mask and labels on the same grid."""
 
     input_spec = _ModelReadyInputSpec
@@ -89,7 +88,7 @@ class _ExportSlicesOutputSpec(TraitedSpec):
     step = traits.Dict()
 
 
-class ExportSlices(SimpleInterface):
+class ExportSlices(MriflowInterface):
     """2D slices with a CSV index, staged for publishing under ``sub-XX/[ses-YY/]slices/``."""
 
     input_spec = _ExportSlicesInputSpec

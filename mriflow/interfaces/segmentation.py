@@ -8,7 +8,6 @@ import numpy as np
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     File,
-    SimpleInterface,
     TraitedSpec,
     isdefined,
     traits,
@@ -23,7 +22,7 @@ from mriflow.image.segmentation import (
     segment,
     tissue_fractions,
 )
-from mriflow.interfaces.base import step_record
+from mriflow.interfaces.base import MriflowInterface, step_record
 from mriflow.interfaces.intensity import save_like
 
 __all__ = ["TissueSegmentation"]
@@ -56,7 +55,7 @@ class _TissueSegmentationOutputSpec(TraitedSpec):
     step = traits.Dict(desc="step record for the sidecar")
 
 
-class TissueSegmentation(SimpleInterface):
+class TissueSegmentation(MriflowInterface):
     """Segment CSF, GM and WM; write dseg, probseg maps and the dseg.tsv table."""
 
     input_spec = _TissueSegmentationInputSpec

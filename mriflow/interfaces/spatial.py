@@ -9,14 +9,13 @@ import numpy as np
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     File,
-    SimpleInterface,
     TraitedSpec,
     traits,
 )
 
-from mriflow.image.io import load_image
+from mriflow.image.io import load_input_image
 from mriflow.image.spatial import reorient_to_ras, resample_to_voxel_size
-from mriflow.interfaces.base import step_record
+from mriflow.interfaces.base import MriflowInterface, step_record
 
 
 class _ConformInputSpec(BaseInterfaceInputSpec):
@@ -33,14 +32,15 @@ class _ConformOutputSpec(TraitedSpec):
     step = traits.Dict(desc="step record for the sidecar")
 
 
-class Conform(SimpleInterface):
+class Conform(MriflowInterface):
     """Reorient to RAS+ and resample to isotropic voxels."""
 
     input_spec = _ConformInputSpec
     output_spec = _ConformOutputSpec
 
     def _run_interface(self, runtime):
-        img = load_image(self.inputs.in_file)
+        # the first step on the raw image: refuses unusable inputs, zeroes NaN voxels
+        img, input_report = load_input_image(self.inputs.in_file)
         before_zooms = [round(float(z), 4) for z in img.header.get_zooms()[:3]]
         before_axcodes = "".join(nib.aff2axcodes(img.affine))
         before_shape = [int(n) for n in img.shape[:3]]
@@ -65,5 +65,6 @@ class Conform(SimpleInterface):
                 ],
             },
             ["nibabel", "scipy"],
+            input_report=input_report,
         )
         return runtime
