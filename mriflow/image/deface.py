@@ -381,8 +381,8 @@ def write_defaced_nifti(
         shape, order="F"
     )
     data = data.copy()
-    slope, inter = header.get_slope_inter()
-    data[remove] = _raw_zero(dtype, slope, inter)
+    # nibabel moves scl_slope/scl_inter from the loaded header to the proxy
+    data[remove] = _raw_zero(dtype, img.dataobj.slope, img.dataobj.inter)
     raw[offset : offset + n_bytes] = data.tobytes(order="F")
     Path(target).write_bytes(bytes(raw))
 
