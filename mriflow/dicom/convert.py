@@ -615,7 +615,7 @@ def _name_images(
 def _unknown_name(
     subject: str, session: str | None, series: DicomSeries, im: _Image, k: int, n: int
 ) -> str:
-    label = sanitize_label(im.sidecar.get("SeriesDescription") or "") or "unknown"
+    label = sanitize_label(im.sidecar.get("SeriesDescription") or "")[:40] or "unknown"
     number = f"{series.series_number:03d}" if series.series_number is not None else "000"
     ses = f"_ses-{session}" if session else ""
     extra = f"_{k + 1}" if n > 1 else ""
