@@ -191,3 +191,103 @@ def test_deface_workflow_runs_and_reports(tmp_path: Path) -> None:
     out = np.asarray(nib.load(res.out_file).dataobj)
     assert np.array_equal(out[ph["brain"]], np.asarray(ph["img"].dataobj)[ph["brain"]])
     assert Path(res.out_report).exists()
+
+
+# --------------------------------------------------------------------------- real heads
+
+FACE_BOX = ((-50.0, 50.0), (60.0, 100.0), (-60.0, -10.0))  # MNI mm, from issue 18
+
+
+def _in_mni(img, transforms, interpolation="linear") -> np.ndarray:
+    from mriflow.image.registration import apply_transforms
+    from mriflow.image.template import load_template
+
+    if interpolation == "linear":
+        img = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine)
+    out = apply_transforms(img, transforms, load_template(1).t1w, interpolation=interpolation)
+    return np.asarray(out.dataobj)
+
+
+def _face_box() -> tuple[np.ndarray, np.ndarray]:
+    from mriflow.image.template import load_template
+
+    tpl = load_template(1).t1w
+    ijk = np.indices(tpl.shape).reshape(3, -1).T
+    xyz = ijk @ tpl.affine[:3, :3].T + tpl.affine[:3, 3]
+    inside = np.ones(len(xyz), dtype=bool)
+    for axis, (lo, hi) in enumerate(FACE_BOX):
+        inside &= (xyz[:, axis] >= lo) & (xyz[:, axis] <= hi)
+    return inside.reshape(tpl.shape), np.asarray(tpl.header.get_zooms()[:3], dtype=float)
+
+
+def _check_real_head(head, defaced, tmp_path: Path) -> dict:
+    """Brain-mask voxels bit-identical; in MNI space the face box is cleared outside the brain."""
+    from mriflow.image.registration import register_to_template
+    from mriflow.image.skullstrip import skull_strip
+
+    stripped = skull_strip(head, method="auto", detect_stripped=False)
+    brain = np.asarray(stripped.mask.dataobj) > 0
+    before, after = np.asarray(head.dataobj), np.asarray(defaced.dataobj)
+    assert np.array_equal(before[brain], after[brain]), "brain-mask voxels changed"
+    changed = before != after
+    assert (after[changed] == 0).all(), "defacing only sets voxels to zero"
+
+    reg = register_to_template(
+        stripped.brain, tmp_path / "reg_", transform="affine", preset="fast", compute_warped=False
+    )
+    box, zooms = _face_box()
+    brain_mni = _in_mni(stripped.mask, reg.forward_transforms, "nearest") > 0
+    zero = np.abs(_in_mni(defaced, reg.forward_transforms)) < 1e-6
+    dist = ndi.distance_transform_edt(~brain_mni, sampling=zooms)
+    far = box & (dist > MARGIN + 2.0)
+    figures = {
+        "box_zero": float(zero[box].mean()),
+        "box_brain": float(brain_mni[box].mean()),
+        "face_zero": float(zero[far].mean()),
+    }
+    # The face box of the issue reaches into the orbitofrontal brain (3.8 % of it in the
+    # template, 4.5-5 % in these heads), which is never removed, and the margin is kept:
+    # so the box is >= 95 % zero outside brain + margin, and as a whole up to the brain.
+    assert figures["face_zero"] >= 0.95, figures
+    assert figures["box_zero"] >= 0.85, figures
+    assert figures["box_zero"] <= 1.0 - figures["box_brain"] + 0.01, figures
+    return figures
+
+
+@pytest.mark.data
+@pytest.mark.parametrize(
+    "relpath", ["anat/T1_head.nii.gz", "ground_truth/aomic_piop2/sub-0001_T1w.nii.gz"]
+)
+def test_real_head_face_box_cleared_in_mni_and_brain_bit_identical(
+    data_dir: Path, tmp_path: Path, relpath: str
+) -> None:
+    from mriflow.image.skullstrip import skull_strip
+
+    head = nib.load(data_dir / relpath)
+    mask = skull_strip(head, method="auto", detect_stripped=False).mask
+    defaced, _ = deface(head, mask, margin_mm=MARGIN)
+    _check_real_head(head, defaced, tmp_path)
+
+
+@pytest.mark.data
+def test_convert_deface_on_a_real_dicom_t1(data_dir: Path, tmp_path: Path) -> None:
+    from mriflow.dicom.convert import DefaceOptions, convert_dicom_to_bids
+
+    src = data_dir / "dicom" / "xa30_t1w_enhanced" / "In"
+    if not src.is_dir():
+        pytest.skip(f"{src} not found")
+    plain = convert_dicom_to_bids(src, tmp_path / "plain", subject="01", verify=False)
+    faced = convert_dicom_to_bids(
+        src, tmp_path / "defaced", subject="01", verify=False, deface=DefaceOptions()
+    )
+    assert plain.ok and faced.ok
+    (a,) = (tmp_path / "plain").rglob("*_T1w.nii.gz")
+    (b,) = (tmp_path / "defaced").rglob("*_T1w.nii.gz")
+    sidecar = json.loads(b.with_name(b.name.replace(".nii.gz", ".json")).read_text())
+    assert sidecar["Defaced"] is True
+    assert sidecar["DefacingMethod"]["MarginMM"] == MARGIN
+    assert "skull_strip" in sidecar["DefacingMethod"]["BrainMask"]
+    assert "Defaced" not in json.loads(a.with_name(a.name.replace(".nii.gz", ".json")).read_text())
+    img_a, img_b = nib.load(a), nib.load(b)
+    assert img_a.header.binaryblock == img_b.header.binaryblock, "header unchanged"
+    _check_real_head(img_a, img_b, tmp_path)
