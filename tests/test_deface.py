@@ -81,6 +81,7 @@ def phantom_head(
         "mask": mask,
         "brain": brain,
         "face": (nose | eyes) & ~brain,
+        "nose": nose,
         "ears": ears,
         "cap": cap,
         "zooms": np.full(3, voxel),
@@ -291,3 +292,25 @@ def test_convert_deface_on_a_real_dicom_t1(data_dir: Path, tmp_path: Path) -> No
     img_a, img_b = nib.load(a), nib.load(b)
     assert img_a.header.binaryblock == img_b.header.binaryblock, "header unchanged"
     _check_real_head(img_a, img_b, tmp_path)
+
+
+def test_template_face_mask_through_a_kept_transform_spares_the_brain(tmp_path: Path) -> None:
+    """pydeface's way: the MNI face region brought back by a transform (identity here)."""
+    from mriflow.image.deface import template_face_mask
+
+    identity = tmp_path / "identity.txt"
+    identity.write_text(
+        "#Insight Transform File V1.0\n#Transform 0\n"
+        "Transform: AffineTransform_double_3_3\n"
+        "Parameters: 1 0 0 0 1 0 0 0 1 0 0 0\nFixedParameters: 0 0 0\n"
+    )
+    ph = phantom_head(voxel=4.0)
+    remove = template_face_mask(ph["img"], ph["mask"], [identity], margin_mm=MARGIN)
+    dist = ndi.distance_transform_edt(~ph["brain"], sampling=ph["zooms"])
+    assert remove.any() and dist[remove].min() > MARGIN
+    assert remove[ph["nose"]].mean() > 0.9, "the nose is in the template face region"
+    assert not remove[ph["cap"]].any()
+    # deface() adds it to the brain-mask method and says so
+    result = deface(ph["img"], ph["mask"], template_to_subject=[identity])
+    assert "template face mask" in result.description["Method"]
+    assert (np.asarray(result.face_mask.dataobj)[remove] == 1).all()

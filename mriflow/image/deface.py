@@ -44,6 +44,7 @@ import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,7 @@ __all__ = [
 _FACE_DIRECTION = np.array([1.0, -1.0]) / np.sqrt(2.0)
 # Face region of the MNI152 template (RAS mm): below the brain's lowest frontal
 # tissue and in front of the temporal poles, for the template-based mask.
-_MNI_FACE_BOX = ((-80.0, 80.0), (20.0, 120.0), (-100.0, 0.0))
+_MNI_FACE_BOX = ((-90.0, 90.0), (20.0, 160.0), (-110.0, 0.0))
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,19 @@ def face_mask(
     return remove, record
 
 
+@lru_cache(maxsize=1)
+def _template_brain_distance() -> tuple[np.ndarray, np.ndarray]:
+    """Distance (mm) to the 1 mm MNI template brain mask, and the grid's affine."""
+    from mriflow.image.template import load_template
+
+    tpl = load_template(1)
+    brain = np.asarray(tpl.mask.dataobj) > 0
+    zooms = np.asarray(tpl.mask.header.get_zooms()[:3], dtype=float)
+    distance = ndi.distance_transform_edt(~brain, sampling=zooms).astype(np.float32)
+    distance.setflags(write=False)
+    return distance, tpl.mask.affine.copy()
+
+
 def template_face_mask(
     head_img: nib.spatialimages.SpatialImage,
     brain_mask_img: nib.spatialimages.SpatialImage,
@@ -241,20 +255,25 @@ def template_face_mask(
         On the head's grid.
     """
     from mriflow.image.registration import apply_transforms
-    from mriflow.image.template import load_template
 
     if not margin_mm > 0:
         raise ValueError(f"margin_mm must be > 0, got {margin_mm}")
     mask = _check_pair(head_img, brain_mask_img)
-    tpl = load_template(1)
-    tpl_brain = np.asarray(tpl.mask.dataobj) > 0
-    tzooms = np.asarray(tpl.mask.header.get_zooms()[:3], dtype=float)
-    near_brain = ndi.distance_transform_edt(~tpl_brain, sampling=tzooms) <= 2 * margin_mm
-    ras = [_axis_coordinates(tpl.mask.affine, r, tpl_brain.shape) for r in range(3)]
+    distance, tpl_affine = _template_brain_distance()
+    # The face region lives on its own 2 mm grid spanning the box: the template
+    # grid ends at y = +98 mm, short of a large nose.
     (x0, x1), (y0, y1), (z0, z1) = _MNI_FACE_BOX
-    box = (ras[0] >= x0) & (ras[0] <= x1) & (ras[1] >= y0) & (ras[1] <= y1)
-    box &= (ras[2] >= z0) & (ras[2] <= z1)
-    face_tpl = nib.Nifti1Image((box & ~near_brain).astype(np.uint8), tpl.mask.affine)
+    step = 2.0
+    affine = np.diag([step, step, step, 1.0])
+    affine[:3, 3] = (x0, y0, z0)
+    shape = tuple(int(np.floor((hi - lo) / step)) + 1 for lo, hi in _MNI_FACE_BOX)
+    world = np.indices(shape).reshape(3, -1).T * step + np.array([x0, y0, z0])
+    inv = np.linalg.inv(tpl_affine)
+    voxel = world @ inv[:3, :3].T + inv[:3, 3]
+    # Outside the template grid there is no brain: distance is "far" there.
+    far = ndi.map_coordinates(distance, voxel.T, order=0, mode="constant", cval=1e3)
+    face = (far > 2 * margin_mm).reshape(shape)
+    face_tpl = nib.Nifti1Image(face.astype(np.uint8), affine)
     ref = nib.Nifti1Image(np.zeros(head_img.shape, np.uint8), head_img.affine)
     back = apply_transforms(
         face_tpl,

@@ -17,17 +17,10 @@ from nipype.interfaces.base import (
 )
 
 from mriflow.image.io import load_image
+from mriflow.interfaces.anatomical import _stem
 from mriflow.interfaces.base import step_record
 
 __all__ = ["Deface"]
-
-
-def _stem(path: str) -> str:
-    name = Path(path).name
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return Path(name).stem
 
 
 class _DefaceInputSpec(BaseInterfaceInputSpec):
