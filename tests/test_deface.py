@@ -314,3 +314,20 @@ def test_template_face_mask_through_a_kept_transform_spares_the_brain(tmp_path: 
     result = deface(ph["img"], ph["mask"], template_to_subject=[identity])
     assert "template face mask" in result.description["Method"]
     assert (np.asarray(result.face_mask.dataobj)[remove] == 1).all()
+
+
+@pytest.mark.parametrize("pitch", [-15.0, 0.0, 20.0])
+def test_head_tilt_is_read_from_the_brain_mask(pitch: float) -> None:
+    from mriflow.image.deface import brain_pitch
+
+    ph = phantom_head(pitch_deg=pitch, grid_rotation_deg=25.0, voxel=4.0)
+    # the phantom brain is an ellipsoid whose long axis is the head's anterior axis
+    assert brain_pitch(ph["mask"]) == pytest.approx(pitch, abs=1.0)
+
+
+def test_template_pitch_constant_matches_the_template() -> None:
+    from mriflow.image import deface as deface_module
+    from mriflow.image.template import load_template
+
+    measured = deface_module.brain_pitch(load_template(1).mask)
+    assert measured == pytest.approx(deface_module._TEMPLATE_PITCH_DEG, abs=0.3)

@@ -65,8 +65,12 @@ __all__ = [
     "plot_defacing",
 ]
 
-# Anterior-inferior in the (anterior, superior) plane: the direction the face lies in.
-_FACE_DIRECTION = np.array([1.0, -1.0]) / np.sqrt(2.0)
+# Pitch (degrees, anterior end up) of the long axis of the brain's sagittal
+# projection in MNI152NLin2009aSym, from mriflow's template brain mask
+# (:func:`brain_pitch` on ``load_template(1).mask``; a test keeps it current).
+# A subject's pitch minus this is how far its head is tilted from the template's.
+_TEMPLATE_PITCH_DEG = 10.45
+_MAX_TILT_DEG = 35.0  # beyond this the mask, not the head, is odd: clip
 # Face region of the MNI152 template (RAS mm): below the brain's lowest frontal
 # tissue and in front of the temporal poles, for the template-based mask.
 _MNI_FACE_BOX = ((-90.0, 90.0), (20.0, 160.0), (-110.0, 0.0))
@@ -121,7 +125,29 @@ def _axis_coordinates(affine: np.ndarray, row: int, shape: tuple[int, ...]) -> n
     ).astype(np.float32, copy=False)
 
 
-def _shear_plane(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, float]:
+def brain_pitch(mask_img: nib.spatialimages.SpatialImage) -> float:
+    """Pitch in degrees (anterior end up) of the brain mask's long sagittal axis, in world space.
+
+    The first principal axis of the mask's (anterior, superior) coordinates:
+    the brain is about 1.4 times longer than high, so the axis is well defined
+    and tells how the head is tilted in the scanner without a registration.
+    """
+    mask = np.asarray(mask_img.dataobj) > 0
+    if mask.sum() < 10:
+        raise ValueError("the brain mask is too small to estimate the head's pitch")
+    ijk = np.argwhere(mask)[::5].astype(float)
+    world = ijk @ mask_img.affine[:3, :3].T + mask_img.affine[:3, 3]
+    centred = world[:, 1:3] - world[:, 1:3].mean(axis=0)
+    values, vectors = np.linalg.eigh(np.cov(centred.T))
+    axis = vectors[:, int(np.argmax(values))]
+    if axis[0] < 0:
+        axis = -axis
+    return float(np.degrees(np.arctan2(axis[1], axis[0])))
+
+
+def _shear_plane(
+    mask: np.ndarray, affine: np.ndarray, face_direction: np.ndarray
+) -> tuple[np.ndarray, float]:
     """Unit normal (anterior, superior) and offset of the hull edge facing the face.
 
     Every brain voxel centre p satisfies ``normal @ p <= offset``.
@@ -137,7 +163,7 @@ def _shear_plane(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, floa
     except Exception as err:  # flat masks (one slice) have no 2D hull
         raise ValueError(f"the brain mask has no 2D extent in the sagittal plane ({err})") from None
     normals = hull.equations[:, :2]  # outward unit normals; n @ p + c <= 0 inside
-    best = int(np.argmax(normals @ _FACE_DIRECTION))
+    best = int(np.argmax(normals @ face_direction))
     normal = normals[best]
     offset = float(np.max(points @ normal))  # exact support of the hull along this normal
     return normal, offset
@@ -179,7 +205,18 @@ def face_mask(
     affine = head_img.affine
     shape = tuple(int(n) for n in head_img.shape)
 
-    normal, offset = _shear_plane(mask, affine)
+    # The head's own frame in the sagittal plane: heads lie tilted in the
+    # scanner (chin up by 15-25 degrees is common), and "below the brain"
+    # must follow the head, not the scanner's axes.
+    tilt = float(
+        np.clip(brain_pitch(brain_mask_img) - _TEMPLATE_PITCH_DEG, -_MAX_TILT_DEG, _MAX_TILT_DEG)
+    )
+    c, s = np.cos(np.radians(tilt)), np.sin(np.radians(tilt))
+    head_anterior = np.array([c, s])  # (anterior, superior) world components
+    head_superior = np.array([-s, c])
+    face_direction = (head_anterior - head_superior) / np.sqrt(2.0)
+
+    normal, offset = _shear_plane(mask, affine, face_direction)
     anterior = _axis_coordinates(affine, 1, shape)
     superior = _axis_coordinates(affine, 2, shape)
     remove = normal[0] * anterior + normal[1] * superior > offset + margin_mm
@@ -187,7 +224,12 @@ def face_mask(
     centroid = np.argwhere(mask).mean(axis=0) @ affine[:3, :3].T + affine[:3, 3]
     if shave:
         zooms = np.asarray(head_img.header.get_zooms()[:3], dtype=float)
-        region = (superior < centroid[2]) & (anterior > centroid[1] - ear_depth_mm)
+        anterior -= centroid[1]
+        superior -= centroid[2]
+        below = head_superior[0] * anterior + head_superior[1] * superior < 0
+        front = head_anterior[0] * anterior + head_anterior[1] * superior > -ear_depth_mm
+        region = below & front
+        del below, front
         # Distances only where they matter: crop to the region's bounding box.
         box = tuple(slice(int(ix.min()), int(ix.max()) + 1) for ix in np.nonzero(region))
         if all(s.stop > s.start for s in box):
@@ -211,6 +253,7 @@ def face_mask(
         "MarginMM": float(margin_mm),
         "EarDepthMM": float(ear_depth_mm) if shave else None,
         "Shave": bool(shave),
+        "HeadTiltDeg": round(tilt, 1),
         "PlaneNormalAS": [round(float(v), 4) for v in normal],
         "PlaneOffsetMM": round(float(offset + margin_mm), 2),
         "RemovedFraction": round(float(remove.mean()), 4),
