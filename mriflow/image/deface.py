@@ -14,17 +14,21 @@ a recognisable portrait. Two published methods remove it:
 :func:`deface` does what a raw image allows (``mriflow convert --deface`` has
 no transform yet): a brain mask from mriflow's skull stripper, and
 
+0. **the head's frame**: heads lie tilted in the scanner (chin up by 5-25
+   degrees); the tilt is the pitch of the long axis of the brain mask's
+   sagittal projection minus that of the MNI template's brain (10.45 degrees),
+   so "below" and "in front of" the brain follow the head, not the scanner;
 1. **the plane** (quickshear's idea, our own implementation): among the edges
    of the convex hull of the brain mask's sagittal projection (world
    anterior/superior coordinates), the one whose outward normal points
-   closest to anterior-inferior (45 degrees); voxels more than ``margin_mm``
-   beyond it are removed;
+   closest to the head's anterior-inferior direction (45 degrees); voxels
+   more than ``margin_mm`` beyond it are removed;
 2. **the shave** (for what a plane cannot reach: the eyes and nose beside the
    frontal lobe, the cheeks, and the ears beside the temporal lobes): below
    the brain's centroid and in front of a coronal plane ``ear_depth_mm``
-   behind it, every voxel farther than ``margin_mm`` from the brain mask is
-   removed. The back of the head and the skull cap are kept (the skull
-   stripper and registration use them).
+   behind it (both in the head's frame), every voxel farther than
+   ``margin_mm`` from the brain mask is removed. The back of the head and the
+   skull cap are kept (the skull stripper and registration use them).
 
 The brain mask's voxels are never removed: the plane lies outside the hull of
 the mask, the shave keeps ``margin_mm`` around it, and :func:`deface` asserts
@@ -56,6 +60,7 @@ from scipy.spatial import ConvexHull
 __all__ = [
     "DefaceResult",
     "DefacingView",
+    "brain_pitch",
     "deface",
     "face_mask",
     "template_face_mask",
@@ -492,7 +497,7 @@ def plot_defacing(
     face_mask_img: nib.spatialimages.SpatialImage,
     out_path: str | os.PathLike[str],
     *,
-    offsets_mm: tuple[float, ...] = (0.0, 40.0),
+    offsets_mm: tuple[float, ...] = (0.0, 65.0),
 ) -> Path:
     """Report figure: sagittal sections of the head with the removed part shaded red.
 
