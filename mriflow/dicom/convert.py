@@ -761,6 +761,12 @@ def _convert_subject(
                     if im.target is None:
                         if not keep_unknown:
                             continue
+                        if deface_options is not None:
+                            logger.warning(
+                                "%s is kept under sourcedata/ NOT defaced: --deface applies "
+                                "to the T1w/T2w/FLAIR images the heuristic names",
+                                series.label,
+                            )
                         name = _unknown_name(subject, session, series, im, k, len(group))
                         base, dup = name, 2
                         while name in used_unknown:  # same number and description
