@@ -174,6 +174,33 @@ def _shear_plane(
     return normal, offset
 
 
+def _coronal_hull(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """The brain mask filled to its convex hull in every coronal slice.
+
+    What the shave keeps its margin from. A mask that misses the lateral
+    surface of a temporal lobe (thick slices, a head cut by the field of
+    view) would otherwise let the shave reach into that lobe; the coronal
+    outline of the brain is convex laterally, so its hull restores it, while
+    the face (in front of the brain) and the ears (beyond the hull) stay outside.
+    """
+    from skimage.morphology import convex_hull_image
+
+    axis = int(np.argmax(np.abs(affine[1, :3])))  # voxel axis closest to anterior
+    out = mask.copy()
+    for index in range(mask.shape[axis]):
+        section = np.take(mask, index, axis=axis)
+        if section.sum() < 3:
+            continue
+        try:
+            filled = convex_hull_image(section)
+        except Exception:  # collinear voxels: nothing to fill
+            continue
+        where = [slice(None)] * 3
+        where[axis] = index
+        out[tuple(where)] |= filled
+    return out
+
+
 def face_mask(
     head_img: nib.spatialimages.SpatialImage,
     brain_mask_img: nib.spatialimages.SpatialImage,
@@ -228,6 +255,7 @@ def face_mask(
 
     centroid = np.argwhere(mask).mean(axis=0) @ affine[:3, :3].T + affine[:3, 3]
     if shave:
+        protected = _coronal_hull(mask, affine)
         zooms = np.asarray(head_img.header.get_zooms()[:3], dtype=float)
         anterior -= centroid[1]
         superior -= centroid[2]
@@ -243,7 +271,7 @@ def face_mask(
                 slice(max(0, s.start - p), min(n, s.stop + p))
                 for s, p, n in zip(box, pad, shape, strict=True)
             )
-            sub_mask = mask[grown]
+            sub_mask = protected[grown]
             if sub_mask.any():
                 far = ndi.distance_transform_edt(~sub_mask, sampling=zooms) > margin_mm
             else:  # no brain near the region: all of it is farther than the margin
@@ -475,13 +503,19 @@ def defacing_view(
     *,
     offset_mm: float = 0.0,
 ) -> DefacingView:
-    """The sagittal section ``offset_mm`` right of the head's centre, in RAS orientation."""
+    """The sagittal section ``offset_mm`` right of the head's centre, in RAS orientation.
+
+    The centre is the left-right centre of mass of the head (voxels brighter
+    than the image mean), not of the field of view: heads often lie off-centre.
+    """
     head = nib.as_closest_canonical(head_img)
     face = nib.as_closest_canonical(face_mask_img)
     data = np.asarray(head.dataobj, dtype=np.float32)
     removed = np.asarray(face.dataobj) > 0
     zooms = np.asarray(head.header.get_zooms()[:3], dtype=float)
-    x = int(np.clip(round(data.shape[0] / 2 + offset_mm / zooms[0]), 0, data.shape[0] - 1))
+    tissue = data > data.mean()
+    centre = ndi.center_of_mass(tissue)[0] if tissue.any() else data.shape[0] / 2
+    x = int(np.clip(round(centre + offset_mm / zooms[0]), 0, data.shape[0] - 1))
     x_mm = float((head.affine @ np.array([x, 0, 0, 1]))[0])
     # (A, S) section -> rows S descending, columns A ascending
     return DefacingView(
