@@ -27,7 +27,8 @@ no transform yet): a brain mask from mriflow's skull stripper, and
    frontal lobe, the cheeks, and the ears beside the temporal lobes): below
    the brain's centroid and in front of a coronal plane ``ear_depth_mm``
    behind it (both in the head's frame), every voxel farther than
-   ``margin_mm`` from the brain mask is removed. The back of the head and the
+   ``margin_mm`` from the brain mask (filled to its convex hull in each coronal
+   slice, which restores lateral edges a skull stripper missed) is removed. The back of the head and the
    skull cap are kept (the skull stripper and registration use them).
 
 The brain mask's voxels are never removed: the plane lies outside the hull of
