@@ -237,3 +237,12 @@ def test_descriptions_are_printed_on_one_safe_line(tmp_path: Path, capsys, caplo
     for line in lines:
         assert "y" * 70 not in line, "description not capped"
     assert not any(line.startswith("FAKE") for line in text.splitlines())
+
+
+def test_deface_margin_must_be_positive(tmp_path: Path, capsys) -> None:
+    src = tmp_path / "dicom"
+    write_series(src)
+    out = tmp_path / "bids"
+    assert _run_cli([src, out, "--subject", "01", "--deface", "--deface-margin", "0"]) == 2
+    assert "--deface-margin must be > 0" in capsys.readouterr().err
+    assert not out.exists()

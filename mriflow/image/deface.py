@@ -28,8 +28,9 @@ no transform yet): a brain mask from mriflow's skull stripper, and
    the brain's centroid and in front of a coronal plane ``ear_depth_mm``
    behind it (both in the head's frame), every voxel farther than
    ``margin_mm`` from the brain mask (filled to its convex hull in each coronal
-   slice, which restores lateral edges a skull stripper missed) is removed. The back of the head and the
-   skull cap are kept (the skull stripper and registration use them).
+   slice, which restores lateral edges a skull stripper missed) is removed.
+   The back of the head and the skull cap are kept (the skull stripper and
+   registration use them).
 
 The brain mask's voxels are never removed: the plane lies outside the hull of
 the mask, the shave keeps ``margin_mm`` around it, and :func:`deface` asserts
@@ -239,7 +240,7 @@ def face_mask(
     shape = tuple(int(n) for n in head_img.shape)
 
     # The head's own frame in the sagittal plane: heads lie tilted in the
-    # scanner (chin up by 15-25 degrees is common), and "below the brain"
+    # scanner (4-19 degrees from the template on the shared heads), and "below the brain"
     # must follow the head, not the scanner's axes.
     tilt = float(
         np.clip(brain_pitch(brain_mask_img) - _TEMPLATE_PITCH_DEG, -_MAX_TILT_DEG, _MAX_TILT_DEG)
