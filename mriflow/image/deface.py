@@ -189,17 +189,21 @@ def _coronal_hull(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
     axis = int(np.argmax(np.abs(affine[1, :3])))  # voxel axis closest to anterior
     out = mask.copy()
-    for index in range(mask.shape[axis]):
-        section = np.take(mask, index, axis=axis)
+    # Work in the mask's bounding box: the hull never leaves it, and
+    # convex_hull_image costs in proportion to the section's size.
+    bbox = ndi.find_objects(mask.astype(np.uint8))[0]
+    crop, view = mask[bbox], out[bbox]
+    for index in range(crop.shape[axis]):
+        where: list[Any] = [slice(None)] * 3
+        where[axis] = index
+        section = crop[tuple(where)]  # a view (np.take copied the whole crop each time)
         if section.sum() < 3:
             continue
         try:
             filled = convex_hull_image(section)
         except Exception:  # collinear voxels: nothing to fill
             continue
-        where = [slice(None)] * 3
-        where[axis] = index
-        out[tuple(where)] |= filled
+        view[tuple(where)] |= filled
     return out
 
 
@@ -266,8 +270,9 @@ def face_mask(
         region = below & front
         del below, front
         # Distances only where they matter: crop to the region's bounding box.
-        box = tuple(slice(int(ix.min()), int(ix.max()) + 1) for ix in np.nonzero(region))
-        if all(s.stop > s.start for s in box):
+        found = ndi.find_objects(region.astype(np.uint8))
+        if found and found[0] is not None:
+            box = found[0]
             pad = [int(np.ceil(margin_mm / z)) + 1 for z in zooms]
             grown = tuple(
                 slice(max(0, s.start - p), min(n, s.stop + p))
