@@ -33,13 +33,22 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="BIDS raw dataset to write into (created if missing)",
     )
-    parser.add_argument(
+    who = parser.add_mutually_exclusive_group(required=True)
+    who.add_argument(
         "--subject",
         "--participant-label",
         dest="subject",
-        required=True,
         metavar="LABEL",
-        help="participant label, e.g. 01 (the sub- prefix is optional; letters and digits only)",
+        help="participant label, e.g. 01 (the sub- prefix is optional; letters and digits "
+        "only); the folder must hold one patient's series",
+    )
+    who.add_argument(
+        "--subject-map",
+        metavar="FILE",
+        type=Path,
+        default=None,
+        help="TSV of PatientID<TAB>participant label, one patient a line: converts a "
+        "folder holding several patients, each into its own subject",
     )
     parser.add_argument(
         "--session",
@@ -96,6 +105,22 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         "fails and the existing files are kept)",
     )
     parser.add_argument(
+        "--deface",
+        action="store_true",
+        help="remove the face and ears of the T1w, T2w and FLAIR images written "
+        "(a plane and a shave outside the brain mask plus a margin; never a brain voxel); "
+        "the sidecar says Defaced: true and how",
+    )
+    parser.add_argument(
+        "--deface-margin",
+        dest="deface_margin_mm",
+        metavar="MM",
+        type=float,
+        default=5.0,
+        help="defacing: distance kept between the brain mask and anything removed "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
         "--affine-tolerance",
         dest="affine_tolerance_mm",
         metavar="MM",
@@ -132,9 +157,16 @@ def run_convert(args: argparse.Namespace) -> int:
     int
         0 when every series converted (or was deliberately left out), 1 when
         some series or files failed, 2 for a usage error (bad folder, label,
-        heuristic file or option combination, or no DICOM images found).
+        heuristic file, subject map or option combination, series of several
+        patients without a subject map, or no DICOM images found).
     """
-    from mriflow.dicom.convert import convert_dicom_to_bids, summary_lines
+    from mriflow.dicom.convert import (
+        DefaceOptions,
+        MixedPatientsError,
+        convert_dicom_to_bids,
+        load_subject_map,
+        summary_lines,
+    )
     from mriflow.dicom.heuristic import HeuristicError
 
     _ensure_log_output()
@@ -145,11 +177,20 @@ def run_convert(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.deface and not args.deface_margin_mm > 0:
+        print(
+            f"mriflow convert: error: --deface-margin must be > 0 mm, got {args.deface_margin_mm}",
+            file=sys.stderr,
+        )
+        return 2
     try:
+        subject_map = load_subject_map(args.subject_map) if args.subject_map else None
         report = convert_dicom_to_bids(
             args.dicom_dir,
             args.bids_dir,
             subject=args.subject,
+            subject_map=subject_map,
+            deface=DefaceOptions(margin_mm=args.deface_margin_mm) if args.deface else None,
             session=args.session,
             heuristic=args.heuristic,
             converter=args.converter,
@@ -161,6 +202,13 @@ def run_convert(args: argparse.Namespace) -> int:
             affine_tolerance_mm=args.affine_tolerance_mm,
             min_correlation=args.min_correlation,
         )
+    except MixedPatientsError as err:
+        first, *series = str(err).splitlines()
+        print(f"mriflow convert: error: {first}", file=sys.stderr)
+        for line in series:
+            print(line, file=sys.stderr)
+        print("Nothing was written.", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, HeuristicError) as err:
         print(f"mriflow convert: error: {err}", file=sys.stderr)
         return 2
@@ -185,12 +233,20 @@ def run_convert(args: argparse.Namespace) -> int:
     )
     if not args.keep_phi:
         print(
-            "De-identified: no patient, institution or physician fields, UIDs or dates "
-            "in sidecars and NIfTI headers"
+            "De-identified: no patient, institution or physician fields, UIDs, dates or "
+            "free-text descriptions in sidecars and NIfTI headers"
             + (
                 f" (dates shifted by -{args.date_shift_days} d)"
                 if args.date_shift_days is not None
                 else ""
             )
         )
+    if args.deface:
+        n_defaced = sum(
+            1
+            for o in report.converted
+            for path in o.outputs
+            if path.name.endswith(".json") and '"Defaced": true' in path.read_text("utf-8")
+        )
+        print(f"Defaced {n_defaced} T1w/T2w/FLAIR images (margin {args.deface_margin_mm} mm)")
     return 0 if report.ok else 1

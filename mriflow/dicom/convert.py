@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import nibabel as nib
+import numpy as np
 import pydicom
 
 from mriflow.dicom.converters import (
@@ -48,6 +49,7 @@ from mriflow.dicom.deid import (
     collect_phi_values,
     contains_phi,
     deidentify_sidecar,
+    restrict_sidecar,
     write_nifti_gz,
 )
 from mriflow.dicom.heuristic import (
@@ -63,9 +65,14 @@ from mriflow.dicom.scan import DicomSeries, FileProblem, scan_dicom_dir
 
 __all__ = [
     "CONVERTERS",
+    "DEFACE_SUFFIXES",
     "ConversionReport",
+    "DefaceOptions",
+    "MixedPatientsError",
     "SeriesOutcome",
+    "assign_subjects",
     "convert_dicom_to_bids",
+    "load_subject_map",
     "summary_lines",
 ]
 
@@ -94,6 +101,7 @@ class SeriesOutcome:
     reason: str = ""
     checks: list[dict[str, Any]] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
+    subject: str = ""
 
 
 @dataclass
@@ -141,10 +149,200 @@ class _Image:
     check: dict[str, Any]
     target: BidsTarget | None = None
     matched: list[str] = field(default_factory=list)
+    match_sidecar: dict[str, Any] = field(default_factory=dict)
 
 
 class _SeriesFailure(RuntimeError):
     pass
+
+
+class MixedPatientsError(ValueError):
+    """The DICOM folder holds series of several patients and no subject map says whose is whose.
+
+    The first line of the message is the error; the following lines list each
+    series with its patient fingerprint (a keyed hash: never the identifiers).
+    """
+
+
+# Raw images that show a face: what ``--deface`` defaces.
+DEFACE_SUFFIXES = ("T1w", "T2w", "FLAIR")
+
+
+@dataclass(frozen=True)
+class DefaceOptions:
+    """How ``convert --deface`` defaces the raw T1w/T2w/FLAIR images.
+
+    ``margin_mm`` is kept between the brain mask and anything removed;
+    ``skull_strip`` is the backend making that mask
+    (see :func:`mriflow.image.skullstrip.skull_strip`).
+    """
+
+    margin_mm: float = 5.0
+    skull_strip: Literal["auto", "deepbet", "template"] = "auto"
+    num_threads: int = 1
+    random_seed: int = 42
+
+
+def load_subject_map(path: str | Path) -> dict[str, str]:
+    """Read a ``PatientID -> subject label`` table (TSV, two columns).
+
+    A header line is allowed when its first cell is ``patient_id`` or
+    ``PatientID``; blank lines and lines starting with ``#`` are skipped.
+
+    Raises
+    ------
+    ValueError
+        Unreadable file, a line without two columns, a repeated PatientID or
+        an invalid subject label (the message names the file and line).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: cannot read the subject map ({err})") from None
+    mapping: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        cells = [c.strip() for c in line.split("\t")]
+        if len(cells) != 2 or not cells[0] or not cells[1]:
+            raise ValueError(
+                f"{path}: line {number}: expected two tab-separated columns "
+                "(PatientID, subject label)"
+            )
+        if number == 1 and cells[0].lower() in ("patient_id", "patientid"):
+            continue
+        try:
+            label = _check_label(cells[1], "subject")
+        except ValueError as err:
+            raise ValueError(f"{path}: line {number}: {err}") from None
+        if cells[0] in mapping:
+            raise ValueError(f"{path}: line {number}: PatientID listed twice")
+        mapping[cells[0]] = str(label)
+    if not mapping:
+        raise ValueError(f"{path}: the subject map has no entries")
+    return mapping
+
+
+def _patient_lines(series_list: list[DicomSeries], indices: list[int]) -> list[str]:
+    return [
+        f"  {series_list[k].label} -> patient "
+        f"{series_list[k].patient.fingerprint() if series_list[k].patient else '?'}"
+        for k in indices
+    ]
+
+
+def assign_subjects(
+    series_list: list[DicomSeries],
+    *,
+    subject: str | None,
+    subject_map: dict[str, str] | None,
+) -> dict[int, str]:
+    """The subject label of each series (by index), refusing to mix patients.
+
+    Parameters
+    ----------
+    series_list : list of DicomSeries
+        From :func:`mriflow.dicom.scan.scan_dicom_dir`.
+    subject : str, optional
+        One label for everything: allowed only when all series belong to one
+        patient (same PatientID, PatientName and PatientBirthDate).
+    subject_map : dict, optional
+        PatientID -> subject label, for a folder holding several patients.
+
+    Returns
+    -------
+    dict
+        Series index -> label. Series whose own files belong to several
+        patients are left out (they fail on their own).
+
+    Raises
+    ------
+    MixedPatientsError
+        Several patients and no map, a patient missing from the map, or two
+        patients sharing a PatientID; nothing has been written.
+    """
+    if (subject is None) == (subject_map is None):
+        raise ValueError("give either a subject label or a subject map (PatientID -> label)")
+    usable = [k for k, s in enumerate(series_list) if s.patient is not None]
+    if subject_map is None:
+        patients = {series_list[k].patient for k in usable}
+        if len(patients) > 1:
+            raise MixedPatientsError(
+                "\n".join(
+                    [
+                        f"the DICOM folder holds series of {len(patients)} different patients "
+                        "(PatientID/PatientName/PatientBirthDate differ); refusing to merge them "
+                        "into one subject: convert each patient's folder separately, or give "
+                        "--subject-map FILE (PatientID<TAB>label per line). Series:",
+                        *_patient_lines(series_list, usable),
+                    ]
+                )
+            )
+        return {k: str(subject) for k in usable}
+
+    by_id: dict[str, set] = defaultdict(set)
+    for k in usable:
+        patient = series_list[k].patient
+        by_id[patient.patient_id].add(patient)
+    shared = [pid for pid, who in by_id.items() if len(who) > 1]
+    unmapped = [k for k in usable if series_list[k].patient.patient_id not in subject_map]
+    if shared:
+        bad = [k for k in usable if series_list[k].patient.patient_id in shared]
+        raise MixedPatientsError(
+            "\n".join(
+                [
+                    "series with the same PatientID but different PatientName or "
+                    "PatientBirthDate: a subject map by PatientID cannot tell them apart; "
+                    "convert them separately. Series:",
+                    *_patient_lines(series_list, bad),
+                ]
+            )
+        )
+    if unmapped:
+        raise MixedPatientsError(
+            "\n".join(
+                [
+                    f"{len(unmapped)} series belong to patients whose PatientID is not in "
+                    "the subject map (an empty PatientID cannot be mapped). Series:",
+                    *_patient_lines(series_list, unmapped),
+                ]
+            )
+        )
+    return {k: subject_map[series_list[k].patient.patient_id] for k in usable}
+
+
+def _deface_image(im: _Image, work: Path, options: DefaceOptions) -> None:
+    """Deface ``im.nifti`` (a converted head) in ``work`` and record it in its sidecar.
+
+    The brain mask comes from mriflow's skull stripper on the raw image; only
+    voxels of the face mask change, written into a copy of the converted file
+    byte for byte, so every other voxel, the header and the scaling stay exactly
+    as converted.
+    """
+    from mriflow.image.deface import deface, write_defaced_nifti
+    from mriflow.image.skullstrip import skull_strip
+
+    img = nib.load(str(im.nifti))
+    if len(img.shape) != 3:
+        raise _SeriesFailure(f"cannot deface a {len(img.shape)}D image (expected 3D)")
+    stripped = skull_strip(
+        img,
+        method=options.skull_strip,
+        detect_stripped=False,
+        random_seed=options.random_seed,
+        num_threads=options.num_threads,
+    )
+    result = deface(img, stripped.mask, margin_mm=options.margin_mm)
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / "defaced.nii"
+    write_defaced_nifti(im.nifti, out, np.asarray(result.face_mask.dataobj) > 0)
+    im.nifti = out
+    im.sidecar["Defaced"] = True
+    im.sidecar["DefacingMethod"] = {
+        **result.description,
+        "BrainMask": f"mriflow skull_strip ({stripped.method})",
+    }
 
 
 def _check_label(value: str | None, what: str) -> str | None:
@@ -313,6 +511,11 @@ def _convert_series(
             sidecar, _removed = deidentify_sidecar(
                 sidecar, phi, acquired=acquired, date_shift_days=date_shift_days
             )
+        # dcm2bids criteria may test any field (StudyDescription too): they
+        # match on this copy, which is never written.
+        match_sidecar = dict(sidecar)
+        if deidentify:
+            sidecar, _removed = restrict_sidecar(sidecar)
             # Converter messages never quote header text, but check anyway.
             if contains_phi(json.dumps(check), phi):
                 check.pop("Details", None)
@@ -334,6 +537,7 @@ def _convert_series(
                 echo=series.echo if series.echo is not None else echo,
                 component=component,
                 check=check,
+                match_sidecar=match_sidecar,
             )
         )
     return images
@@ -359,9 +563,11 @@ def _name_images(
     """Set ``target`` on every image the heuristic recognises, with unique names."""
     for im in images:
         if config is not None:
-            im.target, im.matched = config.match(im.sidecar)
+            im.target, im.matched = config.match(im.match_sidecar or im.sidecar)
         else:
-            im.target = default_heuristic(im.sidecar, n_volumes=im.n_volumes, bvals=im.bvals)
+            im.target = default_heuristic(
+                im.match_sidecar or im.sidecar, n_volumes=im.n_volumes, bvals=im.bvals
+            )
 
     # echo-/part- where one acquisition (same SeriesInstanceUID) holds several.
     by_uid: dict[str, list[_Image]] = defaultdict(list)
@@ -409,7 +615,7 @@ def _name_images(
 def _unknown_name(
     subject: str, session: str | None, series: DicomSeries, im: _Image, k: int, n: int
 ) -> str:
-    label = sanitize_label(im.sidecar.get("SeriesDescription") or "") or "unknown"
+    label = sanitize_label(im.sidecar.get("SeriesDescription") or "")[:40] or "unknown"
     number = f"{series.series_number:03d}" if series.series_number is not None else "000"
     ses = f"_ses-{session}" if session else ""
     extra = f"_{k + 1}" if n > 1 else ""
@@ -459,99 +665,33 @@ def _stage_and_move(
     return moved
 
 
-def convert_dicom_to_bids(
-    dicom_dir: str | Path,
-    bids_dir: str | Path,
+def _convert_subject(
+    series_list: list[DicomSeries],
+    bids_dir: Path,
     *,
     subject: str,
-    session: str | None = None,
-    heuristic: str | Path | None = None,
-    converter: Literal["dcm2niix", "dicom2nifti"] = "dcm2niix",
-    verify: bool = True,
-    deidentify: bool = True,
-    date_shift_days: int | None = None,
-    keep_unknown: bool = False,
-    overwrite: bool = False,
-    affine_tolerance_mm: float = 1e-3,
-    min_correlation: float = 0.99,
-) -> ConversionReport:
-    """Convert every series under ``dicom_dir`` into the BIDS dataset ``bids_dir``.
+    session: str | None,
+    config: Dcm2BidsConfig | None,
+    converter: str,
+    verify: bool,
+    deidentify: bool,
+    date_shift_days: int | None,
+    keep_unknown: bool,
+    overwrite: bool,
+    affine_tolerance_mm: float,
+    min_correlation: float,
+    deface_options: DefaceOptions | None,
+) -> tuple[list[SeriesOutcome], bool]:
+    """Convert, name and write the series of one subject.
 
-    Parameters
-    ----------
-    dicom_dir : path
-        Folder searched recursively (any file names, DICOMDIR, enhanced multi-frame).
-    bids_dir : path
-        BIDS raw dataset, created if missing; other subjects in it are kept.
-    subject : str
-        Participant label (``01`` or ``sub-01``; letters and digits only).
-    session : str, optional
-        Session label; adds ``ses-<label>`` to folders and names.
-    heuristic : path, optional
-        A dcm2bids JSON config replacing the default naming rules.
-    converter : {"dcm2niix", "dicom2nifti"}
-        Primary converter; the other one cross-checks each series when ``verify``.
-    verify : bool
-        Convert with both and compare in RAS (shape, affine within
-        ``affine_tolerance_mm``, voxel correlation >= ``min_correlation``).
-        Disagreement is logged as a warning and recorded in the sidecar
-        (``ConversionCheck``); the primary's image is written either way.
-    deidentify : bool
-        Remove PHI from sidecars and NIfTI headers (default). False keeps
-        everything the converter writes (``--keep-phi``).
-    date_shift_days : int, optional
-        With ``deidentify``: None removes acquisition dates; an integer keeps
-        ``AcquisitionDateTime`` shifted back by that many days.
-    keep_unknown : bool
-        Write series the heuristic does not name under ``sourcedata/`` instead
-        of leaving them out.
-    overwrite : bool
-        Replace existing files with the same names (otherwise such a series fails).
-    affine_tolerance_mm, min_correlation : float
-        Agreement thresholds of the cross-check.
-
-    Returns
-    -------
-    ConversionReport
-        One outcome per series; ``report.ok`` is False if any series or file failed.
-
-    Raises
-    ------
-    ValueError
-        Invalid labels, converter name or thresholds.
-    FileNotFoundError
-        ``dicom_dir`` is not a folder.
-    mriflow.dicom.heuristic.HeuristicError
-        The heuristic file is missing or invalid.
+    Returns the outcomes (one per series, in order) and whether any series was
+    kept under ``sourcedata/``.
     """
-    subject = _check_label(subject, "subject")
-    if not subject:
-        raise ValueError("a subject label is required (for example --subject 01)")
-    session = _check_label(session, "session")
-    if converter not in CONVERTERS:
-        raise ValueError(f"converter must be one of {CONVERTERS}, got {converter!r}")
-    if affine_tolerance_mm <= 0:
-        raise ValueError(f"affine_tolerance_mm must be > 0, got {affine_tolerance_mm}")
-    if not -1 <= min_correlation <= 1:
-        raise ValueError(f"min_correlation must be in [-1, 1], got {min_correlation}")
-    if date_shift_days is not None and not deidentify:
-        raise ValueError("date_shift_days applies to de-identified output only (not with keep-PHI)")
-    dicom_dir = Path(dicom_dir)
-    bids_dir = Path(bids_dir)
-    config = load_dcm2bids_config(heuristic) if heuristic is not None else None
-    src, dst = dicom_dir.resolve(), bids_dir.resolve()
-    if dst == src or src in dst.parents:
-        raise ValueError(f"{bids_dir}: the BIDS folder must not be inside the DICOM folder")
-
-    scan = scan_dicom_dir(dicom_dir)
-    for problem in scan.problems:
-        logger.error("Cannot use %s", problem)
-    outcomes = [SeriesOutcome(series=s, status="converted") for s in scan.series]
-
+    outcomes = [SeriesOutcome(series=s, status="converted", subject=subject) for s in series_list]
     with tempfile.TemporaryDirectory(prefix="mriflow-convert-") as tmp:
         work = Path(tmp)
         images: list[_Image] = []
-        for index, (series, outcome) in enumerate(zip(scan.series, outcomes, strict=True)):
+        for index, (series, outcome) in enumerate(zip(series_list, outcomes, strict=True)):
             if series.problems:
                 outcome.status = "failed"
                 outcome.reason = "; ".join(str(p) for p in series.problems)
@@ -592,7 +732,7 @@ def convert_dicom_to_bids(
                     )
             images.extend(converted)
 
-        _name_images(images, scan.series, config)
+        _name_images(images, series_list, config)
 
         staging: Path | None = None
         by_series: dict[int, list[_Image]] = defaultdict(list)
@@ -602,12 +742,31 @@ def convert_dicom_to_bids(
         used_unknown: set[str] = set()
         try:
             for index, group in sorted(by_series.items()):
-                series, outcome = scan.series[index], outcomes[index]
+                series, outcome = series_list[index], outcomes[index]
                 files: list[tuple[Path, Path, str | None]] = []
+                if deface_options is not None:
+                    try:
+                        for k, im in enumerate(group):
+                            if im.target is not None and im.target.datatype == "anat":
+                                if im.target.suffix in DEFACE_SUFFIXES:
+                                    _deface_image(
+                                        im, work / f"deface{index:04d}_{k}", deface_options
+                                    )
+                    except Exception as err:  # never write a head that was to be defaced
+                        outcome.status = "failed"
+                        outcome.reason = f"defacing failed: {err}"
+                        logger.error("Series failed: %s: %s", series.label, outcome.reason)
+                        continue
                 for k, im in enumerate(group):
                     if im.target is None:
                         if not keep_unknown:
                             continue
+                        if deface_options is not None:
+                            logger.warning(
+                                "%s is kept under sourcedata/ NOT defaced: --deface applies "
+                                "to the T1w/T2w/FLAIR images the heuristic names",
+                                series.label,
+                            )
                         name = _unknown_name(subject, session, series, im, k, len(group))
                         base, dup = name, 2
                         while name in used_unknown:  # same number and description
@@ -674,11 +833,149 @@ def convert_dicom_to_bids(
                 outcome.reason,
             )
 
-    if any(o.outputs for o in outcomes):
-        write_dataset_description(bids_dir)
-        update_participants(bids_dir, subject)
-        if kept_unknown:
-            update_bidsignore(bids_dir, ["sourcedata/"])
+    return outcomes, kept_unknown
+
+
+def convert_dicom_to_bids(
+    dicom_dir: str | Path,
+    bids_dir: str | Path,
+    *,
+    subject: str | None = None,
+    subject_map: dict[str, str] | None = None,
+    session: str | None = None,
+    heuristic: str | Path | None = None,
+    converter: Literal["dcm2niix", "dicom2nifti"] = "dcm2niix",
+    verify: bool = True,
+    deidentify: bool = True,
+    date_shift_days: int | None = None,
+    keep_unknown: bool = False,
+    overwrite: bool = False,
+    affine_tolerance_mm: float = 1e-3,
+    min_correlation: float = 0.99,
+    deface: DefaceOptions | None = None,
+) -> ConversionReport:
+    """Convert every series under ``dicom_dir`` into the BIDS dataset ``bids_dir``.
+
+    Parameters
+    ----------
+    dicom_dir : path
+        Folder searched recursively (any file names, DICOMDIR, enhanced multi-frame).
+    bids_dir : path
+        BIDS raw dataset, created if missing; other subjects in it are kept.
+    subject : str, optional
+        Participant label (``01`` or ``sub-01``; letters and digits only) for a
+        folder of one patient. A folder holding series of several patients
+        (PatientID, PatientName or PatientBirthDate differ) is refused.
+    subject_map : dict, optional
+        PatientID -> participant label, instead of ``subject``, for a folder of
+        several patients (see :func:`load_subject_map`).
+    session : str, optional
+        Session label; adds ``ses-<label>`` to folders and names.
+    heuristic : path, optional
+        A dcm2bids JSON config replacing the default naming rules.
+    converter : {"dcm2niix", "dicom2nifti"}
+        Primary converter; the other one cross-checks each series when ``verify``.
+    verify : bool
+        Convert with both and compare in RAS (shape, affine within
+        ``affine_tolerance_mm``, voxel correlation >= ``min_correlation``).
+        Disagreement is logged as a warning and recorded in the sidecar
+        (``ConversionCheck``); the primary's image is written either way.
+    deidentify : bool
+        Remove PHI from sidecars and NIfTI headers (default). False keeps
+        everything the converter writes (``--keep-phi``).
+    date_shift_days : int, optional
+        With ``deidentify``: None removes acquisition dates; an integer keeps
+        ``AcquisitionDateTime`` shifted back by that many days.
+    keep_unknown : bool
+        Write series the heuristic does not name under ``sourcedata/`` instead
+        of leaving them out.
+    overwrite : bool
+        Replace existing files with the same names (otherwise such a series fails).
+    affine_tolerance_mm, min_correlation : float
+        Agreement thresholds of the cross-check.
+    deface : DefaceOptions, optional
+        Deface the T1w, T2w and FLAIR images written (sidecar ``Defaced: true``
+        and ``DefacingMethod``); a series whose defacing fails is not written.
+
+    Returns
+    -------
+    ConversionReport
+        One outcome per series; ``report.ok`` is False if any series or file failed.
+
+    Raises
+    ------
+    MixedPatientsError
+        Series of several patients without a map saying whose is whose
+        (checked before anything is written).
+    ValueError
+        Invalid labels, converter name or thresholds.
+    FileNotFoundError
+        ``dicom_dir`` is not a folder.
+    mriflow.dicom.heuristic.HeuristicError
+        The heuristic file is missing or invalid.
+    """
+    if subject_map is None:
+        subject = _check_label(subject, "subject")
+        if not subject:
+            raise ValueError("a subject label is required (for example --subject 01)")
+    elif subject is not None:
+        raise ValueError("give either a subject label or a subject map, not both")
+    else:
+        subject_map = {str(k): str(_check_label(v, "subject")) for k, v in subject_map.items()}
+    session = _check_label(session, "session")
+    if converter not in CONVERTERS:
+        raise ValueError(f"converter must be one of {CONVERTERS}, got {converter!r}")
+    if affine_tolerance_mm <= 0:
+        raise ValueError(f"affine_tolerance_mm must be > 0, got {affine_tolerance_mm}")
+    if not -1 <= min_correlation <= 1:
+        raise ValueError(f"min_correlation must be in [-1, 1], got {min_correlation}")
+    if date_shift_days is not None and not deidentify:
+        raise ValueError("date_shift_days applies to de-identified output only (not with keep-PHI)")
+    dicom_dir = Path(dicom_dir)
+    bids_dir = Path(bids_dir)
+    config = load_dcm2bids_config(heuristic) if heuristic is not None else None
+    src, dst = dicom_dir.resolve(), bids_dir.resolve()
+    if dst == src or src in dst.parents:
+        raise ValueError(f"{bids_dir}: the BIDS folder must not be inside the DICOM folder")
+
+    scan = scan_dicom_dir(dicom_dir)
+    for problem in scan.problems:
+        logger.error("Cannot use %s", problem)
+    subjects = assign_subjects(scan.series, subject=subject, subject_map=subject_map)
+
+    outcomes: list[SeriesOutcome] = []
+    for label in sorted(set(subjects.values())):
+        mine = [s for k, s in enumerate(scan.series) if subjects.get(k) == label]
+        done, kept_unknown = _convert_subject(
+            mine,
+            bids_dir,
+            subject=label,
+            session=session,
+            config=config,
+            converter=converter,
+            verify=verify,
+            deidentify=deidentify,
+            date_shift_days=date_shift_days,
+            keep_unknown=keep_unknown,
+            overwrite=overwrite,
+            affine_tolerance_mm=affine_tolerance_mm,
+            min_correlation=min_correlation,
+            deface_options=deface,
+        )
+        outcomes.extend(done)
+        if any(o.outputs for o in done):
+            write_dataset_description(bids_dir)
+            update_participants(bids_dir, label)
+            if kept_unknown:
+                update_bidsignore(bids_dir, ["sourcedata/"])
+    # Series of no subject: their own files are damaged (they carry a problem).
+    for k, s in enumerate(scan.series):
+        if k not in subjects:
+            reason = "; ".join(str(p) for p in s.problems) or "no subject"
+            logger.error("Series failed: %s: %s", s.label, reason)
+            outcomes.append(SeriesOutcome(series=s, status="failed", reason=reason))
+    order = {id(s): k for k, s in enumerate(scan.series)}
+    outcomes.sort(key=lambda o: order[id(o.series)])
     return ConversionReport(
         bids_dir=bids_dir,
         outcomes=outcomes,

@@ -250,8 +250,11 @@ def run_dcm2niix(
 def _read_json(path: Path) -> dict[str, Any]:
     import json
 
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    # dcm2niix copies DICOM text as is: a description holding a newline or an
+    # escape character makes its JSON invalid for a strict parser. Accept it;
+    # such text is removed or rejected by the sidecar allow-list later.
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        return json.load(fh, strict=False)
 
 
 @contextlib.contextmanager

@@ -10,7 +10,16 @@ Three layers, because each alone leaks:
    (patient, institution, physicians, operators, accession, IDs, UIDs, dates)
    and every free-text value that contains one of the series' own PHI values
    (:func:`collect_phi_values` reads them from the DICOM headers).
-3. :func:`scrub_nifti_header` blanks the NIfTI text fields (``descrip``,
+3. :func:`restrict_sidecar` keeps only the fields of an explicit allow-list
+   (:data:`SIDECAR_ALLOWLIST`: BIDS metadata and dcm2niix's technical
+   fields), as DICOM PS3.15's Basic Profile does: free text such as
+   StudyDescription, (Performed)ProcedureStepDescription, ImageComments,
+   RequestedProcedureDescription or AdditionalPatientHistory is removed, and
+   any field a converter adds in a future version is removed until it is
+   reviewed. SeriesDescription and ProtocolName are kept under the profile's
+   Clean Descriptors Option (BIDS tools and heuristics use them): only when
+   no PHI value of the series is in them, on one line, at most 64 characters.
+4. :func:`scrub_nifti_header` blanks the NIfTI text fields (``descrip``,
    ``aux_file``, ``db_name``, ``intent_name``) and any header extension,
    byte for byte, so the voxel data and scaling stay exactly as converted.
 """
@@ -29,6 +38,8 @@ import pydicom
 
 __all__ = [
     "PHI_KEYS",
+    "SIDECAR_ALLOWLIST",
+    "restrict_sidecar",
     "collect_phi_values",
     "deidentify_sidecar",
     "acquisition_datetime",
@@ -115,6 +126,142 @@ _CODED_KEYS = frozenset(
         "RawImage",
     }
 )
+
+# The sidecar fields a de-identified conversion keeps: BIDS metadata (MRI
+# "Scanner hardware", "Sequence specifics", "In- and out-of-plane spatial
+# encoding", "Timing parameters", "RF & contrast") and dcm2niix's technical
+# fields. Values are numbers, codes or vendor strings. Everything else is
+# removed: free text (descriptions, comments, histories) and fields a new
+# converter version adds, until someone reviews them and adds them here.
+SIDECAR_ALLOWLIST = frozenset(
+    {
+        # scanner hardware
+        "Modality",
+        "Manufacturer",
+        "ManufacturersModelName",
+        "SoftwareVersions",
+        "MagneticFieldStrength",
+        "ImagingFrequency",
+        "ReceiveCoilName",
+        "ReceiveCoilActiveElements",
+        "CoilString",
+        "GradientSetType",
+        "MRTransmitCoilSequence",
+        "MatrixCoilMode",
+        "CoilCombinationMethod",
+        "ConsistencyInfo",
+        "BodyPart",
+        "BodyPartExamined",
+        "PatientPosition",
+        # sequence
+        "PulseSequenceType",
+        "ScanningSequence",
+        "SequenceVariant",
+        "ScanOptions",
+        "SequenceName",
+        "PulseSequenceName",
+        "PulseSequenceDetails",
+        "NonlinearGradientCorrection",
+        "MRAcquisitionType",
+        "MTState",
+        "MTOffsetFrequency",
+        "MTPulseBandwidth",
+        "MTNumberOfPulses",
+        "MTPulseShape",
+        "MTPulseDuration",
+        "SpoilingState",
+        "SpoilingType",
+        "SpoilingRFPhaseIncrement",
+        "SpoilingGradientMoment",
+        "SpoilingGradientDuration",
+        "SeriesDescription",  # Clean Descriptors Option (checked below)
+        "ProtocolName",  # Clean Descriptors Option (checked below)
+        "SeriesNumber",
+        "AcquisitionNumber",
+        "ImageType",
+        "ImageTypeText",
+        "RawImage",
+        "ComplexImageComponent",
+        "EchoNumber",
+        "EchoTrainLength",
+        "NumberShots",
+        "WaterFatShift",
+        # spatial encoding
+        "SliceThickness",
+        "SpacingBetweenSlices",
+        "NumberOfAverages",
+        "AcquisitionMatrixPE",
+        "BaseResolution",
+        "ReconMatrixPE",
+        "PhaseResolution",
+        "PhaseOversampling",
+        "PercentPhaseFOV",
+        "PercentSampling",
+        "PhaseEncodingSteps",
+        "PhaseEncodingStepsOutOfPlane",
+        "FrequencyEncodingSteps",
+        "ParallelReductionFactorInPlane",
+        "ParallelReductionFactorOutOfPlane",
+        "ParallelAcquisitionTechnique",
+        "PartialFourier",
+        "PartialFourierDirection",
+        "PhaseEncodingDirection",
+        "SliceEncodingDirection",
+        "InPlanePhaseEncodingDirectionDICOM",
+        "ImageOrientationPatientDICOM",
+        "ImageOrientationText",
+        "EffectiveEchoSpacing",
+        "DerivedVendorReportedEchoSpacing",
+        "EstimatedEffectiveEchoSpacing",
+        "EstimatedTotalReadoutTime",
+        "TotalReadoutTime",
+        "PixelBandwidth",
+        "BandwidthPerPixelPhaseEncode",
+        "DwellTime",
+        "RefLinesPE",
+        "MultibandAccelerationFactor",
+        "ShimSetting",
+        "TablePosition",
+        # timing and contrast
+        "EchoTime",
+        "EchoTime1",
+        "EchoTime2",
+        "InversionTime",
+        "RepetitionTime",
+        "RepetitionTimeExcitation",
+        "RepetitionTimePreparation",
+        "FlipAngle",
+        "SliceTiming",
+        "AcquisitionTime",
+        "AcquisitionDuration",
+        "VolumeTiming",
+        "DelayTime",
+        "DelayAfterTrigger",
+        "NumberOfVolumesDiscardedByScanner",
+        "MixingTime",
+        "SAR",
+        "TxRefAmp",
+        "NegativeContrast",
+        "ContrastBolusIngredient",
+        "DiffusionScheme",
+        "PhaseEncodingPolarityGE",
+        "PhilipsRescaleSlope",
+        "PhilipsRescaleIntercept",
+        "PhilipsScaleSlope",
+        "UsePhilipsFloatNotDisplayScaling",
+        # provenance (ours and the converter's)
+        "ConversionSoftware",
+        "ConversionSoftwareVersion",
+        "AcquisitionDateTime",  # only written back shifted by --date-shift
+        "ConversionCheck",
+        "Defaced",
+        "DefacingMethod",
+    }
+)
+
+# Free-text descriptors kept under PS3.15's Clean Descriptors Option.
+_DESCRIPTORS = ("SeriesDescription", "ProtocolName")
+_DESCRIPTOR_MAX = 64  # DICOM LO length: longer text is notes, not a protocol name
 
 # DICOM attributes whose values are PHI wherever else they show up.
 _PHI_ATTRIBUTES = (
@@ -293,6 +440,40 @@ def deidentify_sidecar(
     if date_shift_days is not None and acquired is not None:
         shifted = acquired - _dt.timedelta(days=int(date_shift_days))
         out["AcquisitionDateTime"] = shifted.isoformat()
+    return out, removed
+
+
+def restrict_sidecar(sidecar: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Keep only the allow-listed fields of a sidecar (PS3.15 Basic Profile on free text).
+
+    Parameters
+    ----------
+    sidecar : dict
+        A sidecar already passed through :func:`deidentify_sidecar` (not modified).
+
+    Returns
+    -------
+    (dict, list of str)
+        The sidecar with only :data:`SIDECAR_ALLOWLIST` fields, and the names
+        of the fields removed. ``SeriesDescription`` and ``ProtocolName`` are
+        kept only as one line of at most 64 printable characters (else removed).
+    """
+    out: dict[str, Any] = {}
+    removed: list[str] = []
+    for key, value in sidecar.items():
+        keep = key in SIDECAR_ALLOWLIST
+        if keep and key in _DESCRIPTORS:
+            text = str(value)
+            keep = (
+                isinstance(value, str)
+                and len(text) <= _DESCRIPTOR_MAX
+                and text.isprintable()
+                and text.strip() == text
+            )
+        if keep:
+            out[key] = value
+        else:
+            removed.append(key)
     return out, removed
 
 

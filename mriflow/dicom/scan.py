@@ -10,8 +10,12 @@ can be converted on its own and a broken file fails only its own series.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import os
+import secrets
+import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +26,8 @@ from pydicom.uid import MediaStorageDirectoryStorage
 
 __all__ = [
     "DicomSeries",
+    "PatientIdentity",
+    "printable",
     "FileProblem",
     "ScanResult",
     "scan_dicom_dir",
@@ -44,6 +50,61 @@ _COMPONENTS = {
     "I": "I",
     "IMAGINARY": "I",
 }
+
+
+# Per-process key of the patient fingerprints: a short unkeyed hash of a
+# PatientID could be reversed by hashing every candidate ID (hospital IDs are
+# short numbers), so the hash is keyed with a secret that never leaves memory.
+_FINGERPRINT_KEY = secrets.token_bytes(16)
+
+
+def printable(text: object, max_length: int = 64) -> str:
+    """``text`` made safe to print on one terminal line.
+
+    DICOM text fields are written by people and scanners: they can hold
+    newlines, escape sequences that rewrite the terminal, or kilobytes of
+    notes. Control and format characters become spaces, runs of spaces
+    collapse, and the result is cut to ``max_length`` characters (ending in
+    ``...`` when cut).
+    """
+    if max_length < 4:
+        raise ValueError(f"max_length must be >= 4, got {max_length}")
+    chars = [" " if unicodedata.category(c)[0] in "CZ" else c for c in str(text)]
+    clean = " ".join("".join(chars).split())
+    return clean if len(clean) <= max_length else clean[: max_length - 3] + "..."
+
+
+@dataclass(frozen=True)
+class PatientIdentity:
+    """Who a DICOM file belongs to: PatientID, PatientName, PatientBirthDate.
+
+    Kept in memory only, to refuse mixing patients in one subject; messages
+    show :meth:`fingerprint`, never the values (``repr`` hides them too).
+    """
+
+    patient_id: str = field(repr=False)
+    name: str = field(repr=False)
+    birth_date: str = field(repr=False)
+
+    @classmethod
+    def from_dataset(cls, ds: pydicom.Dataset) -> PatientIdentity:
+        def text(keyword: str) -> str:
+            value = ds.get(keyword)
+            return " ".join(str(value).split()) if value is not None else ""
+
+        return cls(text("PatientID"), text("PatientName"), text("PatientBirthDate"))
+
+    @property
+    def empty(self) -> bool:
+        """True when the header carries none of the three fields (an anonymised export)."""
+        return not (self.patient_id or self.name or self.birth_date)
+
+    def fingerprint(self) -> str:
+        """8 hex digits that differ between patients, keyed per process (not reversible)."""
+        if self.empty:
+            return "no-patient-fields"
+        message = "\x1f".join((self.patient_id, self.name, self.birth_date)).encode()
+        return hmac.new(_FINGERPRINT_KEY, message, hashlib.sha256).hexdigest()[:8]
 
 
 class DicomReadError(ValueError):
@@ -81,6 +142,8 @@ class DicomSeries:
         ``"M"``, ``"P"``, ``"R"`` or ``"I"`` when the series was split by image component.
     problems : list of FileProblem
         Files of this series that are damaged; a series with problems is not converted.
+    patient : PatientIdentity or None
+        The patient of the series' files (in memory only; never printed).
     """
 
     uid: str
@@ -92,12 +155,13 @@ class DicomSeries:
     component: str | None = None
     problems: list[FileProblem] = field(default_factory=list)
     root: Path | None = None
+    patient: PatientIdentity | None = field(default=None, repr=False)
 
     @property
     def label(self) -> str:
         """A human-readable name for messages: number, description, folder."""
         number = f"series {self.series_number}" if self.series_number is not None else "series"
-        parts = [f"{number} '{self.description}'"]
+        parts = [f"{number} '{printable(self.description)}'"]
         if self.echo is not None:
             parts.append(f"echo {self.echo}")
         if self.component is not None:
@@ -108,7 +172,8 @@ class DicomSeries:
                 folder = folder.relative_to(self.root)
             except ValueError:
                 pass
-        where = f"{len(self.files)} file{'s' if len(self.files) != 1 else ''} in {folder}"
+        n = len(self.files)
+        where = f"{n} file{'s' if n != 1 else ''} in {printable(folder, 120)}"
         return f"{', '.join(parts)} ({where})"
 
 
@@ -258,6 +323,7 @@ def scan_dicom_dir(root: str | Path) -> ScanResult:
 
     groups: dict[tuple, list[tuple[int | None, Path]]] = defaultdict(list)
     first: dict[tuple, pydicom.Dataset] = {}
+    patients: dict[tuple, set[PatientIdentity]] = defaultdict(set)
     skipped: list[FileProblem] = []
     problems: list[FileProblem] = []
     files = _walk(root)
@@ -284,6 +350,7 @@ def scan_dicom_dir(root: str | Path) -> ScanResult:
         key = (str(ds.SeriesInstanceUID), echo, _component(ds))
         groups[key].append((_as_int(ds.get("InstanceNumber")), path))
         first.setdefault(key, ds)
+        patients[key].add(PatientIdentity.from_dataset(ds))
         del ds  # pixel data is not kept: converters read the files themselves
 
     # Split by echo / component only where a series really mixes them, so that
@@ -298,32 +365,45 @@ def scan_dicom_dir(root: str | Path) -> ScanResult:
         several_components = len({k[2] for k in keys}) > 1
         merged: dict[tuple, list[tuple[int | None, Path]]] = defaultdict(list)
         heads: dict[tuple, pydicom.Dataset] = {}
+        owners: dict[tuple, set[PatientIdentity]] = defaultdict(set)
         for key in keys:
             sub = (key[1] if several_echoes else None, key[2] if several_components else None)
             merged[sub].extend(groups[key])
             heads.setdefault(sub, first[key])
+            owners[sub] |= patients[key]
         for (echo, component), members in merged.items():
             ds = heads[(echo, component)]
             members.sort(key=lambda m: (m[0] if m[0] is not None else 1 << 30, m[1].name))
             description = str(ds.get("SeriesDescription") or ds.get("ProtocolName") or "")
-            series.append(
-                DicomSeries(
-                    uid=uid,
-                    files=[p for _, p in members],
-                    series_number=_as_int(ds.get("SeriesNumber")),
-                    description=description,
-                    modality=str(ds.get("Modality", "")),
-                    echo=echo,
-                    component=component,
-                    root=root,
-                )
+            who = owners[(echo, component)]
+            one = DicomSeries(
+                uid=uid,
+                files=[p for _, p in members],
+                series_number=_as_int(ds.get("SeriesNumber")),
+                description=description,
+                modality=str(ds.get("Modality", "")),
+                echo=echo,
+                component=component,
+                root=root,
+                patient=next(iter(who)) if len(who) == 1 else None,
             )
+            if len(who) > 1:  # one volume made of two people's slices: never convert it
+                prints = ", ".join(sorted(p.fingerprint() for p in who))
+                one.problems.append(
+                    FileProblem(
+                        one.files[0].parent,
+                        f"the files of this series belong to {len(who)} different patients "
+                        f"(patient fingerprints {prints})",
+                        uid,
+                    )
+                )
+            series.append(one)
 
     orphans = []
     for problem in problems:
-        owners = [s for s in series if problem.series_uid and s.uid == problem.series_uid]
-        if owners:
-            for s in owners:
+        owners_of = [s for s in series if problem.series_uid and s.uid == problem.series_uid]
+        if owners_of:
+            for s in owners_of:
                 s.problems.append(problem)
         else:
             orphans.append(problem)

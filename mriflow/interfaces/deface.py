@@ -1,0 +1,91 @@
+"""Thin Nipype interface around :func:`mriflow.image.deface.deface`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    InputMultiObject,
+    SimpleInterface,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+
+from mriflow.image.io import load_image
+from mriflow.interfaces.anatomical import _stem
+from mriflow.interfaces.base import step_record
+
+__all__ = ["Deface"]
+
+
+class _DefaceInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="3D head image to deface")
+    mask_file = File(exists=True, mandatory=True, desc="brain mask on the same grid")
+    margin_mm = traits.Float(5.0, usedefault=True, desc="distance kept around the brain mask")
+    ear_depth_mm = traits.Float(45.0, usedefault=True, desc="shave reach behind the centroid")
+    shave = traits.Bool(True, usedefault=True, desc="shave below the brain (ears, face)")
+    template_to_subject = InputMultiObject(
+        File(exists=True), desc="kept template -> subject transform (adds a template face mask)"
+    )
+    num_threads = traits.Int(1, usedefault=True, desc="ITK threads (template face mask)")
+    figure = traits.Bool(True, usedefault=True, desc="write the report figure")
+
+
+class _DefaceOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="defaced head (input's data type and scaling)")
+    face_mask = File(exists=True, desc="uint8 mask of the removed voxels")
+    out_report = File(desc="sagittal figure with the removed part shaded (.svg)")
+    metadata = traits.Dict(desc="sidecar fields: Defaced, DefacingMethod")
+    step = traits.Dict(desc="step record for the sidecar")
+
+
+class Deface(SimpleInterface):
+    """Remove face and ears outside the brain mask plus a margin (never a brain voxel)."""
+
+    input_spec = _DefaceInputSpec
+    output_spec = _DefaceOutputSpec
+
+    def _run_interface(self, runtime):
+        from mriflow.image.deface import deface, plot_defacing
+
+        inputs = self.inputs
+        head = load_image(inputs.in_file)
+        mask = load_image(inputs.mask_file)
+        transforms = (
+            list(inputs.template_to_subject) if isdefined(inputs.template_to_subject) else None
+        )
+        result = deface(
+            head,
+            mask,
+            margin_mm=inputs.margin_mm,
+            ear_depth_mm=inputs.ear_depth_mm,
+            shave=inputs.shave,
+            template_to_subject=transforms,
+            num_threads=inputs.num_threads,
+        )
+        stem = _stem(inputs.in_file)
+        out = Path(runtime.cwd) / f"{stem}_defaced.nii"
+        face = Path(runtime.cwd) / f"{stem}_facemask.nii"
+        nib.save(result.defaced, str(out))
+        nib.save(result.face_mask, str(face))
+        self._results["out_file"] = str(out)
+        self._results["face_mask"] = str(face)
+        if inputs.figure:
+            figure = Path(runtime.cwd) / f"{stem}_deface.svg"
+            plot_defacing(head, result.face_mask, figure)
+            self._results["out_report"] = str(figure)
+        self._results["metadata"] = {"Defaced": True, "DefacingMethod": result.description}
+        parameters = {
+            "margin_mm": inputs.margin_mm,
+            "ear_depth_mm": inputs.ear_depth_mm,
+            "shave": inputs.shave,
+            "template_face_mask": bool(transforms),
+            "removed_voxels": int(np.count_nonzero(np.asarray(result.face_mask.dataobj))),
+        }
+        self._results["step"] = step_record("deface", parameters, ["scipy"])
+        return runtime
