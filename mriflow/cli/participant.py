@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import time
@@ -10,12 +9,17 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from mriflow.bids.derivatives import atomic_write_json, write_dataset_description
+from mriflow.bids.derivatives import write_derivatives_description
+from mriflow.bids.layout import DerivativesLayout
+from mriflow.bids.outputs import GROUP_OUTPUTS
+from mriflow.bids.paths import atomic_write_json, atomic_write_text
+from mriflow.bids.publish import write_status
+from mriflow.cli.errors import EXIT_FAILED, EXIT_OK, UsageError
 from mriflow.config import Config
 
 log = logging.getLogger("mriflow")
 
-__all__ = ["SubjectOutcome", "run_participant", "plugin_settings"]
+__all__ = ["FailureRecorder", "SubjectOutcome", "run_participant", "plugin_settings"]
 
 
 @dataclass
@@ -48,6 +52,33 @@ def plugin_settings(config: Config) -> tuple[str, dict]:
     return plugin, args
 
 
+class FailureRecorder:
+    """Nipype ``status_callback``: the first failed node of each subject, with its error.
+
+    The failures come from the run itself (the node's own result), not from crash
+    files; nodes are attributed to subjects by the sub-workflow the graph put them
+    in (``prefixes``: ``mriflow_wf.sub_01_wf`` -> ``01``).
+    """
+
+    def __init__(self, prefixes: dict[str, str]) -> None:
+        self.prefixes = prefixes
+        self.failures: dict[str, str] = {}
+
+    def __call__(self, node, status: str) -> None:
+        if status != "exception":
+            return
+        subject = next(
+            (s for p, s in self.prefixes.items() if node.fullname.startswith(p + ".")), None
+        )
+        if subject is None or subject in self.failures:
+            return
+        try:
+            traceback = getattr(node.result.runtime, "traceback", None) or ""
+        except Exception:  # the node died before writing its result (killed worker)
+            traceback = ""
+        self.failures[subject] = f"{_last_error_line([traceback])} [step {node.name}]"
+
+
 def run_participant(
     *,
     bids_dir: Path,
@@ -58,24 +89,21 @@ def run_participant(
     session_labels: list[str] | None = None,
 ) -> int:
     from mriflow.bids.discovery import DiscoveryError, collect_inputs
-    from mriflow.cli.run import EXIT_FAILED, EXIT_OK, UsageError
 
     started = time.monotonic()
-    started_wall = time.time()
     try:
         subjects = collect_inputs(bids_dir, participant_labels, session_labels)
     except DiscoveryError as err:
         raise UsageError(str(err)) from None
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_dataset_description(out_dir, [bids_dir])
-    config.write(out_dir / "mriflow_config.toml")
+    write_derivatives_description(out_dir, [bids_dir])
+    config.write(out_dir / GROUP_OUTPUTS["config"])
     if config.segmentation.method != "none":
-        from mriflow.bids.derivatives import atomic_write_text
         from mriflow.image.segmentation import dseg_tsv
 
         # one lookup table at the root applies to every dseg (BIDS inheritance)
-        atomic_write_text(out_dir / "dseg.tsv", dseg_tsv())
+        atomic_write_text(out_dir / GROUP_OUTPUTS["dseg_lut"], dseg_tsv())
 
     run_id = time.strftime("%Y%m%d-%H%M%S") + "_" + uuid.uuid4().hex[:8]
     crash_dir = work_dir / "crash" / run_id
@@ -86,8 +114,9 @@ def run_participant(
 
     workflow_name = "mriflow_wf"
     workflow = None
+    recorder = FailureRecorder({})
     if runnable:
-        from mriflow.workflows.base import init_mriflow_wf
+        from mriflow.workflows.base import init_mriflow_wf, subject_workflow_name
 
         workflow = init_mriflow_wf(
             runnable,
@@ -95,6 +124,7 @@ def run_participant(
             bids_dir=bids_dir,
             out_dir=out_dir,
             work_dir=work_dir,
+            run_id=run_id,
             name=workflow_name,
         )
         workflow.config["execution"].update(
@@ -118,35 +148,43 @@ def run_participant(
             plugin_args,
             work_dir,
         )
+        recorder = FailureRecorder(
+            {f"{workflow_name}.{subject_workflow_name(s.subject)}": s.subject for s in runnable}
+        )
+        if not plugin.endswith("Graph"):  # graph plugins cannot call back
+            plugin_args = {**plugin_args, "status_callback": recorder}
         try:
             workflow.run(plugin=plugin, plugin_args=plugin_args)
         except RuntimeError as err:
             # Nipype raises after the graph ran when some nodes failed; the
-            # crash files say which subjects, the others are complete.
+            # recorder says which subjects, the others are complete.
             log.debug("workflow finished with errors: %s", err)
         if plugin.endswith("Graph"):
             # graph plugins return once every job is queued; the jobs run later
-            _wait_for_graph_jobs(
-                work_dir / workflow_name, crash_dir, [s.subject for s in runnable], started_wall
-            )
+            _wait_for_graph_jobs(out_dir, [s.subject for s in runnable], run_id)
 
-    crashes = subject_failures(crash_dir)
+    layout = DerivativesLayout(out_dir)
     outcomes = []
     for subject in subjects:
         label = subject.subject
+        record = layout.status(label) or {}
         if subject.error:
             outcomes.append(SubjectOutcome(label, False, subject.error))
-        elif label in crashes:
-            outcomes.append(SubjectOutcome(label, False, crashes[label]))
-        elif not _published(work_dir / workflow_name, label, since=started_wall):
-            outcomes.append(SubjectOutcome(label, False, "did not complete (run stopped early)"))
-        else:
+        elif record.get("run_id") == run_id and record.get("status") == "ok":
             outcomes.append(SubjectOutcome(label, True))
+        elif label in recorder.failures:
+            outcomes.append(SubjectOutcome(label, False, recorder.failures[label]))
+        else:
+            reason = f"did not complete (run stopped early; crash files in {crash_dir})"
+            outcomes.append(SubjectOutcome(label, False, reason))
+    for outcome in outcomes:
+        if not outcome.ok:
+            write_status(out_dir, outcome.subject, ok=False, run_id=run_id, reason=outcome.reason)
 
     elapsed = time.monotonic() - started
     _write_summary(out_dir, run_id, outcomes, elapsed, crash_dir)
-    # Reports of successful subjects were made inside the workflow; failed ones get
-    # a report that shows their error, and the run gets its workflow graph.
+    # Reports of successful subjects were made when they were published; failed
+    # ones get a report that shows their error, and the run gets its workflow graph.
     from mriflow.reports import write_participant_reports
 
     write_participant_reports(
@@ -161,62 +199,20 @@ def run_participant(
 
 
 def _wait_for_graph_jobs(
-    workflow_dir: Path, crash_dir: Path, subjects: list[str], since: float, poll: float = 5.0
+    out_dir: Path, subjects: list[str], run_id: str, poll: float = 5.0
 ) -> None:
-    """Block until every subject's jobs published its outputs or one of them crashed.
+    """Block until every subject's publishing job wrote its completion record for ``run_id``.
 
-    A job killed by the scheduler (time or memory limit) leaves no crash file: stop
-    with Ctrl-C, fix the limits and rerun the command (done jobs are not resubmitted).
+    A job that fails (or is killed by the scheduler) writes no record: stop with
+    Ctrl-C, fix the cause and rerun the command (done jobs are not resubmitted).
     """
+    layout = DerivativesLayout(out_dir)
     pending = set(subjects)
     log.info("mriflow: jobs submitted; waiting for %d subject(s) to finish", len(pending))
     while pending:
-        crashed = subject_failures(crash_dir)
-        pending = {
-            s for s in pending if s not in crashed and not _published(workflow_dir, s, since)
-        }
+        pending = {s for s in pending if (layout.status(s) or {}).get("run_id") != run_id}
         if pending:
             time.sleep(poll)
-
-
-def _published(workflow_dir: Path, subject: str, since: float) -> bool:
-    """Whether the subject's publishing node ran in this run (it reruns every time)."""
-    from mriflow.workflows.base import subject_workflow_name
-
-    subject_dir = workflow_dir / subject_workflow_name(subject)
-    result = subject_dir / "publish" / "result_publish.pklz"
-    # the report runs after publishing (its own job under graph plugins); a rerun
-    # keeps its result when the published files did not change
-    report = subject_dir / "report" / "result_report.pklz"
-    return result.is_file() and result.stat().st_mtime >= since - 1 and report.is_file()
-
-
-def subject_failures(crash_dir: Path) -> dict[str, str]:
-    """First failure reason per subject label, read from Nipype crash files."""
-    from nipype.utils.filemanip import loadcrash
-
-    failures: dict[str, str] = {}
-    for crashfile in sorted(glob.glob(str(crash_dir / "crash-*.pklz")), key=os.path.getmtime):
-        try:
-            crash = loadcrash(crashfile)
-            fullname = crash["node"].fullname
-            traceback = crash.get("traceback") or []
-        except Exception as err:  # an unreadable crash file must not hide the others
-            log.warning("cannot read crash file %s: %s", crashfile, err)
-            continue
-        subject = next(
-            (
-                part[len("sub_") : -len("_wf")]
-                for part in fullname.split(".")
-                if part.startswith("sub_") and part.endswith("_wf")
-            ),
-            None,
-        )
-        if subject is None or subject in failures:
-            continue
-        node = fullname.split(".")[-1]
-        failures[subject] = f"{_last_error_line(traceback)} [step {node}; crash file {crashfile}]"
-    return failures
 
 
 def _last_error_line(traceback: list[str]) -> str:
