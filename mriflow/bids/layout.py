@@ -245,6 +245,18 @@ class DerivativesLayout:
         record = _load_sidecar(self.root / status_relpath(subject))
         return record or None
 
+    def statuses(self) -> dict[str, dict[str, Any]]:
+        """Every completion record in OUT_DIR, by subject label."""
+        logs = self.root / Path(status_relpath("x")).parent
+        found = {}
+        for path in sorted(logs.glob("*.json")) if logs.is_dir() else []:
+            record = _load_sidecar(path)
+            label = subject_label(str(record.get("participant_id", "")))
+            # a file is a record only where the table puts that subject's record
+            if label and path == self.root / status_relpath(label):
+                found[label] = record
+        return found
+
     def find(self, subject: str) -> list[ImageDerivatives]:
         """The subject's derivatives, grouped per raw source image, each with its role.
 

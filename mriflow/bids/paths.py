@@ -28,6 +28,8 @@ __all__ = [
     "PART_MARKER",
     "STAGING_DIRNAME",
     "DerivativeNameError",
+    "entity_tag",
+    "work_filename",
     "atomic_copy",
     "atomic_write",
     "atomic_write_bytes",
@@ -201,6 +203,26 @@ def build_path(
     filename = build_filename(entities, suffix=suffix, extension=extension)
     canonical = _canonical_entities(entities)
     return "/".join([*subject_folders(canonical), *([datatype] if datatype else []), filename])
+
+
+def entity_tag(*, suffix: str | None = None, **entities: str) -> str:
+    """``space-X``, ``label-GM_probseg``: entities (spec order) and a suffix, no subject.
+
+    For names of intermediate files in a work folder that say which BIDS output
+    they will become.
+    """
+    canonical = _canonical_entities(entities)
+    parts = [f"{ENTITY_KEYS[name]}-{canonical[name]}" for name in ENTITY_ORDER if name in canonical]
+    if suffix:
+        parts.append(suffix)
+    return "_".join(parts)
+
+
+def work_filename(
+    stem: str, *, suffix: str | None = None, extension: str = "", **entities: str
+) -> str:
+    """``<stem>_label-GM_probseg.nii``: an intermediate file named after its input."""
+    return f"{stem}_{entity_tag(suffix=suffix, **entities)}{extension}"
 
 
 def subject_folders(entities: Mapping[str, Any]) -> list[str]:
