@@ -290,12 +290,12 @@ def test_figures_resample_overlays_and_validate(tmp_path, dataset):
         F.plot_mask_contour(t1w, mask, tmp_path / "x.png", n_slices=0)
 
 
-def test_select_slices_spans_the_object():
+def test_figure_slices_span_the_object():
     ref = np.zeros((50, 50, 50))
     ref[10:31, 5:45, 20:40] = 1
-    slices = F.select_slices(ref, 0, 4)
+    slices = F.figure_slices(ref, 0, 4)
     assert slices[0] > 10 and slices[-1] < 30 and slices == sorted(set(slices))
-    assert F.select_slices(ref, 2, 1) == [30]
+    assert F.figure_slices(ref, 2, 1) == [30]
 
 
 # --------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ __all__ = [
     "plot_mask_contour",
     "plot_registration",
     "plot_segmentation",
-    "select_slices",
+    "figure_slices",
 ]
 
 #: Colours of the dseg labels 1=GM, 2=WM, 3=CSF (sMRIPrep's report colours are similar).
@@ -94,7 +94,7 @@ def _window(data: np.ndarray, mask: np.ndarray | None = None) -> tuple[float, fl
     return float(low), float(high if high > low else low + 1)
 
 
-def select_slices(reference: np.ndarray, axis: int, n: int, margin: float = 0.12) -> list[int]:
+def figure_slices(reference: np.ndarray, axis: int, n: int, margin: float = 0.12) -> list[int]:
     """``n`` evenly spaced slice indices along ``axis`` across the extent of the object.
 
     The object is where ``|reference|`` exceeds 5 % of its maximum (so faint noise or
@@ -103,7 +103,7 @@ def select_slices(reference: np.ndarray, axis: int, n: int, margin: float = 0.12
     middle slice.
     """
     if n < 1:
-        raise ValueError(f"select_slices: n must be >= 1, got {n}")
+        raise ValueError(f"figure_slices: n must be >= 1, got {n}")
     other = tuple(a for a in range(reference.ndim) if a != axis)
     reference = np.asarray(reference)
     if reference.dtype == bool:
@@ -207,7 +207,7 @@ def _mosaic(
         reference = np.abs(reference) > 0.05 * float(np.abs(reference).max() or 1)
     fig, axes = _grid_figure(len(planes), n_slices, title)
     for row, plane in enumerate(planes):
-        for col, index in enumerate(select_slices(reference, _AXIS[plane], n_slices)):
+        for col, index in enumerate(figure_slices(reference, _AXIS[plane], n_slices)):
             ax = axes[row, col]
             ax.imshow(
                 _slice(data, plane, index),
@@ -346,7 +346,7 @@ def plot_registration(
         vmin, vmax = _window(under)
         for p, plane in enumerate(PLANES):
             row = block * len(PLANES) + p
-            for col, index in enumerate(select_slices(support, _AXIS[plane], n_slices)):
+            for col, index in enumerate(figure_slices(support, _AXIS[plane], n_slices)):
                 ax = axes[row, col]
                 ax.imshow(
                     _slice(under, plane, index),
@@ -410,7 +410,7 @@ def plot_bias_correction(
     fig, axes = _grid_figure(len(PLANES), len(columns), title, panel=2.4, header=0.7)
     support = corr_data > 0.05 * float(np.abs(corr_data).max() or 1)
     for row, plane in enumerate(PLANES):
-        index = select_slices(support, _AXIS[plane], 1)[0]
+        index = figure_slices(support, _AXIS[plane], 1)[0]
         for col, (name, data, style) in enumerate(columns):
             ax = axes[row, col]
             shown = ax.imshow(
