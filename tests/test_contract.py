@@ -301,6 +301,27 @@ def test_publishing_one_session_keeps_the_others(tmp_path):
     assert names == ["sub-01_ses-a_desc-preproc_T1w.nii.gz", "sub-01_ses-b_desc-preproc_T1w.nii.gz"]
 
 
+def test_republishing_unchanged_files_keeps_them_untouched(tmp_path):
+    out = tmp_path / "out"
+
+    def publish(run_id: str, content: dict[str, str]) -> None:
+        staging = begin_subject(out, "01", run_id)
+        for name, text in content.items():
+            (staging / "sub-01/anat").mkdir(parents=True, exist_ok=True)
+            (staging / "sub-01/anat" / name).write_text(text)
+        commit_subject(out, "01", staging, run_id)
+
+    publish("r1", {"a.nii.gz": "same", "b.nii.gz": "old"})
+    before = {p.name: p.stat() for p in (out / "sub-01/anat").iterdir()}
+    time.sleep(0.05)
+    publish("r2", {"a.nii.gz": "same", "b.nii.gz": "new"})
+    after = {p.name: p.stat() for p in (out / "sub-01/anat").iterdir()}
+    assert after["a.nii.gz"].st_ino == before["a.nii.gz"].st_ino
+    assert after["a.nii.gz"].st_mtime_ns == before["a.nii.gz"].st_mtime_ns
+    assert (out / "sub-01/anat/b.nii.gz").read_text() == "new"
+    assert after["b.nii.gz"].st_ino != before["b.nii.gz"].st_ino
+
+
 # --------------------------------------------------------------------------------------
 # the group level trusts only complete subjects
 # --------------------------------------------------------------------------------------

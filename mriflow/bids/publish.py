@@ -10,9 +10,11 @@ publish into one OUT_DIR concurrently):
 2. the caller writes every derivative there (and the report, from those files);
    files of the subject's other sessions already in OUT_DIR are carried over
    (hard links) by :func:`carry_over`, so a run of one session keeps the others;
-3. :func:`commit_subject` renames the staged ``sub-XX/`` folder into place (the old
-   one is moved aside first and deleted after), moves the report and provenance
-   record by ``os.replace``, and only then writes the completion record
+3. :func:`commit_subject` swaps in hard links of the published files wherever a
+   staged file has the same bytes (a rerun with nothing changed touches no
+   output), renames the staged ``sub-XX/`` folder into place (the old one is
+   moved aside first and deleted after), moves the report and provenance record
+   by ``os.replace``, and only then writes the completion record
    ``logs/sub-XX_status.json`` saying ``ok``.
 
 A kill at any point leaves the subject either absent, as it was, or complete;
@@ -23,6 +25,7 @@ level) trust only subjects whose completion record says ``ok``.
 from __future__ import annotations
 
 import datetime as _dt
+import filecmp
 import os
 import shutil
 from collections.abc import Iterable
@@ -124,17 +127,42 @@ def commit_subject(
     name = subject_dirname(subject)
     final = out_dir / name
     aside = _staging_root(out_dir) / f"{name}.{run_id}.old"
+    _keep_unchanged(out_dir, staging, name)
     if final.exists():
         os.rename(final, aside)
     os.rename(staging / name, final)
     for relpath in (report_relpath(subject), provenance_relpath(subject), *extra):
         staged = staging / relpath
-        if staged.is_file():
+        if staged.is_file() and not _same_file(staged, out_dir / relpath):
             (out_dir / relpath).parent.mkdir(parents=True, exist_ok=True)
             os.replace(staged, out_dir / relpath)
     write_status(out_dir, subject, ok=True, run_id=run_id)
     shutil.rmtree(aside, ignore_errors=True)
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return b.is_file() and filecmp.cmp(a, b, shallow=False)
+
+
+def _keep_unchanged(out_dir: Path, staging: Path, name: str) -> None:
+    """Put the published file itself (a hard link) where a staged file has the same bytes.
+
+    A rerun with nothing changed then leaves every output's inode and mtime as it
+    was (tools that watch mtimes see no change), although the folder is swapped.
+    """
+    for staged in sorted((staging / name).rglob("*")):
+        published = out_dir / staged.relative_to(staging)
+        if not staged.is_file() or staged.is_symlink() or not _same_file(staged, published):
+            continue
+        if os.path.samefile(staged, published):
+            continue  # already a carried-over link
+        link = staged.with_name(f".{staged.name}{PART_MARKER}")
+        try:
+            os.link(published, link)
+        except OSError:  # no hard links here: keep the staged copy
+            continue
+        os.replace(link, staged)
 
 
 def write_status(

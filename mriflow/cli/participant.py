@@ -67,16 +67,19 @@ class FailureRecorder:
     def __call__(self, node, status: str) -> None:
         if status != "exception":
             return
-        subject = next(
-            (s for p, s in self.prefixes.items() if node.fullname.startswith(p + ".")), None
-        )
-        if subject is None or subject in self.failures:
-            return
         try:
             traceback = getattr(node.result.runtime, "traceback", None) or ""
         except Exception:  # the node died before writing its result (killed worker)
             traceback = ""
-        self.failures[subject] = f"{_last_error_line([traceback])} [step {node.name}]"
+        self.record(node, traceback)
+
+    def record(self, node, traceback: str) -> None:
+        """Note ``node``'s failure for its subject (the first failure of a subject wins)."""
+        subject = next(
+            (s for p, s in self.prefixes.items() if node.fullname.startswith(p + ".")), None
+        )
+        if subject is not None and subject not in self.failures:
+            self.failures[subject] = f"{_last_error_line([traceback])} [step {node.name}]"
 
 
 def run_participant(
@@ -161,7 +164,9 @@ def run_participant(
             log.debug("workflow finished with errors: %s", err)
         if plugin.endswith("Graph"):
             # graph plugins return once every job is queued; the jobs run later
-            _wait_for_graph_jobs(out_dir, [s.subject for s in runnable], run_id)
+            _wait_for_graph_jobs(
+                out_dir, [s.subject for s in runnable], run_id, crash_dir, recorder
+            )
 
     layout = DerivativesLayout(out_dir)
     outcomes = []
@@ -199,18 +204,43 @@ def run_participant(
 
 
 def _wait_for_graph_jobs(
-    out_dir: Path, subjects: list[str], run_id: str, poll: float = 5.0
+    out_dir: Path,
+    subjects: list[str],
+    run_id: str,
+    crash_dir: Path,
+    recorder: FailureRecorder,
+    poll: float = 5.0,
 ) -> None:
-    """Block until every subject's publishing job wrote its completion record for ``run_id``.
+    """Block until every subject's publishing job wrote its completion record for
+    ``run_id``, or one of its jobs failed.
 
-    A job that fails (or is killed by the scheduler) writes no record: stop with
-    Ctrl-C, fix the cause and rerun the command (done jobs are not resubmitted).
+    Graph plugins cannot call back, so a failed job is known by the crash file its
+    job wrote; it is attributed to its subject as the callback would (by the
+    sub-workflow the graph put its node in). A job killed by the scheduler (time
+    or memory limit) writes nothing: stop with Ctrl-C, fix the limits and rerun
+    (done jobs are not resubmitted).
     """
+    from nipype.utils.filemanip import loadcrash
+
     layout = DerivativesLayout(out_dir)
     pending = set(subjects)
+    seen: set[Path] = set()
     log.info("mriflow: jobs submitted; waiting for %d subject(s) to finish", len(pending))
     while pending:
-        pending = {s for s in pending if (layout.status(s) or {}).get("run_id") != run_id}
+        for crashfile in sorted(crash_dir.glob("*.pklz")) if crash_dir.is_dir() else []:
+            if crashfile not in seen:
+                seen.add(crashfile)
+                try:
+                    crash = loadcrash(str(crashfile))
+                except Exception as err:  # an unreadable crash file must not hide the others
+                    log.warning("cannot read crash file %s: %s", crashfile, err)
+                    continue
+                recorder.record(crash["node"], "".join(crash.get("traceback") or []))
+        pending = {
+            s
+            for s in pending
+            if s not in recorder.failures and (layout.status(s) or {}).get("run_id") != run_id
+        }
         if pending:
             time.sleep(poll)
 
