@@ -37,6 +37,7 @@ __all__ = [
     "plot_registration",
     "plot_segmentation",
     "figure_slices",
+    "reduced",
 ]
 
 #: Colours of the dseg labels 1=GM, 2=WM, 3=CSF (sMRIPrep's report colours are similar).
@@ -49,6 +50,21 @@ _FORMATS = {".png": "png", ".svg": "svg"}
 # --------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------
+
+
+def reduced(img: nib.spatialimages.SpatialImage, display_mm: float | None):
+    """Every k-th voxel of each axis so voxels are at most ``display_mm`` (affine kept).
+
+    Striding keeps label values (masks, dseg) and keeps images that share a grid on a
+    shared grid, so overlays stay aligned; ``None`` or a coarse image: unchanged.
+    """
+    if display_mm is None:
+        return img
+    zooms = np.sqrt((img.affine[:3, :3] ** 2).sum(0))
+    step = max(1, int(display_mm // max(float(zooms.min()), 1e-6)))
+    if step == 1:
+        return img
+    return img.slicer[(slice(None, None, step),) * 3]
 
 
 def _check_out(out_path: str | os.PathLike[str]) -> tuple[Path, str]:

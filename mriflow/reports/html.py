@@ -269,8 +269,14 @@ def make_standard_figures(
     *,
     templates: Mapping[str, Any] | None = None,
     fmt: str = "png",
+    display_mm: float | None = 2.0,
 ) -> list[ReportSection]:
     """Draw the standard QC figures from the subject's published derivatives.
+
+    Images are drawn at ``display_mm`` voxels or finer (every k-th voxel of each
+    axis, the affine kept: :func:`mriflow.reports.figures.reduced`): a 1 mm head
+    costs an eighth as much to resample and draw, and the panels are thumbnails.
+    ``None`` draws at full resolution.
 
     Per raw image, whichever inputs exist: raw vs preprocessed (``desc-preproc``),
     brain mask contour (``desc-brain_mask``), tissue segmentation (``dseg``),
@@ -290,12 +296,13 @@ def make_standard_figures(
         if preproc is None:
             continue
         entities = {k: v for k, v in group.entities.items()}
-        t1w = nib.load(str(preproc.path))
+        load = partial(_load_reduced, display_mm=display_mm)
+        t1w = load(preproc.path)
         raw_path = group.source_path
-        raw = nib.load(str(raw_path)) if raw_path and raw_path.is_file() else None
+        raw = load(raw_path) if raw_path and raw_path.is_file() else None
         mask_d, dseg_d, std_d = group.get("brain_mask"), group.get("dseg"), group.get("std_preproc")
-        mask = nib.load(str(mask_d.path)) if mask_d else None
-        dseg = nib.load(str(dseg_d.path)) if dseg_d else None
+        mask = load(mask_d.path) if mask_d else None
+        dseg = load(dseg_d.path) if dseg_d else None
         jobs = []
         if raw is not None:
             jobs.append((
@@ -331,6 +338,7 @@ def make_standard_figures(
             if isinstance(template, (str, Path)):
                 template = nib.load(str(template))
             if template is not None:
+                std, template = F.reduced(std, display_mm), F.reduced(template, display_mm)
                 jobs.append((
                     f"Registration to {space}", {**entities, "space": space}, group.contrast,
                     partial(F.plot_registration, std, template),
@@ -358,6 +366,12 @@ def make_standard_figures(
         if figures:
             sections.append(ReportSection(title=group.key, figures=figures, image=group.key))
     return sections
+
+
+def _load_reduced(path: Path, display_mm: float | None):
+    from mriflow.reports.figures import reduced
+
+    return reduced(nib.load(str(path)), display_mm)
 
 
 def _histograms(before, after, *, out_path, mask, dseg):
