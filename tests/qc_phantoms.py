@@ -8,7 +8,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from mriflow.bids.derivatives import atomic_write_json, build_path, write_derivatives_description
+from mriflow.bids.derivatives import write_derivatives_description
+from mriflow.bids.paths import atomic_write_json, build_path
 from mriflow.interfaces.base import step_record
 
 MU = {"wm": 110.0, "gm": 70.0, "csf": 30.0, "scalp": 80.0}

@@ -1,8 +1,7 @@
 """The derivatives dataset's own files: ``dataset_description.json``, ``.bidsignore``,
 and the writing of one derivative with its sidecar.
 
-Names are made in :mod:`mriflow.bids.paths` (which this module re-exports for
-callers that import them from here); which outputs exist is in
+Names are made in :mod:`mriflow.bids.paths`; which outputs exist is in
 :mod:`mriflow.bids.outputs`.
 """
 
@@ -17,42 +16,23 @@ import nibabel as nib
 import numpy as np
 
 from mriflow import CODE_URL, __version__
+
+# atomic_write_text: re-exported for mriflow.config, which imports it from here
 from mriflow.bids.paths import (
-    ENTITY_KEYS,
-    ENTITY_ORDER,
-    STAGING_DIRNAME,
-    DerivativeNameError,
     atomic_copy,
     atomic_write,
-    atomic_write_bytes,
     atomic_write_json,
-    atomic_write_table,
     atomic_write_text,
     bids_uri,
-    build_path,
-    parse_entities,
-    staged_relpath,
 )
 
 __all__ = [
-    "ENTITY_ORDER",
-    "STAGING_DIRNAME",
-    "DerivativeNameError",
-    "atomic_copy",
-    "atomic_write",
-    "atomic_write_bytes",
-    "atomic_write_json",
-    "atomic_write_table",
+    "BIDSIGNORE",
     "atomic_write_text",
-    "bids_uri",
-    "build_path",
-    "parse_entities",
     "dataset_description",
     "derivative_sidecar",
-    "staged_relpath",
     "write_derivative",
     "write_derivatives_description",
-    "ENTITY_KEYS",
 ]
 
 

@@ -44,6 +44,7 @@ __all__ = [
     "parse_subject_dirname",
     "remove_partial_files",
     "session_dirname",
+    "session_label",
     "sidecar_path",
     "slice_filename",
     "slices_index_name",
@@ -243,6 +244,11 @@ def session_dirname(entities: Mapping[str, Any]) -> str:
     """``ses-a`` for entities with ``session=a``; ``""`` without a session."""
     session = entities.get("session") or entities.get("ses")
     return f"ses-{session}" if session else ""
+
+
+def session_label(session: str) -> str:
+    """``a`` for ``ses-a`` or ``a``."""
+    return session.removeprefix("ses-")
 
 
 def subject_label(subject: str) -> str:
