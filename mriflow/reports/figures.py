@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from nibabel.processing import resample_from_to  # noqa: E402
 
-from mriflow.bids.derivatives import atomic_write_bytes  # noqa: E402
+from mriflow.bids.paths import atomic_write_bytes  # noqa: E402
 
 __all__ = [
     "TISSUE_COLORS",
