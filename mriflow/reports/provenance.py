@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from mriflow import CODE_URL, __version__
-from mriflow.bids.derivatives import atomic_copy, atomic_write_json
 from mriflow.bids.layout import ImageDerivatives, find_subject_derivatives
 from mriflow.bids.outputs import provenance_relpath
+from mriflow.bids.paths import atomic_copy, atomic_write_json
 
 __all__ = [
     "PROV_CONTEXT",
