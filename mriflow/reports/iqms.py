@@ -12,6 +12,7 @@ import io
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from mriflow.bids.paths import (
     subject_dirname,
 )
 from mriflow.image.qc import IQMs, compute_iqms
+from mriflow.image.template import TEMPLATE_SPACE
 
 log = logging.getLogger("mriflow")
 
@@ -167,26 +169,24 @@ def read_iqms(
 def load_template_for(space: str, like: nib.spatialimages.SpatialImage | None = None):
     """The embedded template image and brain mask for ``space``, or ``None`` if unknown.
 
-    Uses :mod:`mriflow.image.template` when present (its derived mask), else
-    nilearn's bundled ICBM152 2009a T1 (mask: T1 > 0). The resolution (1 or 2 mm)
-    follows the voxel size of ``like``.
+    From :mod:`mriflow.image.template` (its derived mask). The resolution (1 or 2 mm)
+    follows the voxel size of ``like``. Loaded once per process: the IQMs and the
+    registration figure of every image of a subject both need it.
     """
-    if space != "MNI152NLin2009aSym":
+    if space != TEMPLATE_SPACE:
         return None
     resolution = 1
     if like is not None and float(np.sqrt((like.affine[:3, :3] ** 2).sum(0)).mean()) > 1.5:
         resolution = 2
-    try:
-        from mriflow.image.template import load_template  # merged from the anatomical branch
+    return _template(resolution)
 
-        template = load_template(resolution)
-        return template.t1w, template.mask
-    except ImportError:
-        from nilearn.datasets import load_mni152_template
 
-        t1w = load_mni152_template(resolution=resolution)
-        mask = nib.Nifti1Image((t1w.get_fdata() > 0).astype(np.uint8), t1w.affine)
-        return t1w, mask
+@lru_cache(maxsize=2)
+def _template(resolution: int):
+    from mriflow.image.template import load_template
+
+    template = load_template(resolution)
+    return template.t1w, template.mask
 
 
 def _load(derivative) -> nib.spatialimages.SpatialImage | None:
