@@ -8,7 +8,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from mriflow.bids.derivatives import atomic_write_json, build_path, write_dataset_description
+from mriflow.bids.derivatives import write_derivatives_description
+from mriflow.bids.paths import atomic_write_json, build_path
 from mriflow.interfaces.base import step_record
 
 MU = {"wm": 110.0, "gm": 70.0, "csf": 30.0, "scalp": 80.0}
@@ -99,7 +100,7 @@ def build_derivatives(
     (raw_dir / "dataset_description.json").write_text(
         json.dumps({"Name": "phantoms", "BIDSVersion": "1.10.0"})
     )
-    write_dataset_description(out_dir, [raw_dir])
+    write_derivatives_description(out_dir, [raw_dir])
     (out_dir / "mriflow_config.toml").write_text("seed = 0\n")
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     affine[:3, 3] = -np.asarray(shape) + 1

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from mriflow.bids.derivatives import (
+from mriflow.bids.derivatives import dataset_description
+from mriflow.bids.paths import (
     DerivativeNameError,
     atomic_write_bytes,
     bids_uri,
     build_path,
-    dataset_description,
     parse_entities,
     staged_relpath,
 )

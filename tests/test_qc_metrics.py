@@ -172,11 +172,11 @@ def test_validation_messages():
 
 def test_skull_stripped_detection_on_phantom():
     data, brain, _ = make_head()
-    assert not qc.is_skull_stripped(data, brain)
-    assert qc.is_skull_stripped(np.where(brain, data, 0.0), brain)
+    assert not qc.no_signal_outside_brain(data, brain)
+    assert qc.no_signal_outside_brain(np.where(brain, data, 0.0), brain)
     # zeroed air around a whole head is still a whole head
     head = qc.estimate_head_mask(data)
-    assert not qc.is_skull_stripped(np.where(head, data, 0.0), brain)
+    assert not qc.no_signal_outside_brain(np.where(head, data, 0.0), brain)
 
 
 @pytest.mark.data

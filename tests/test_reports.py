@@ -19,6 +19,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from mriflow.bids.publish import write_status
 from mriflow.reports import figures as F
 from mriflow.reports.html import (
     ReportFigure,
@@ -109,10 +110,7 @@ def test_subject_report_summary_and_figures(dataset):
 
 def test_subject_report_lists_errors_escaped_and_extra_figures(dataset, tmp_path):
     out = dataset["out"]
-    (out / "logs").mkdir(exist_ok=True)
-    (out / "logs" / "run-x_summary.json").write_text(json.dumps({
-        "RunID": "x", "Subjects": [{"participant_id": "sub-02", "status": "failed",
-                                    "reason": "skull strip failed"}]}))  # fmt: skip
+    record = write_status(out, "02", ok=False, run_id="x", reason="skull strip failed")
     extra = F.plot_mask_contour(
         nib.load(str(out / "sub-02/anat/sub-02_desc-preproc_T1w.nii.gz")),
         nib.load(str(out / "sub-02/anat/sub-02_desc-brain_mask.nii.gz")),
@@ -131,7 +129,7 @@ def test_subject_report_lists_errors_escaped_and_extra_figures(dataset, tmp_path
     assert "Bias &lt;field&gt;" in html
     assert _img_sources(html) == ["sub-02/figures/outside.png"]
     assert (out / "sub-02/figures/outside.png").is_file()
-    (out / "logs" / "run-x_summary.json").unlink()
+    record.unlink()
 
 
 def test_run_time_per_step_from_nipype_work_dir(tmp_path):
@@ -292,12 +290,12 @@ def test_figures_resample_overlays_and_validate(tmp_path, dataset):
         F.plot_mask_contour(t1w, mask, tmp_path / "x.png", n_slices=0)
 
 
-def test_select_slices_spans_the_object():
+def test_figure_slices_span_the_object():
     ref = np.zeros((50, 50, 50))
     ref[10:31, 5:45, 20:40] = 1
-    slices = F.select_slices(ref, 0, 4)
+    slices = F.figure_slices(ref, 0, 4)
     assert slices[0] > 10 and slices[-1] < 30 and slices == sorted(set(slices))
-    assert F.select_slices(ref, 2, 1) == [30]
+    assert F.figure_slices(ref, 2, 1) == [30]
 
 
 # --------------------------------------------------------------------------------------
@@ -400,3 +398,21 @@ def test_write_participant_reports_one_call(tmp_path):
     failed = (out / "sub-03.html").read_text()
     assert "deepbet crashed" in failed and 'class="err"' in failed
     assert group(out) == out / "group.html"
+
+
+def test_iqms_measure_inu_from_the_bias_field_the_graph_gives(tmp_path):
+    raw_dir, out_dir = build_derivatives(tmp_path / "d", {"01": 4.0})
+    preproc = nib.load(str(out_dir / "sub-01/anat/sub-01_desc-preproc_T1w.nii.gz"))
+    ramp = np.linspace(0.8, 1.2, preproc.shape[0])[:, None, None] * np.ones(preproc.shape)
+    field = tmp_path / "n4_field.nii"
+    nib.save(nib.Nifti1Image(ramp.astype(np.float32), preproc.affine), str(field))
+    (json_path, _) = compute_subject_iqms(
+        out_dir,
+        "01",
+        templates={SPACE: template_image()},
+        bias_fields={"sub-01/anat/sub-01_T1w.nii.gz": field},
+    )
+    payload = json.loads(json_path.read_text())
+    assert "inu" not in payload["Skipped"]
+    assert 0.9 < payload["inu_med"] < 1.1
+    assert 0.1 < payload["inu_range"] < 0.4  # P95-P5 of the 0.8-1.2 ramp inside the brain

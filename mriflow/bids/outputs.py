@@ -1,19 +1,46 @@
-"""What each workflow output is called as a BIDS derivative (sMRIPrep naming).
+"""The output contract: every file mriflow writes, participant and group level, in one table.
 
-One table, read by the workflows when they wire their data sinks; names are
-built from these entities by :func:`mriflow.bids.derivatives.build_path`.
+- per image (:func:`anat_derivatives`): preproc, masks, tissues, transforms, MNI
+  images, model-ready volumes (sMRIPrep naming), read by the workflows when they
+  wire publishing and, backwards, by :class:`mriflow.bids.layout.DerivativesLayout`;
+- per image at the group level: the Nyúl-standardized image (:data:`NYUL_SPEC`);
+- per subject: QC metrics, figures, report, provenance record, completion record;
+- per dataset (:data:`GROUP_OUTPUTS`): Nyúl standard, splits, manifests, group QC.
+
+Names are built from these entities by :mod:`mriflow.bids.paths`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from mriflow.bids.paths import build_filename, build_path, subject_dirname
 from mriflow.config import Config
+from mriflow.image.template import TEMPLATE_SPACE
 
-__all__ = ["DerivativeSpec", "anat_derivatives", "TEMPLATE_SPACE"]
+__all__ = [
+    "CONTRASTS",
+    "GROUP_OUTPUTS",
+    "NYUL_SPEC",
+    "TEMPLATE_SPACE",
+    "DerivativeSpec",
+    "all_anat_derivatives",
+    "anat_derivatives",
+    "derivative_relpath",
+    "figure_relpath",
+    "figure_relpath_of",
+    "iqm_relpath",
+    "provenance_relpath",
+    "report_relpath",
+    "slices_index_relpath",
+    "slices_stem",
+    "status_relpath",
+]
 
-TEMPLATE_SPACE = "MNI152NLin2009aSym"
+#: Anatomical contrasts whose derivatives mriflow names after the source (``desc-preproc_T2w``).
+CONTRASTS = ("T1w", "T2w", "FLAIR", "PDw", "T2starw")
 
 _PREPROC = ("denoise", "conform", "n4")  # names, not order: the chain keeps run order
 _MASK = (*_PREPROC, "skull_strip")
@@ -211,3 +238,103 @@ def _template_space_specs(space: dict[str, str]) -> list[DerivativeSpec]:
             derived_from=("brain_mask", "xfm_fwd"),
         ),
     ]
+
+
+#: The group level's Nyúl-standardized copy of each native T1w (fitted on the training split).
+NYUL_SPEC = DerivativeSpec(
+    output="nyul",
+    suffix="T1w",
+    entities={"desc": "nyul"},
+    metadata={"SkullStripped": True},
+    steps=("nyul",),
+    derived_from=("preproc", "brain_mask"),
+)
+
+#: Dataset-level files (relative to OUT_DIR), by output name.
+GROUP_OUTPUTS: dict[str, str] = {
+    "nyul_standard": "nyul_standard.json",
+    "splits": "splits.tsv",
+    "splits_json": "splits.json",
+    "manifest": "dataset.csv",
+    "manifest_json": "dataset.json",
+    "slices_manifest": "dataset_slices.csv",
+    "group_iqms": "group_desc-qc_metrics.tsv",  # every IQM of every image
+    "group_report": "group.html",
+    "dseg_lut": "dseg.tsv",
+    "config": "mriflow_config.toml",
+    "dataset_description": "dataset_description.json",
+}
+
+
+def all_anat_derivatives(contrast: str) -> list[DerivativeSpec]:
+    """Every derivative any configuration can write for ``contrast`` (for reading back)."""
+    specs: dict[tuple, DerivativeSpec] = {}
+    for registered in (True, False):
+        config = Config()
+        config.set("registration.enabled", registered)
+        config.set("intensity.method", "zscore")
+        if config.segmentation.method == "none":
+            config.set("segmentation.method", "atropos")
+        for spec in [*anat_derivatives(contrast, config), NYUL_SPEC]:
+            key = (spec.suffix or contrast, tuple(sorted(spec.entities.items())), spec.extension)
+            specs.setdefault(key, spec)
+    return list(specs.values())
+
+
+def derivative_relpath(
+    source_entities: Mapping[str, str], contrast: str, spec: DerivativeSpec
+) -> str:
+    """Where ``spec``'s derivative of a raw image (``source_entities``, ``contrast``) goes."""
+    return build_path(
+        {**source_entities, **spec.entities},
+        suffix=spec.suffix or contrast,
+        extension=spec.extension or ".nii.gz",
+    )
+
+
+def slices_index_relpath(entities: Mapping[str, str]) -> str:
+    """``sub-01/slices/sub-01_space-X_desc-model_slices.csv``: the 2D slices' index."""
+    return build_path(entities, suffix="slices", extension=".csv", datatype="slices")
+
+
+def slices_stem(entities: Mapping[str, str]) -> tuple[str, str]:
+    """``("sub-01/slices", "sub-01_space-X_desc-model")``: folder and name prefix of the slices."""
+    folder, _, name = slices_index_relpath(entities).rpartition("/")
+    return folder, name.removesuffix("_slices.csv")
+
+
+def iqm_relpath(
+    entities: Mapping[str, str], contrast: str = "T1w", extension: str = ".json"
+) -> str:
+    """``sub-01/[ses-a/]anat/sub-01_[ses-a_]desc-qc_metrics.json`` for a raw image's entities.
+
+    Contrasts other than T1w get ``desc-qc<contrast>`` (e.g. ``desc-qcT2w``) so the
+    files of two contrasts of one session do not collide.
+    """
+    desc = "qc" if contrast == "T1w" else f"qc{contrast}"
+    return build_path({**entities, "description": desc}, suffix="metrics", extension=extension)
+
+
+def figure_relpath(subject: str, entities: Mapping[str, str], suffix: str, extension: str) -> str:
+    """``sub-01/figures/<BIDS name>``: a report figure of the subject."""
+    return figure_relpath_of(subject, build_filename(entities, suffix=suffix, extension=extension))
+
+
+def figure_relpath_of(subject: str, filename: str) -> str:
+    """``sub-01/figures/<filename>``: where a figure made elsewhere is copied for the report."""
+    return f"{subject_dirname(subject)}/figures/{filename}"
+
+
+def report_relpath(subject: str) -> str:
+    """``sub-01.html``: the subject's QC report, at the top of OUT_DIR."""
+    return f"{subject_dirname(subject)}.html"
+
+
+def provenance_relpath(subject: str) -> str:
+    """``provenance/sub-01_prov.jsonld``: the subject's W3C PROV record."""
+    return f"provenance/{subject_dirname(subject)}_prov.jsonld"
+
+
+def status_relpath(subject: str) -> str:
+    """``logs/sub-01_status.json``: the subject's completion record (ok/failed, reason, run)."""
+    return f"logs/{subject_dirname(subject)}_status.json"

@@ -1,116 +1,57 @@
-"""The group level: subject-level splits, the dataset manifest, group-fitted steps."""
+"""The group level: choose the subjects, run :func:`~mriflow.workflows.group.init_group_wf`, report.
+
+Only subjects whose completion record (``logs/sub-XX_status.json``) says ``ok`` are
+used; the others are listed as skipped, and the exit code is 1 when any selected
+subject is missing or failed.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from pathlib import Path
 
-from mriflow.bids.derivatives import DerivativeNameError, parse_entities
+from mriflow.bids.layout import DerivativesLayout
+from mriflow.bids.outputs import GROUP_OUTPUTS
+from mriflow.bids.paths import subject_dirname, subject_label
+from mriflow.cli.errors import EXIT_FAILED, EXIT_OK, UsageError
 from mriflow.config import Config
 
 log = logging.getLogger("mriflow")
 
-__all__ = ["run_group", "find_model_ready"]
-
-MODEL_SUFFIXES = {"T1w": "image", "mask": "mask", "dseg": "dseg"}
+__all__ = ["run_group", "select_group_subjects"]
 
 
-def find_model_ready(out_dir: Path, subjects: list[str]) -> list:
-    """One manifest entry per subject/session from the ``desc-model`` files on disk."""
-    from mriflow.ml.manifest import ManifestEntry
+def select_group_subjects(
+    layout: DerivativesLayout, participant_labels: list[str] | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """``(usable labels, {label: why skipped})`` of the selected subjects.
 
-    found: dict[tuple[str, str], dict[str, Path]] = defaultdict(dict)
-    for subject in subjects:
-        for path in sorted((out_dir / subject).rglob("*_desc-model_*.nii.gz")):
-            try:
-                entities, suffix, _ = parse_entities(path)
-            except DerivativeNameError:
-                continue
-            if suffix in MODEL_SUFFIXES:
-                key = (f"sub-{entities['subject']}", entities.get("session", ""))
-                found[key][MODEL_SUFFIXES[suffix]] = path
-        for index in sorted((out_dir / subject).rglob("slices/*_desc-model_*slices.csv")):
-            entities, _, _ = parse_entities(index)
-            key = (f"sub-{entities['subject']}", entities.get("session", ""))
-            found[key]["slices"] = index
-    entries = []
-    for (participant, session), files in sorted(found.items()):
-        if "image" not in files:
-            continue
-        entries.append(
-            ManifestEntry(
-                participant_id=participant,
-                session_id=f"ses-{session}" if session else "",
-                image=files["image"],
-                mask=files.get("mask"),
-                dseg=files.get("dseg"),
-                slices=files.get("slices"),
-            )
-        )
-    return entries
-
-
-def fit_and_apply_nyul(
-    out_dir: Path, subjects: list[str], training: list[str], config: Config
-) -> list[str]:
-    """Fit the Nyúl standard on the training subjects only, apply it to every subject.
-
-    Fitting on every image (as intensity-normalization's batch helper does) would
-    leak the validation and test histograms into the training data.
+    Raises
+    ------
+    UsageError
+        A ``participant_labels`` entry that OUT_DIR knows nothing about.
     """
-    import nibabel as nib
-    import numpy as np
-
-    from mriflow.bids.derivatives import atomic_write, atomic_write_json, bids_uri
-    from mriflow.image.intensity import apply_nyul, fit_nyul
-    from mriflow.interfaces.base import step_record
-
-    pairs = []
-    for subject in subjects:
-        for preproc in sorted((out_dir / subject).rglob("*_desc-preproc_T1w.nii.gz")):
-            if "space-" in preproc.name:
-                continue
-            mask = preproc.with_name(preproc.name.replace("_desc-preproc_T1w", "_desc-brain_mask"))
-            if mask.is_file():
-                pairs.append((subject, preproc, mask))
-    fit_pairs = [p for p in pairs if p[0] in training]
-    if not fit_pairs:
-        return ["  Nyul: no native desc-preproc_T1w with a brain mask: not fitted"]
-
-    def load(path):
-        return np.asanyarray(nib.load(path).dataobj, dtype=np.float64)
-
-    standard = fit_nyul(
-        [load(p) for _, p, _ in fit_pairs],
-        [load(m) > 0 for _, _, m in fit_pairs],
-        percentiles=config.intensity.nyul_percentiles,
-        subjects=[p.name for _, p, _ in fit_pairs],
-    )
-    standard_path = out_dir / "nyul_standard.json"
-    atomic_write_json(standard_path, standard.to_dict())
-    step = step_record("nyul", {**standard.to_dict(), "StandardFile": standard_path.name})
-    for _, preproc, mask in pairs:
-        img = nib.load(preproc)
-        out = apply_nyul(load(preproc), load(mask) > 0, standard).astype(np.float32)
-        target = preproc.with_name(preproc.name.replace("_desc-preproc_", "_desc-nyul_"))
-        result = nib.Nifti1Image(out, img.affine, img.header)
-        result.set_data_dtype(np.float32)
-        atomic_write(target, lambda tmp, result=result: nib.save(result, str(tmp)))
-        relative = [p.relative_to(out_dir).as_posix() for p in (preproc, mask)]
-        atomic_write_json(
-            target.with_name(target.name.replace(".nii.gz", ".json")),
-            {
-                "Sources": [bids_uri(r, "") for r in relative]
-                + [bids_uri("nyul_standard.json", "")],
-                "SkullStripped": True,
-                "Steps": [step],
-            },
-        )
-    return [
-        f"  Nyul: fitted on {len(fit_pairs)} training image(s) -> {standard_path.name}; "
-        f"applied to {len(pairs)} image(s) (desc-nyul_T1w)"
-    ]
+    known = sorted(set(layout.subjects()) | set(layout.statuses()))
+    selected = known
+    if participant_labels:
+        wanted = [subject_label(label) for label in participant_labels]
+        unknown = [label for label in wanted if label not in known]
+        if unknown:
+            raise UsageError(
+                f"--participant-label {' '.join(unknown)}: not in OUT_DIR {layout.root} "
+                f"(it has {', '.join(known) or 'no subjects'})"
+            )
+        selected = sorted(set(wanted))
+    usable, skipped = [], {}
+    for label in selected:
+        record = layout.status(label)
+        if record is None:
+            skipped[label] = "no completion record (participant level not run or interrupted)"
+        elif record.get("status") != "ok":
+            skipped[label] = f"participant level failed: {record.get('reason') or 'unknown'}"
+        else:
+            usable.append(label)
+    return usable, skipped
 
 
 def run_group(
@@ -121,71 +62,82 @@ def run_group(
     config: Config,
     participant_labels: list[str] | None = None,
 ) -> int:
-    from mriflow.cli.run import EXIT_OK, UsageError
-    from mriflow.ml.manifest import ManifestError, build_manifest, write_manifest
-    from mriflow.ml.splits import (
-        ParticipantsError,
-        SplitError,
-        read_participants,
-        split_participants,
-        write_splits,
-    )
+    from mriflow.ml.splits import ParticipantsError, read_participants
 
-    if not (out_dir / "dataset_description.json").is_file():
+    layout = DerivativesLayout(out_dir)
+    if not layout.group_file("dataset_description").is_file():
         raise UsageError(
             f"OUT_DIR {out_dir} has no participant outputs: run the participant level first"
         )
-    subjects = sorted(p.name for p in out_dir.glob("sub-*") if p.is_dir())
-    if participant_labels:
-        wanted = {f"sub-{label.removeprefix('sub-')}" for label in participant_labels}
-        subjects = [s for s in subjects if s in wanted]
+    subjects, skipped = select_group_subjects(layout, participant_labels)
+    for label, reason in skipped.items():
+        log.warning("%s: skipped: %s", subject_dirname(label), reason)
     if not subjects:
-        raise UsageError(f"OUT_DIR {out_dir}: no participant outputs (sub-*) found")
+        raise UsageError(f"OUT_DIR {out_dir}: no subject with complete participant outputs")
 
     participants_tsv = bids_dir / "participants.tsv"
     split_cfg = config.split
+    if participants_tsv.is_file():
+        try:  # a broken table is a usage error, reported before any work
+            read_participants(participants_tsv)
+        except ParticipantsError as err:
+            raise UsageError(str(err)) from None
+    elif split_cfg.stratify_by or split_cfg.group_by:
+        raise UsageError(
+            f"{participants_tsv}: not found, but split.stratify_by/group_by need its columns"
+        )
+
+    from mriflow.cli.participant import FailureRecorder
+    from mriflow.workflows.group import init_group_wf
+
+    workflow = init_group_wf(
+        out_dir=out_dir,
+        subjects=subjects,
+        config=config,
+        participants_tsv=participants_tsv if participants_tsv.is_file() else None,
+    )
+    workflow.base_dir = str(work_dir)
+    workflow.config["execution"].update(
+        {"crashdump_dir": str(work_dir / "crash" / "group"), "crashfile_format": "pklz"}
+    )
+    recorder = FailureRecorder({workflow.name: "group"})
     try:
-        participants = read_participants(participants_tsv) if participants_tsv.is_file() else None
-        if participants is None and (split_cfg.stratify_by or split_cfg.group_by):
-            raise UsageError(
-                f"{participants_tsv}: not found, but split.stratify_by/group_by need its columns"
-            )
-        splits = split_participants(
-            subjects,
-            participants,
-            fractions=split_cfg.fractions,
-            n_folds=split_cfg.n_folds,
-            seed=config.seed,
-            stratify_by=split_cfg.stratify_by,
-            group_by=split_cfg.group_by,
-            stratify_bins=split_cfg.stratify_bins,
+        graph = workflow.run(plugin="Linear", plugin_args={"status_callback": recorder})
+    except RuntimeError:
+        reason = recorder.failures.get("group", "a group step failed")
+        print(f"mriflow group: FAILED  {reason}")
+        return EXIT_FAILED
+    results = {node.name: node.result.outputs for node in graph.nodes()}
+    print(_summary(subjects, skipped, results))
+    return EXIT_FAILED if skipped else EXIT_OK
+
+
+def _summary(subjects: list[str], skipped: dict[str, str], results: dict) -> str:
+    """What the group workflow wrote, from its nodes' results (node name -> outputs)."""
+
+    def name(path) -> str:
+        return Path(path).name
+
+    splits, manifest = results["splits"], results["manifest"]
+    lines = [
+        f"mriflow group: {len(subjects)} subject(s); splits {splits.counts} "
+        f"-> {name(splits.splits_file)}"
+    ]
+    if "nyul_apply" in results:
+        lines.append(
+            f"  Nyul: fitted on {len(results['select_training'].in_files)} training image(s) "
+            f"-> {name(results['publish_standard'].out_file)}; "
+            f"applied to {len(results['nyul_apply'].out_file)} image(s)"
         )
-    except (ParticipantsError, SplitError) as err:
-        raise UsageError(str(err)) from None
-    tsv, _ = write_splits(splits, out_dir / "splits.tsv", out_dir / "splits.json")
-    lines = [f"mriflow group: {len(subjects)} subject(s); splits {splits.counts()} -> {tsv.name}"]
-
-    training = [s for s in subjects if splits.split.get(s) == "train"] or subjects
-    lines += fit_and_apply_nyul(out_dir, subjects, training, config)
-
-    entries = find_model_ready(out_dir, subjects)
-    if entries:
-        try:
-            rows = build_manifest(entries, splits, out_dir)
-        except ManifestError as err:
-            raise UsageError(f"{out_dir}: {err}") from None
-        csv_path, _ = write_manifest(
-            rows, out_dir, metadata={"seed": config.seed, "space": config.registration.template}
-        )
-        lines.append(f"  manifest: {len(rows)} row(s) -> {csv_path.name}")
-        if any(e.slices for e in entries):
-            from mriflow.ml.manifest import write_slices_manifest
-
-            lines.append(f"  slices: -> {write_slices_manifest(rows, out_dir).name}")
     else:
-        log.warning("no model-ready (desc-model) volumes found: manifest not written")
-    from mriflow.reports import write_group_report
-
-    lines.append(f"  QC: -> {write_group_report(out_dir, subjects=subjects).name}")
-    print("\n".join(lines))
-    return EXIT_OK
+        lines.append("  Nyul: no native preprocessed T1w with a brain mask: not fitted")
+    if manifest.manifest:
+        lines.append(f"  manifest: {manifest.n_rows} row(s) -> {name(manifest.manifest)}")
+    else:
+        lines.append("  manifest: no model-ready volumes: not written")
+    if manifest.slices_manifest:
+        lines.append(f"  slices: -> {name(manifest.slices_manifest)}")
+    lines.append(f"  QC: -> {GROUP_OUTPUTS['group_report']}")
+    for label, reason in skipped.items():
+        lines.append(f"  {subject_dirname(label)}  SKIPPED  {reason}")
+    return "\n".join(lines)

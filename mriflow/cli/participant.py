@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import time
@@ -10,12 +9,17 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from mriflow.bids.derivatives import atomic_write_json, write_dataset_description
+from mriflow.bids.derivatives import write_derivatives_description
+from mriflow.bids.layout import DerivativesLayout
+from mriflow.bids.outputs import GROUP_OUTPUTS
+from mriflow.bids.paths import atomic_write_json, atomic_write_text
+from mriflow.bids.publish import write_status
+from mriflow.cli.errors import EXIT_FAILED, EXIT_OK, UsageError
 from mriflow.config import Config
 
 log = logging.getLogger("mriflow")
 
-__all__ = ["SubjectOutcome", "run_participant", "plugin_settings"]
+__all__ = ["FailureRecorder", "SubjectOutcome", "run_participant", "plugin_settings"]
 
 
 @dataclass
@@ -48,6 +52,42 @@ def plugin_settings(config: Config) -> tuple[str, dict]:
     return plugin, args
 
 
+class FailureRecorder:
+    """Nipype ``status_callback``: the first failed node of each subject, with its error.
+
+    The failures come from the run itself (the node's own result), not from crash
+    files; nodes are attributed to subjects by the sub-workflow the graph put them
+    in (``prefixes``: ``mriflow_wf.sub_01_wf`` -> ``01``). A reason that names a
+    work-dir file, or none, names the subject's raw image instead (``subjects``).
+    """
+
+    def __init__(self, prefixes: dict[str, str], subjects: list | None = None) -> None:
+        self.prefixes = prefixes
+        self.subjects = subjects or []
+        self.failures: dict[str, str] = {}
+
+    def __call__(self, node, status: str) -> None:
+        if status != "exception":
+            return
+        try:
+            traceback = getattr(node.result.runtime, "traceback", None) or ""
+        except Exception:  # the node died before writing its result (killed worker)
+            traceback = ""
+        self.record(node.fullname, traceback)
+
+    def record(self, fullname: str, traceback: str) -> None:
+        """Note the failure of node ``fullname`` for its subject (the first one wins)."""
+        from mriflow.execution import disk_error
+
+        subject = next((s for p, s in self.prefixes.items() if fullname.startswith(p + ".")), None)
+        if subject is None or subject in self.failures:
+            return
+        # a full work disk shows as a missing result file last: say what happened first
+        reason = disk_error(traceback) or _last_error_line([traceback])
+        reason = _name_raw_image(reason, fullname, subject, self.subjects)
+        self.failures[subject] = f"{reason} [step {fullname.split('.')[-1]}]"
+
+
 def run_participant(
     *,
     bids_dir: Path,
@@ -58,10 +98,8 @@ def run_participant(
     session_labels: list[str] | None = None,
 ) -> int:
     from mriflow.bids.discovery import DiscoveryError, collect_inputs
-    from mriflow.cli.run import EXIT_FAILED, EXIT_OK, UsageError
 
     started = time.monotonic()
-    started_wall = time.time()
     try:
         subjects = collect_inputs(bids_dir, participant_labels, session_labels)
     except DiscoveryError as err:
@@ -72,14 +110,13 @@ def run_participant(
     check_free_space(runnable_images, config, out_dir, work_dir)  # exit 2 before any work
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_dataset_description(out_dir, [bids_dir])
-    config.write(out_dir / "mriflow_config.toml")
+    write_derivatives_description(out_dir, [bids_dir])
+    config.write(out_dir / GROUP_OUTPUTS["config"])
     if config.segmentation.method != "none":
-        from mriflow.bids.derivatives import atomic_write_text
         from mriflow.image.segmentation import dseg_tsv
 
         # one lookup table at the root applies to every dseg (BIDS inheritance)
-        atomic_write_text(out_dir / "dseg.tsv", dseg_tsv())
+        atomic_write_text(out_dir / GROUP_OUTPUTS["dseg_lut"], dseg_tsv())
 
     run_id = time.strftime("%Y%m%d-%H%M%S") + "_" + uuid.uuid4().hex[:8]
     crash_dir = work_dir / "crash" / run_id
@@ -90,9 +127,9 @@ def run_participant(
 
     workflow_name = "mriflow_wf"
     workflow = None
-    graph_run = None
+    recorder = FailureRecorder({}, subjects)
     if runnable:
-        from mriflow.workflows.base import init_mriflow_wf
+        from mriflow.workflows.base import init_mriflow_wf, subject_workflow_name
 
         workflow = init_mriflow_wf(
             runnable,
@@ -100,6 +137,7 @@ def run_participant(
             bids_dir=bids_dir,
             out_dir=out_dir,
             work_dir=work_dir,
+            run_id=run_id,
             name=workflow_name,
         )
         workflow.config["execution"].update(
@@ -123,37 +161,52 @@ def run_participant(
             plugin_args,
             work_dir,
         )
+        recorder = FailureRecorder(
+            {f"{workflow_name}.{subject_workflow_name(s.subject)}": s.subject for s in runnable},
+            subjects,
+        )
+        if not plugin.endswith("Graph"):  # graph plugins cannot call back
+            plugin_args = {**plugin_args, "status_callback": recorder}
         from mriflow.execution import run_workflow
 
         # failed nodes are reported, not raised; tracebacks go to the log file
         graph_run = run_workflow(
             workflow, plugin, plugin_args, log_file=out_dir / "logs" / f"run-{run_id}.log"
         )
+        # nodes whose result could not even be written (a full work disk) never
+        # reach the callback: the watched plugin kept their reasons
+        for fullname, reason in graph_run.failures.items():
+            recorder.record(fullname, reason)
         if graph_run.fatal:
             log.error("mriflow: %s", graph_run.fatal)
         if plugin.endswith("Graph") and not graph_run.fatal:
             # graph plugins return once every job is queued; the jobs run later
             _wait_for_graph_jobs(
-                work_dir / workflow_name, crash_dir, [s.subject for s in runnable], started_wall
+                out_dir, [s.subject for s in runnable], run_id, crash_dir, recorder
             )
 
-    crashes = subject_failures(crash_dir, subjects, graph_run.failures if graph_run else None)
+    layout = DerivativesLayout(out_dir)
     outcomes = []
     for subject in subjects:
         label = subject.subject
+        record = layout.status(label) or {}
         if subject.error:
             outcomes.append(SubjectOutcome(label, False, subject.error))
-        elif label in crashes:
-            outcomes.append(SubjectOutcome(label, False, crashes[label]))
-        elif not _published(work_dir / workflow_name, label, since=started_wall):
-            outcomes.append(SubjectOutcome(label, False, "did not complete (run stopped early)"))
-        else:
+        elif record.get("run_id") == run_id and record.get("status") == "ok":
             outcomes.append(SubjectOutcome(label, True))
+        elif label in recorder.failures:
+            outcomes.append(SubjectOutcome(label, False, recorder.failures[label]))
+        else:
+            reason = f"did not complete (run stopped early; crash files in {crash_dir})"
+            outcomes.append(SubjectOutcome(label, False, reason))
+    for outcome in outcomes:
+        if not outcome.ok:
+            write_status(out_dir, outcome.subject, ok=False, run_id=run_id, reason=outcome.reason)
 
     elapsed = time.monotonic() - started
     _write_summary(out_dir, run_id, outcomes, elapsed, crash_dir)
-    # Reports of successful subjects were made inside the workflow; failed ones get
-    # a report that shows their error, and the run gets its workflow graph.
+    # Reports of successful subjects were made when they were published; failed
+    # ones get a report that shows their error, and the run gets its workflow graph.
     from mriflow.reports import write_participant_reports
 
     write_participant_reports(
@@ -168,79 +221,45 @@ def run_participant(
 
 
 def _wait_for_graph_jobs(
-    workflow_dir: Path, crash_dir: Path, subjects: list[str], since: float, poll: float = 5.0
+    out_dir: Path,
+    subjects: list[str],
+    run_id: str,
+    crash_dir: Path,
+    recorder: FailureRecorder,
+    poll: float = 5.0,
 ) -> None:
-    """Block until every subject's jobs published its outputs or one of them crashed.
+    """Block until every subject's publishing job wrote its completion record for
+    ``run_id``, or one of its jobs failed.
 
-    A job killed by the scheduler (time or memory limit) leaves no crash file: stop
-    with Ctrl-C, fix the limits and rerun the command (done jobs are not resubmitted).
-    """
-    pending = set(subjects)
-    log.info("mriflow: jobs submitted; waiting for %d subject(s) to finish", len(pending))
-    while pending:
-        crashed = subject_failures(crash_dir)
-        pending = {
-            s for s in pending if s not in crashed and not _published(workflow_dir, s, since)
-        }
-        if pending:
-            time.sleep(poll)
-
-
-def _published(workflow_dir: Path, subject: str, since: float) -> bool:
-    """Whether the subject's publishing node ran in this run (it reruns every time)."""
-    from mriflow.workflows.base import subject_workflow_name
-
-    subject_dir = workflow_dir / subject_workflow_name(subject)
-    result = subject_dir / "publish" / "result_publish.pklz"
-    # the report runs after publishing (its own job under graph plugins); a rerun
-    # keeps its result when the published files did not change
-    report = subject_dir / "report" / "result_report.pklz"
-    return result.is_file() and result.stat().st_mtime >= since - 1 and report.is_file()
-
-
-def subject_failures(
-    crash_dir: Path, subjects: list | None = None, node_failures: dict[str, str] | None = None
-) -> dict[str, str]:
-    """First failure reason per subject label, read from Nipype crash files.
-
-    ``node_failures`` (node full name -> reason, from :func:`mriflow.execution.run_workflow`)
-    covers failures whose crash file could not be written. With ``subjects``, a reason that
-    names a work-dir file, or none, names the subject's raw image instead.
+    Graph plugins cannot call back, so a failed job is known by the crash file its
+    job wrote; it is attributed to its subject as the callback would (by the
+    sub-workflow the graph put its node in). A job killed by the scheduler (time
+    or memory limit) writes nothing: stop with Ctrl-C, fix the limits and rerun
+    (done jobs are not resubmitted).
     """
     from nipype.utils.filemanip import loadcrash
 
-    from mriflow.execution import disk_error
-
-    found: list[tuple[str, str, str]] = []  # (node full name, reason, crash file)
-    for crashfile in sorted(glob.glob(str(crash_dir / "crash-*.pklz")), key=os.path.getmtime):
-        try:
-            crash = loadcrash(crashfile)
-            fullname = crash["node"].fullname
-            traceback = crash.get("traceback") or []
-        except Exception as err:  # an unreadable crash file must not hide the others
-            log.warning("cannot read crash file %s: %s", crashfile, err)
-            continue
-        # a full work disk shows as a missing result file last: say what happened first
-        reason = disk_error("".join(map(str, traceback))) or _last_error_line(traceback)
-        found.append((fullname, reason, f"; crash file {crashfile}"))
-    for fullname, reason in (node_failures or {}).items():
-        found.append((fullname, disk_error(reason) or _last_error_line([reason]), ""))
-    failures: dict[str, str] = {}
-    for fullname, reason, where in found:
-        subject = next(
-            (
-                part[len("sub_") : -len("_wf")]
-                for part in fullname.split(".")
-                if part.startswith("sub_") and part.endswith("_wf")
-            ),
-            None,
-        )
-        if subject is None or subject in failures:
-            continue
-        reason = _name_raw_image(reason, fullname, subject, subjects or [])
-        node = fullname.split(".")[-1]
-        failures[subject] = f"{reason} [step {node}{where}]"
-    return failures
+    layout = DerivativesLayout(out_dir)
+    pending = set(subjects)
+    seen: set[Path] = set()
+    log.info("mriflow: jobs submitted; waiting for %d subject(s) to finish", len(pending))
+    while pending:
+        for crashfile in sorted(crash_dir.glob("*.pklz")) if crash_dir.is_dir() else []:
+            if crashfile not in seen:
+                seen.add(crashfile)
+                try:
+                    crash = loadcrash(str(crashfile))
+                except Exception as err:  # an unreadable crash file must not hide the others
+                    log.warning("cannot read crash file %s: %s", crashfile, err)
+                    continue
+                recorder.record(crash["node"].fullname, "".join(crash.get("traceback") or []))
+        pending = {
+            s
+            for s in pending
+            if s not in recorder.failures and (layout.status(s) or {}).get("run_id") != run_id
+        }
+        if pending:
+            time.sleep(poll)
 
 
 def _name_raw_image(reason: str, fullname: str, subject: str, subjects: list) -> str:

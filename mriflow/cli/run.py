@@ -20,17 +20,12 @@ from pathlib import Path
 os.environ.setdefault("NIPYPE_NO_ET", "1")
 
 from mriflow import __version__  # noqa: E402
+from mriflow.cli.errors import EXIT_USAGE, UsageError  # noqa: E402
 from mriflow.config import Config, ConfigError, load_config  # noqa: E402
 
 __all__ = ["main", "build_parser"]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
 log = logging.getLogger("mriflow")
-
-
-class UsageError(Exception):
-    """Bad command line or paths: one line, exit 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,39 +4,20 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from mriflow import CODE_URL, __version__
+from mriflow.bids.paths import atomic_write_text
 
 __all__ = [
     "BIDS_VERSION",
     "write_dataset_description",
     "update_participants",
     "update_bidsignore",
-    "write_text_atomic",
 ]
 
 BIDS_VERSION = "1.9.0"
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder.
-
-    A crash mid-write leaves the old file (or none), never half a file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_dataset_description(bids_dir: str | Path, *, name: str | None = None) -> Path:
@@ -70,7 +51,7 @@ def write_dataset_description(bids_dir: str | Path, *, name: str | None = None) 
             isinstance(e, dict) and e.get("Name") == "mriflow" for e in entries
         ):
             desc["GeneratedBy"] = [*entries, generated]
-            write_text_atomic(path, json.dumps(desc, indent=2) + "\n")
+            atomic_write_text(path, json.dumps(desc, indent=2) + "\n")
         return path
     desc = {
         "Name": name or bids_dir.resolve().name,
@@ -78,7 +59,7 @@ def write_dataset_description(bids_dir: str | Path, *, name: str | None = None) 
         "DatasetType": "raw",
         "GeneratedBy": [generated],
     }
-    write_text_atomic(path, json.dumps(desc, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(desc, indent=2) + "\n")
     return path
 
 
@@ -105,7 +86,7 @@ def update_participants(bids_dir: str | Path, subject: str) -> Path:
     rows.append([participant] + ["n/a"] * (len(header) - 1))
     rows.sort(key=lambda r: r[0])
     text = "\n".join("\t".join(r) for r in [header, *rows]) + "\n"
-    write_text_atomic(path, text)
+    atomic_write_text(path, text)
     return path
 
 
@@ -117,5 +98,5 @@ def update_bidsignore(bids_dir: str | Path, patterns: list[str]) -> Path | None:
     existing = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
     new = [p for p in patterns if p not in existing]
     if new:
-        write_text_atomic(path, "\n".join([*existing, *new]) + "\n")
+        atomic_write_text(path, "\n".join([*existing, *new]) + "\n")
     return path

@@ -24,8 +24,9 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
+from mriflow.bids.paths import ENTITY_KEYS, DerivativeNameError, build_filename
+
 __all__ = [
-    "ENTITY_ORDER",
     "BidsTarget",
     "HeuristicError",
     "Dcm2BidsConfig",
@@ -38,25 +39,6 @@ __all__ = [
 
 logger = logging.getLogger("mriflow.dicom")
 
-# Entity order of the BIDS specification (the subset a raw MRI dataset uses).
-ENTITY_ORDER = (
-    "sub",
-    "ses",
-    "task",
-    "acq",
-    "ce",
-    "trc",
-    "rec",
-    "dir",
-    "run",
-    "mod",
-    "echo",
-    "flip",
-    "inv",
-    "mt",
-    "part",
-    "chunk",
-)
 _DATATYPES = {"anat", "func", "dwi", "fmap", "perf"}
 _ANAT_SUFFIXES = {
     "T1w",
@@ -115,11 +97,13 @@ def sanitize_label(text: str) -> str:
 def bids_basename(subject: str, session: str | None, target: BidsTarget) -> str:
     """``sub-01_ses-pre_task-rest_run-1_bold`` from the target's entities, in BIDS order."""
     entities = {"sub": subject, **({"ses": session} if session else {}), **target.entities}
-    unknown = [k for k in entities if k not in ENTITY_ORDER]
-    if unknown:
-        raise HeuristicError(f"unknown BIDS entities {unknown} (expected some of {ENTITY_ORDER})")
-    parts = [f"{k}-{entities[k]}" for k in ENTITY_ORDER if k in entities and entities[k] != ""]
-    return "_".join([*parts, target.suffix])
+    try:
+        return build_filename(entities, suffix=target.suffix)
+    except DerivativeNameError as err:
+        expected = list(ENTITY_KEYS.values())
+        raise HeuristicError(
+            f"unknown BIDS entities or labels: {err} (expected some of {expected})"
+        ) from None
 
 
 # --------------------------------------------------------------------------- default rules

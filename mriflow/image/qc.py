@@ -47,7 +47,7 @@ __all__ = [
     "estimate_head_mask",
     "fber",
     "inu_stats",
-    "is_skull_stripped",
+    "no_signal_outside_brain",
     "mad",
     "ncc",
     "snr",
@@ -407,7 +407,7 @@ def estimate_frame_mask(data: np.ndarray, *, min_voxels: int = 500) -> np.ndarra
     return mask
 
 
-def is_skull_stripped(data: np.ndarray, brain_mask: np.ndarray, *, margin: int = 3) -> bool:
+def no_signal_outside_brain(data: np.ndarray, brain_mask: np.ndarray, *, margin: int = 3) -> bool:
     """Whether an image is already skull-stripped: (almost) no signal outside the brain.
 
     True when the nonzero voxels farther than ``margin`` voxels from the brain mask
@@ -419,7 +419,7 @@ def is_skull_stripped(data: np.ndarray, brain_mask: np.ndarray, *, margin: int =
     """
     brain = np.asarray(brain_mask, bool)
     if not brain.any():
-        raise ValueError("is_skull_stripped: the brain mask is empty")
+        raise ValueError("no_signal_outside_brain: the brain mask is empty")
     near = _dilate(brain, ndi.generate_binary_structure(3, 1), iterations=margin)
     outside = int((np.asarray(data) > 0)[~near].sum())
     return outside < 0.05 * int(brain.sum())
@@ -561,7 +561,7 @@ def compute_iqms(
         The brain mask in template space; defaults to Otsu of ``registered``.
     skull_stripped : bool, optional
         ``True`` skips the metrics that need air around the head (FBER, noise of the
-        air); ``None`` detects it with :func:`is_skull_stripped`.
+        air); ``None`` detects it with :func:`no_signal_outside_brain`.
     erode : bool
         Erode the pure-tissue masks once before statistics (MRIQC default).
 
@@ -597,7 +597,7 @@ def compute_iqms(
 
     frame = estimate_frame_mask(data)
     if skull_stripped is None:
-        skull_stripped = is_skull_stripped(data, brain)
+        skull_stripped = no_signal_outside_brain(data, brain)
     if skull_stripped:
         head = brain
         air = None

@@ -26,6 +26,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from mriflow.bids.paths import entity_tag
 from mriflow.image.io import load_image, load_input_image
 from mriflow.interfaces.base import MriflowInterface, step_record
 
@@ -302,7 +303,7 @@ class RegisterToTemplate(MriflowInterface):
         )
         if result.warped is not None:
             self._results["out_file"] = _save(
-                result.warped, runtime.cwd, inputs.in_file, f"space-{TEMPLATE_SPACE}"
+                result.warped, runtime.cwd, inputs.in_file, entity_tag(space=TEMPLATE_SPACE)
             )
         self._results["forward_transforms"] = [str(p) for p in result.forward_transforms]
         self._results["reverse_transforms"] = [str(p) for p in result.reverse_transforms]
@@ -419,7 +420,10 @@ class TemplateTissuePriors(MriflowInterface):
                 num_threads=self.inputs.num_threads,
             )
             self._results[f"{label.lower()}_prior"] = _save(
-                warped, runtime.cwd, f"{TEMPLATE_SPACE}.nii.gz", f"label-{label}_probseg"
+                warped,
+                runtime.cwd,
+                f"{TEMPLATE_SPACE}.nii.gz",
+                entity_tag(suffix="probseg", label=label),
             )
         self._results["step"] = step_record(
             "template_priors",

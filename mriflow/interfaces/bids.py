@@ -1,164 +1,143 @@
-"""Nipype interfaces that write BIDS derivatives: stage per output, publish per subject.
+"""The one Nipype node that publishes a subject: stage, report, rename into place, record.
 
-A subject's outputs are first staged inside the work directory by
-:class:`DerivativesDataSink` nodes and copied to the output folder by one
-:class:`PublishDerivatives` node that runs only after every step of the subject
-succeeded, so a failed subject leaves nothing half-written in the output folder.
+:class:`PublishSubject` runs after every step of the subject succeeded (it takes
+all their outputs), so a failed subject publishes nothing. It writes each output
+under its BIDS name (from a plan made by the workflow out of
+:mod:`mriflow.bids.outputs`) into a staging folder inside OUT_DIR, draws the QC
+report from those staged files, and moves the subject into place following the
+protocol of :mod:`mriflow.bids.publish`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import shutil
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
-    File,
-    InputMultiObject,
-    SimpleInterface,
+    DynamicTraitedSpec,
     TraitedSpec,
     isdefined,
     traits,
 )
+from nipype.interfaces.io import add_traits
 
-from mriflow.bids.derivatives import (
-    STAGING_DIRNAME,
-    atomic_copy,
-    atomic_write_json,
-    bids_uri,
-    build_path,
-    parse_entities,
-    staged_relpath,
-)
+from mriflow.bids.derivatives import derivative_sidecar, write_derivative
+from mriflow.bids.paths import atomic_copy, atomic_write_json, sidecar_path, staged_relpath
+from mriflow.bids.publish import begin_subject, carry_over, commit_subject
+from mriflow.interfaces.base import MriflowInterface
 
-_NIFTI = (".nii", ".nii.gz")
+log = logging.getLogger("mriflow")
+
+__all__ = ["PublishSubject"]
 
 
-class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):
-    in_file = File(exists=True, mandatory=True, desc="the file to write as a derivative")
-    source_file = traits.Str(mandatory=True, desc="raw BIDS file the output derives from")
-    raw_relpath = traits.Str(mandatory=True, desc="source_file relative to the raw dataset")
-    suffix = traits.Str(mandatory=True, desc="BIDS suffix (T1w, mask, dseg, probseg, xfm)")
-    extension = traits.Str(desc="output extension; default: .nii.gz for NIfTI, else in_file's")
-    datatype = traits.Str("anat", usedefault=True)
-    entities = traits.Dict(
-        traits.Str, traits.Str, desc="entities to set (desc, space, label, from, to, mode)"
-    )
-    derived_from = traits.List(
-        traits.Str, desc="other derivatives (relative paths) this output derives from"
-    )
-    metadata = traits.Dict(desc="extra sidecar fields (SkullStripped, Type, ...)")
-    extra_metadata = traits.Dict(desc="sidecar fields known only at run time (override)")
-    steps = traits.List(traits.Dict, desc="step records of the chain, in order")
-    step_names = traits.List(traits.Str, desc="which of ``steps`` made this output (default all)")
-    data_dtype = traits.Str(desc="cast NIfTI voxels to this dtype (e.g. uint8 for masks)")
-
-
-class _DerivativesDataSinkOutputSpec(TraitedSpec):
-    out_file = File(exists=True, desc="the staged derivative")
-    out_meta = File(exists=True, desc="its staged JSON sidecar")
-    staged = traits.List(File(exists=True), desc="both staged files")
-
-
-class DerivativesDataSink(SimpleInterface):
-    """Name an output by BIDS entities and stage it, with its sidecar, for publishing."""
-
-    input_spec = _DerivativesDataSinkInputSpec
-    output_spec = _DerivativesDataSinkOutputSpec
-
-    def _run_interface(self, runtime):
-        source_entities, _, _ = parse_entities(self.inputs.source_file)
-        entities = {**source_entities, **(self.inputs.entities or {})}
-        in_file = self.inputs.in_file
-        if isdefined(self.inputs.extension):
-            extension = self.inputs.extension
-        else:
-            # NIfTI derivatives are always published compressed (work files are not)
-            extension = ".nii.gz" if in_file.endswith(_NIFTI) else Path(in_file).suffix
-        relpath = build_path(
-            entities,
-            suffix=self.inputs.suffix,
-            extension=extension,
-            datatype=self.inputs.datatype or None,
-        )
-        staged = Path(runtime.cwd) / STAGING_DIRNAME / relpath
-        if staged.parent.exists():
-            shutil.rmtree(staged.parent)
-        staged.parent.mkdir(parents=True)
-        if extension in _NIFTI:
-            self._write_nifti(in_file, staged)
-        else:
-            shutil.copyfile(in_file, staged)
-
-        sources = [bids_uri(self.inputs.raw_relpath, "raw")]
-        if isdefined(self.inputs.derived_from):
-            sources += [bids_uri(p, "") for p in self.inputs.derived_from]
-        sidecar = {"Sources": sources}
-        for metadata in (self.inputs.metadata, self.inputs.extra_metadata):
-            if isdefined(metadata):
-                sidecar.update(metadata)
-        if isdefined(self.inputs.steps):
-            wanted = self.inputs.step_names if isdefined(self.inputs.step_names) else None
-            sidecar["Steps"] = [
-                step for step in self.inputs.steps if wanted is None or step["Name"] in wanted
-            ]
-        meta = staged.with_name(staged.name[: -len(extension)] + ".json")
-        atomic_write_json(meta, sidecar)
-        self._results["out_file"] = str(staged)
-        self._results["out_meta"] = str(meta)
-        self._results["staged"] = [str(staged), str(meta)]
-        return runtime
-
-    def _write_nifti(self, in_file: str, out_path: Path) -> None:
-        img = nib.load(in_file)
-        data = np.asanyarray(img.dataobj)
-        if isdefined(self.inputs.data_dtype):
-            data = data.astype(self.inputs.data_dtype)
-        out = nib.Nifti1Image(data, img.affine, img.header)
-        out.set_data_dtype(data.dtype)
-        # sMRIPrep-style header hygiene: both forms, scanner-anatomical code
-        out.set_qform(img.affine, code=1)
-        out.set_sform(img.affine, code=1)
-        out.header.set_xyzt_units("mm", "sec")
-        nib.save(out, str(out_path))
-
-
-class _PublishInputSpec(BaseInterfaceInputSpec):
-    in_files = InputMultiObject(File(exists=True), mandatory=True, desc="staged derivatives")
+class _PublishSubjectInputSpec(DynamicTraitedSpec, BaseInterfaceInputSpec):
     out_dir = traits.Str(mandatory=True, desc="root of the derivatives dataset")
+    subject = traits.Str(mandatory=True, desc="subject label without 'sub-'")
+    run_id = traits.Str(mandatory=True, desc="this run (names the staging folder and record)")
+    plan = traits.List(
+        traits.Dict,
+        mandatory=True,
+        desc="one dict per derivative: field, relpath, raw_relpath, metadata, step_names, "
+        "derived_from, data_dtype, steps_field, metadata_field",
+    )
+    staged_fields = traits.List(
+        traits.Str, desc="fields holding files a step already staged under its BIDS path"
+    )
+    bias_fields = traits.Dict(
+        traits.Str, traits.Str, desc="raw image (relative path) -> field of its N4 bias field"
+    )
+    report = traits.Bool(True, usedefault=True, desc="write the QC report from the staged files")
 
 
-class _PublishOutputSpec(TraitedSpec):
-    out_files = traits.List(traits.Str, desc="published files")
+class _PublishSubjectOutputSpec(TraitedSpec):
+    out_files = traits.List(traits.Str, desc="published derivatives (absolute paths)")
+    out_report = traits.Str(desc="the subject's HTML report")
 
 
-class PublishDerivatives(SimpleInterface):
-    """Copy a subject's staged derivatives into the output dataset, each file atomically.
+class PublishSubject(MriflowInterface):
+    """Publish one subject's outputs and its QC report into OUT_DIR, atomically.
 
-    A file already in place with identical content is left untouched, so a rerun
-    does not rewrite outputs whose inputs and config did not change.
+    Parameters
+    ----------
+    fields : list of str
+        Names of the dynamic inputs the workflow connects (outputs of every image's
+        chain: derivatives, step records, run-time metadata, bias fields).
     """
 
-    input_spec = _PublishInputSpec
-    output_spec = _PublishOutputSpec
+    input_spec = _PublishSubjectInputSpec
+    output_spec = _PublishSubjectOutputSpec
+
+    def __init__(self, fields: list[str] | None = None, **inputs) -> None:
+        super().__init__(**inputs)
+        self._fields = list(fields or [])
+        add_traits(self.inputs, self._fields)
+
+    def _field(self, name: str):
+        value = getattr(self.inputs, name)
+        return value if isdefined(value) else None
 
     def _run_interface(self, runtime):
         out_dir = Path(self.inputs.out_dir)
+        subject, run_id = self.inputs.subject, self.inputs.run_id
+        staging = begin_subject(out_dir, subject, run_id)
         published = []
-        for staged in _flatten(self.inputs.in_files):
-            target = out_dir / staged_relpath(staged)
-            atomic_copy(staged, target)  # leaves identical files untouched
-            published.append(str(target))
-        self._results["out_files"] = published
+        for item in self.inputs.plan:
+            steps = self._field(item["steps_field"]) if item.get("steps_field") else None
+            extra = self._field(item["metadata_field"]) if item.get("metadata_field") else None
+            relpath = item["relpath"]
+            write_derivative(self._field(item["field"]), staging / relpath, item.get("data_dtype"))
+            sidecar = derivative_sidecar(
+                item["raw_relpath"],
+                derived_from=item.get("derived_from", ()),
+                metadata=item.get("metadata"),
+                extra_metadata=extra,
+                steps=steps,
+                step_names=item.get("step_names"),
+            )
+            atomic_write_json(staging / sidecar_path(relpath), sidecar)
+            published += [relpath, sidecar_path(relpath)]
+        for name in self.inputs.staged_fields if isdefined(self.inputs.staged_fields) else []:
+            for staged in _flatten(self._field(name) or []):
+                relpath = staged_relpath(staged)
+                atomic_copy(staged, staging / relpath)
+                published.append(relpath)
+        carry_over(out_dir, subject, staging)
+        report = ""
+        if self.inputs.report:
+            report = self._write_report(staging, subject, runtime)
+        commit_subject(out_dir, subject, staging, run_id)
+        self._results["out_files"] = [str(out_dir / p) for p in published]
+        self._results["out_report"] = str(out_dir / report) if report else ""
         return runtime
+
+    def _write_report(self, staging: Path, subject: str, runtime) -> str:
+        """IQMs, figures, HTML and PROV record from the staged files; never fails the subject."""
+        from mriflow.reports import write_subject_qc
+
+        bias_fields = {}
+        if isdefined(self.inputs.bias_fields):
+            bias_fields = {
+                raw: self._field(field)
+                for raw, field in self.inputs.bias_fields.items()
+                if self._field(field)
+            }
+        # the node runs in the subject's workflow folder: its siblings hold the run times
+        subject_work_dir = Path(runtime.cwd).parent
+        try:
+            return write_subject_qc(
+                staging, subject, work_dir=subject_work_dir, bias_fields=bias_fields
+            )
+        except Exception as err:  # a report must never turn a good subject into a failed one
+            log.warning("sub-%s: QC report not (fully) written: %s", subject, err)
+            return ""
 
 
 def _flatten(items) -> list[str]:
     flat: list[str] = []
-    for item in items:
+    for item in items if isinstance(items, (list, tuple)) else [items]:
         if isinstance(item, (list, tuple)):
             flat.extend(_flatten(item))
         else:

@@ -10,7 +10,6 @@ from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     File,
     InputMultiObject,
-    SimpleInterface,
     TraitedSpec,
     isdefined,
     traits,
@@ -18,7 +17,7 @@ from nipype.interfaces.base import (
 
 from mriflow.image.io import load_image
 from mriflow.interfaces.anatomical import _stem
-from mriflow.interfaces.base import step_record
+from mriflow.interfaces.base import MriflowInterface, step_record
 
 __all__ = ["Deface"]
 
@@ -44,7 +43,7 @@ class _DefaceOutputSpec(TraitedSpec):
     step = traits.Dict(desc="step record for the sidecar")
 
 
-class Deface(SimpleInterface):
+class Deface(MriflowInterface):
     """Remove face and ears outside the brain mask plus a margin (never a brain voxel)."""
 
     input_spec = _DefaceInputSpec

@@ -15,7 +15,8 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from mriflow.bids.derivatives import STAGING_DIRNAME, build_path, parse_entities
+from mriflow.bids.outputs import slices_stem
+from mriflow.bids.paths import STAGING_DIRNAME, parse_entities
 from mriflow.image.io import load_image
 from mriflow.image.spatial import fit_to_shape
 from mriflow.interfaces.base import MriflowInterface, step_record
@@ -62,8 +63,11 @@ class ModelReady(MriflowInterface):
             self._results[key] = out_path
         self._results["step"] = step_record(
             "model_ready",
-            {"target_shape": list(self.inputs.target_shape), "crop_margin_mm": options["margin_mm"],
-             "fit": self.inputs.fit},
+            {
+                "target_shape": list(self.inputs.target_shape),
+                "crop_margin_mm": options["margin_mm"],
+                "fit": self.inputs.fit,
+            },
             ["nibabel"],
         )
         return runtime
@@ -97,14 +101,14 @@ class ExportSlices(MriflowInterface):
     def _run_interface(self, runtime):
         entities, suffix, _ = parse_entities(self.inputs.source_file)
         entities.update(self.inputs.entities or {})
-        stem_path = build_path(entities, suffix=suffix, extension="", datatype="slices")
-        out_dir = Path(runtime.cwd) / STAGING_DIRNAME / Path(stem_path).parent
+        folder, stem = slices_stem(entities)
+        out_dir = Path(runtime.cwd) / STAGING_DIRNAME / folder
         mask = load_image(self.inputs.mask_file) if isdefined(self.inputs.mask_file) else None
         dseg = load_image(self.inputs.dseg_file) if isdefined(self.inputs.dseg_file) else None
         export = export_slices(
             load_image(self.inputs.in_file),
             out_dir,
-            Path(stem_path).name[: -len(f"_{suffix}")],  # the slice names end in the suffix
+            stem,
             subject=entities["subject"],
             session=entities.get("session"),
             space=self.inputs.space,
@@ -122,9 +126,13 @@ class ExportSlices(MriflowInterface):
         ]
         self._results["step"] = step_record(
             "slices",
-            {"axes": list(self.inputs.axes), "min_brain_fraction": self.inputs.min_brain_fraction,
-             "format": self.inputs.fmt, "space": self.inputs.space,
-             "n_slices": len(export.rows)},
+            {
+                "axes": list(self.inputs.axes),
+                "min_brain_fraction": self.inputs.min_brain_fraction,
+                "format": self.inputs.fmt,
+                "space": self.inputs.space,
+                "n_slices": len(export.rows),
+            },
             ["Pillow"],
         )
         return runtime

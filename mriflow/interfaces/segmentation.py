@@ -13,6 +13,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from mriflow.bids.paths import work_filename
 from mriflow.image.io import load_image
 from mriflow.image.segmentation import (
     INTENSITY_ORDER,
@@ -109,11 +110,13 @@ class TissueSegmentation(MriflowInterface):
         result = segment(data, mask, self.inputs.method, **params)
 
         base = os.path.basename(self.inputs.in_file).split(".nii")[0]
-        dseg_file = os.path.join(runtime.cwd, f"{base}_dseg.nii")
+        dseg_file = os.path.join(runtime.cwd, work_filename(base, suffix="dseg", extension=".nii"))
         save_like(result.dseg, img, dseg_file)
         probseg_files = []
         for name in TISSUES:
-            path = os.path.join(runtime.cwd, f"{base}_label-{name}_probseg.nii")
+            path = os.path.join(
+                runtime.cwd, work_filename(base, suffix="probseg", extension=".nii", label=name)
+            )
             probseg_files.append(save_like(result.probabilities[name], img, path))
         tsv = os.path.join(runtime.cwd, "dseg.tsv")
         with open(tsv, "w") as handle:

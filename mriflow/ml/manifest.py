@@ -33,7 +33,14 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from mriflow.bids.derivatives import atomic_write, atomic_write_json, atomic_write_table
+from mriflow.bids.outputs import GROUP_OUTPUTS
+from mriflow.bids.paths import (
+    atomic_write,
+    atomic_write_json,
+    atomic_write_table,
+    session_dirname,
+    session_label,
+)
 from mriflow.image.slices import label_dtype
 from mriflow.ml.slices import SLICE_INDEX_COLUMNS, read_slice_index
 from mriflow.ml.splits import (
@@ -182,9 +189,7 @@ def build_manifest(
     seen: set[tuple[str, str]] = set()
     for entry in entries:
         pid = normalize_participant_id(entry.participant_id)
-        ses = entry.session_id or ""
-        if ses and not ses.startswith("ses-"):
-            ses = f"ses-{ses}"
+        ses = session_dirname({"session": session_label(str(entry.session_id or ""))})
         if (pid, ses) in seen:
             raise ManifestError(f"{pid} {ses}: listed twice in the manifest entries".strip())
         seen.add((pid, ses))
@@ -230,8 +235,8 @@ def write_manifest(
     rows: Sequence[Mapping[str, Any]],
     root: str | Path,
     *,
-    csv_name: str = "dataset.csv",
-    json_name: str = "dataset.json",
+    csv_name: str = GROUP_OUTPUTS["manifest"],
+    json_name: str = GROUP_OUTPUTS["manifest_json"],
     metadata: Mapping[str, Any] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``dataset.csv`` and ``dataset.json`` into the derivatives ``root``.
@@ -322,7 +327,10 @@ def select(rows: Iterable[Mapping[str, Any]], split: str, fold: int | None = Non
 
 
 def write_slices_manifest(
-    rows: Sequence[Mapping[str, Any]], root: str | Path, *, csv_name: str = "dataset_slices.csv"
+    rows: Sequence[Mapping[str, Any]],
+    root: str | Path,
+    *,
+    csv_name: str = GROUP_OUTPUTS["slices_manifest"],
 ) -> Path:
     """One CSV of every exported slice of every subject, with its subject's split.
 

@@ -33,7 +33,13 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
-from mriflow.bids.derivatives import atomic_write, atomic_write_json, atomic_write_table
+from mriflow.bids.paths import (
+    atomic_write,
+    atomic_write_json,
+    atomic_write_table,
+    slice_filename,
+    slices_index_name,
+)
 from mriflow.image.slices import (
     SLICE_AXES,
     LinearScaling,
@@ -98,11 +104,6 @@ class SliceExport:
                 if row.get(key):
                     out.append(self.index_file.parent / row[key])
         return out
-
-
-def slice_filename(stem: str, axis: str, index: int, suffix: str, ext: str, width: int = 3) -> str:
-    """``<stem>_axis-<axis>_slice-<index, zero padded>_<suffix>.<ext>``."""
-    return f"{stem}_axis-{axis}_slice-{index:0{width}d}_{suffix}.{ext}"
 
 
 def _bids_id(label: str | None, prefix: str, what: str) -> str:
@@ -313,8 +314,8 @@ def export_slices(
             rows.append(row)
 
     _remove_stale(out_dir, stem, written)
-    json_file = out_dir / f"{stem}_slices.json"
-    index_file = out_dir / f"{stem}_slices.csv"
+    json_file = out_dir / slices_index_name(stem, ".json")
+    index_file = out_dir / slices_index_name(stem, ".csv")
     atomic_write_json(
         json_file,
         {

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from mriflow.bids.derivatives import atomic_write_json, atomic_write_table
+from mriflow.bids.paths import atomic_write_json, atomic_write_table
 
 __all__ = [
     "SPLIT_NAMES",

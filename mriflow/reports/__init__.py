@@ -19,7 +19,38 @@ from typing import Any
 
 log = logging.getLogger("mriflow")
 
-__all__ = ["write_participant_reports", "write_group_report"]
+__all__ = ["write_participant_reports", "write_group_report", "write_subject_qc"]
+
+
+def write_subject_qc(
+    out_dir: str | os.PathLike[str],
+    subject: str,
+    *,
+    work_dir: str | os.PathLike[str] | None = None,
+    bias_fields: Mapping[str, str | os.PathLike[str]] | None = None,
+    templates: Mapping[str, Any] | None = None,
+) -> str:
+    """IQM files, HTML report with figures and PROV record of one subject of ``out_dir``.
+
+    ``out_dir`` may be the subject's staging folder (laid out like OUT_DIR): the
+    publishing node calls this before moving the subject into place.
+    ``bias_fields`` (raw image relative path -> N4 field) gives the INU metrics;
+    ``work_dir`` (the subject's Nipype folder) the run time of each step.
+
+    Returns
+    -------
+    str
+        The report, relative to ``out_dir``.
+    """
+    from mriflow.bids.outputs import report_relpath
+    from mriflow.reports.html import write_subject_report
+    from mriflow.reports.iqms import compute_subject_iqms
+    from mriflow.reports.provenance import write_provenance
+
+    compute_subject_iqms(out_dir, subject, templates=templates, bias_fields=bias_fields)
+    write_subject_report(out_dir, subject, work_dir=work_dir, templates=templates)
+    write_provenance(out_dir, subject)
+    return report_relpath(subject)
 
 
 def write_participant_reports(

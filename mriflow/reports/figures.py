@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from nibabel.processing import resample_from_to  # noqa: E402
 
-from mriflow.bids.derivatives import atomic_write_bytes  # noqa: E402
+from mriflow.bids.paths import atomic_write_bytes  # noqa: E402
 
 __all__ = [
     "TISSUE_COLORS",
@@ -36,7 +36,8 @@ __all__ = [
     "plot_mask_contour",
     "plot_registration",
     "plot_segmentation",
-    "select_slices",
+    "figure_slices",
+    "reduced",
 ]
 
 #: Colours of the dseg labels 1=GM, 2=WM, 3=CSF (sMRIPrep's report colours are similar).
@@ -49,6 +50,21 @@ _FORMATS = {".png": "png", ".svg": "svg"}
 # --------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------
+
+
+def reduced(img: nib.spatialimages.SpatialImage, display_mm: float | None):
+    """Every k-th voxel of each axis so voxels are at most ``display_mm`` (affine kept).
+
+    Striding keeps label values (masks, dseg) and keeps images that share a grid on a
+    shared grid, so overlays stay aligned; ``None`` or a coarse image: unchanged.
+    """
+    if display_mm is None:
+        return img
+    zooms = np.sqrt((img.affine[:3, :3] ** 2).sum(0))
+    step = max(1, int(display_mm // max(float(zooms.min()), 1e-6)))
+    if step == 1:
+        return img
+    return img.slicer[(slice(None, None, step),) * 3]
 
 
 def _check_out(out_path: str | os.PathLike[str]) -> tuple[Path, str]:
@@ -94,7 +110,7 @@ def _window(data: np.ndarray, mask: np.ndarray | None = None) -> tuple[float, fl
     return float(low), float(high if high > low else low + 1)
 
 
-def select_slices(reference: np.ndarray, axis: int, n: int, margin: float = 0.12) -> list[int]:
+def figure_slices(reference: np.ndarray, axis: int, n: int, margin: float = 0.12) -> list[int]:
     """``n`` evenly spaced slice indices along ``axis`` across the extent of the object.
 
     The object is where ``|reference|`` exceeds 5 % of its maximum (so faint noise or
@@ -103,7 +119,7 @@ def select_slices(reference: np.ndarray, axis: int, n: int, margin: float = 0.12
     middle slice.
     """
     if n < 1:
-        raise ValueError(f"select_slices: n must be >= 1, got {n}")
+        raise ValueError(f"figure_slices: n must be >= 1, got {n}")
     other = tuple(a for a in range(reference.ndim) if a != axis)
     reference = np.asarray(reference)
     if reference.dtype == bool:
@@ -207,7 +223,7 @@ def _mosaic(
         reference = np.abs(reference) > 0.05 * float(np.abs(reference).max() or 1)
     fig, axes = _grid_figure(len(planes), n_slices, title)
     for row, plane in enumerate(planes):
-        for col, index in enumerate(select_slices(reference, _AXIS[plane], n_slices)):
+        for col, index in enumerate(figure_slices(reference, _AXIS[plane], n_slices)):
             ax = axes[row, col]
             ax.imshow(
                 _slice(data, plane, index),
@@ -346,7 +362,7 @@ def plot_registration(
         vmin, vmax = _window(under)
         for p, plane in enumerate(PLANES):
             row = block * len(PLANES) + p
-            for col, index in enumerate(select_slices(support, _AXIS[plane], n_slices)):
+            for col, index in enumerate(figure_slices(support, _AXIS[plane], n_slices)):
                 ax = axes[row, col]
                 ax.imshow(
                     _slice(under, plane, index),
@@ -410,7 +426,7 @@ def plot_bias_correction(
     fig, axes = _grid_figure(len(PLANES), len(columns), title, panel=2.4, header=0.7)
     support = corr_data > 0.05 * float(np.abs(corr_data).max() or 1)
     for row, plane in enumerate(PLANES):
-        index = select_slices(support, _AXIS[plane], 1)[0]
+        index = figure_slices(support, _AXIS[plane], 1)[0]
         for col, (name, data, style) in enumerate(columns):
             ax = axes[row, col]
             shown = ax.imshow(

@@ -19,7 +19,6 @@ work folder (run time per step). HTML is rendered by jinja2 with autoescaping
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -33,8 +32,14 @@ import nibabel as nib
 import numpy as np
 
 from mriflow import __version__
-from mriflow.bids.derivatives import atomic_copy, atomic_write_text, build_path
-from mriflow.reports.collect import ImageDerivatives, find_subject_derivatives, find_subjects
+from mriflow.bids.layout import (
+    DerivativesLayout,
+    ImageDerivatives,
+    find_subject_derivatives,
+    find_subjects,
+)
+from mriflow.bids.outputs import GROUP_OUTPUTS, figure_relpath, figure_relpath_of, report_relpath
+from mriflow.bids.paths import atomic_copy, atomic_write_text
 from mriflow.reports.iqms import IQM_INFO, _tsv, load_template_for, read_iqms
 
 log = logging.getLogger("mriflow")
@@ -136,9 +141,11 @@ def read_step_runtimes(
 ) -> list[tuple[dict, float]]:
     """(step record, seconds) of every node of ``subject`` in a Nipype work folder.
 
-    Nodes are found as ``<work_dir>/**/sub_<label>_wf/**/result_*.pklz`` whose outputs
-    carry a ``step`` record (every mriflow interface does); the time is Nipype's
-    ``runtime.duration``. Unreadable result files are skipped.
+    ``work_dir`` is the subject's own workflow folder (what the publishing node
+    passes) or a whole work folder, searched for ``**/sub_<label>_wf``. Nodes are
+    its ``result_*.pklz`` whose outputs carry a ``step`` record (every mriflow
+    interface does); the time is Nipype's ``runtime.duration``. Unreadable result
+    files are skipped.
     """
     if work_dir is None or not Path(work_dir).is_dir():
         return []
@@ -146,7 +153,10 @@ def read_step_runtimes(
 
     label = subject[4:] if subject.startswith("sub-") else subject
     found = []
-    for wf_dir in Path(work_dir).rglob(f"sub_{label}_wf"):
+    wf_name = f"sub_{label}_wf"
+    work_dir = Path(work_dir)
+    wf_dirs = [work_dir] if work_dir.name == wf_name else work_dir.rglob(wf_name)
+    for wf_dir in wf_dirs:
         for result_file in sorted(wf_dir.rglob("result_*.pklz")):
             try:
                 result = loadpkl(str(result_file))
@@ -216,19 +226,11 @@ def _summarize_image(group: ImageDerivatives, runtimes: list[tuple[dict, float]]
 
 
 def _run_errors(out_dir: Path, subject: str) -> list[str]:
-    """The subject's failure reason in the latest ``logs/run-*_summary.json``, if any."""
-    summaries = sorted((out_dir / "logs").glob("run-*_summary.json"), key=os.path.getmtime)
-    if not summaries:
+    """The subject's failure reason from its completion record, if it failed."""
+    record = DerivativesLayout(out_dir).status(subject)
+    if not record or record.get("status") == "ok":
         return []
-    try:
-        payload = json.loads(summaries[-1].read_text())
-    except (OSError, json.JSONDecodeError):
-        return []
-    return [
-        f"{entry.get('reason') or 'failed'} (run {payload.get('RunID', '?')})"
-        for entry in payload.get("Subjects", [])
-        if entry.get("participant_id") == f"sub-{subject}" and entry.get("status") != "ok"
-    ]
+    return [f"{record.get('reason') or 'failed'} (run {record.get('run_id', '?')})"]
 
 
 def collect_subject_report(
@@ -261,19 +263,20 @@ def collect_subject_report(
 # --------------------------------------------------------------------------------------
 
 
-def _figure_relpath(subject: str, entities: Mapping[str, str], suffix: str, ext: str) -> str:
-    name = build_path(entities, suffix=suffix, extension=ext, datatype=None).split("/")[-1]
-    return f"sub-{subject}/figures/{name}"
-
-
 def make_standard_figures(
     out_dir: str | os.PathLike[str],
     subject: str,
     *,
     templates: Mapping[str, Any] | None = None,
     fmt: str = "png",
+    display_mm: float | None = 2.0,
 ) -> list[ReportSection]:
     """Draw the standard QC figures from the subject's published derivatives.
+
+    Images are drawn at ``display_mm`` voxels or finer (every k-th voxel of each
+    axis, the affine kept: :func:`mriflow.reports.figures.reduced`): a 1 mm head
+    costs an eighth as much to resample and draw, and the panels are thumbnails.
+    ``None`` draws at full resolution.
 
     Per raw image, whichever inputs exist: raw vs preprocessed (``desc-preproc``),
     brain mask contour (``desc-brain_mask``), tissue segmentation (``dseg``),
@@ -293,12 +296,13 @@ def make_standard_figures(
         if preproc is None:
             continue
         entities = {k: v for k, v in group.entities.items()}
-        t1w = nib.load(str(preproc.path))
+        load = partial(_load_reduced, display_mm=display_mm)
+        t1w = load(preproc.path)
         raw_path = group.source_path
-        raw = nib.load(str(raw_path)) if raw_path and raw_path.is_file() else None
+        raw = load(raw_path) if raw_path and raw_path.is_file() else None
         mask_d, dseg_d, std_d = group.get("brain_mask"), group.get("dseg"), group.get("std_preproc")
-        mask = nib.load(str(mask_d.path)) if mask_d else None
-        dseg = nib.load(str(dseg_d.path)) if dseg_d else None
+        mask = load(mask_d.path) if mask_d else None
+        dseg = load(dseg_d.path) if dseg_d else None
         jobs = []
         if raw is not None:
             jobs.append((
@@ -334,6 +338,7 @@ def make_standard_figures(
             if isinstance(template, (str, Path)):
                 template = nib.load(str(template))
             if template is not None:
+                std, template = F.reduced(std, display_mm), F.reduced(template, display_mm)
                 jobs.append((
                     f"Registration to {space}", {**entities, "space": space}, group.contrast,
                     partial(F.plot_registration, std, template),
@@ -351,7 +356,7 @@ def make_standard_figures(
             ))  # fmt: skip
         figures = []
         for title, fig_entities, suffix, draw, caption in jobs:
-            relpath = _figure_relpath(label, fig_entities, suffix, f".{fmt}")
+            relpath = figure_relpath(label, fig_entities, suffix, f".{fmt}")
             try:
                 draw(out_path=out_dir / relpath)
             except Exception as err:  # one bad figure must not cost the whole report
@@ -361,6 +366,12 @@ def make_standard_figures(
         if figures:
             sections.append(ReportSection(title=group.key, figures=figures, image=group.key))
     return sections
+
+
+def _load_reduced(path: Path, display_mm: float | None):
+    from mriflow.reports.figures import reduced
+
+    return reduced(nib.load(str(path)), display_mm)
 
 
 def _histograms(before, after, *, out_path, mask, dseg):
@@ -437,7 +448,8 @@ def render_subject_html(report: SubjectReport, out_dir: str | os.PathLike[str]) 
         "warnings": report.warnings,
         "software": report.software,
     }
-    group_link = "group.html" if (out_dir / "group.html").exists() else ""
+    group_report = GROUP_OUTPUTS["group_report"]
+    group_link = group_report if (out_dir / group_report).exists() else ""
     return (
         _env()
         .from_string(_resource("report_subject.html.j2"))
@@ -461,7 +473,7 @@ def _place_figure(figure: ReportFigure, out_dir: Path, subject: str) -> ReportFi
         src.resolve().relative_to(out_dir.resolve())
         return figure
     except ValueError:
-        target = out_dir / f"sub-{subject}" / "figures" / src.name
+        target = out_dir / Path(figure_relpath_of(subject, src.name))
         atomic_copy(src, target)
         return ReportFigure(target, figure.title, figure.caption)
 
@@ -521,7 +533,7 @@ def write_subject_report(
             except FileNotFoundError as err:
                 report.warnings.append(str(err))
         report.sections.append(ReportSection(section.title, placed, section.text, section.image))
-    return atomic_write_text(out_dir / f"sub-{label}.html", render_subject_html(report, out_dir))
+    return atomic_write_text(out_dir / report_relpath(label), render_subject_html(report, out_dir))
 
 
 # --------------------------------------------------------------------------------------
@@ -649,7 +661,7 @@ def write_group_report(
     present = {k for row in rows for k in row}
     columns = list(metrics) if metrics else [k for k in IQM_INFO if k in present]
 
-    tsv_rel = "group_desc-qc_metrics.tsv"
+    tsv_rel = GROUP_OUTPUTS["group_iqms"]
     atomic_write_text(
         out_dir / tsv_rel,
         _tsv([{k: v for k, v in row.items() if k != "file"} for row in rows])
@@ -663,7 +675,7 @@ def write_group_report(
             {
                 "participant_id": row["participant_id"],
                 "source": row["source"] or row["file"],
-                "link": f"{row['participant_id']}.html",
+                "link": report_relpath(row["participant_id"]),
                 "cells": {c: row.get(c) for c in columns},
                 "flags": {},
             }
@@ -704,8 +716,8 @@ def write_group_report(
         s[4:] if s.startswith("sub-") else s for s in (subjects or find_subjects(out_dir))
     ]
     subject_links = [
-        {"label": s, "link": f"sub-{s}.html", "exists": (out_dir / f"sub-{s}.html").is_file()}
+        {"label": s, "link": report_relpath(s), "exists": (out_dir / report_relpath(s)).is_file()}
         for s in labels_all
     ]
     html = render_group_html(view_rows, columns, plots, subject_links, tsv_rel, threshold)
-    return atomic_write_text(out_dir / "group.html", html)
+    return atomic_write_text(out_dir / GROUP_OUTPUTS["group_report"], html)

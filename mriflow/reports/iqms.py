@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +20,24 @@ import nibabel as nib
 import numpy as np
 
 from mriflow import __version__
-from mriflow.bids.derivatives import atomic_write_json, atomic_write_text, bids_uri, build_path
+from mriflow.bids.layout import DerivativesLayout, ImageDerivatives
+from mriflow.bids.outputs import iqm_relpath
+from mriflow.bids.paths import (
+    atomic_write_json,
+    atomic_write_text,
+    bids_uri,
+    parse_bids_uri,
+    session_dirname,
+    subject_dirname,
+)
 from mriflow.image.qc import IQMs, compute_iqms
-from mriflow.reports.collect import ImageDerivatives, find_subject_derivatives
+from mriflow.image.template import TEMPLATE_SPACE
 
 log = logging.getLogger("mriflow")
 
 __all__ = [
     "IQM_INFO",
     "compute_subject_iqms",
-    "iqm_relpath",
     "load_template_for",
     "read_iqms",
     "write_iqms",
@@ -55,18 +63,6 @@ IQM_INFO: dict[str, tuple[str, str | None]] = {
     "reg_dice": ("Dice of the brain mask with the template mask", "higher"),
     "reg_ncc": ("correlation with the template inside its mask", "higher"),
 }
-
-
-def iqm_relpath(
-    entities: Mapping[str, str], contrast: str = "T1w", extension: str = ".json"
-) -> str:
-    """``sub-01/[ses-a/]anat/sub-01_[ses-a_]desc-qc_metrics.json`` for a raw image's entities.
-
-    Contrasts other than T1w get ``desc-qc<contrast>`` (e.g. ``desc-qcT2w``) so the
-    files of two contrasts of one session do not collide.
-    """
-    desc = "qc" if contrast == "T1w" else f"qc{contrast}"
-    return build_path({**entities, "description": desc}, suffix="metrics", extension=extension)
 
 
 def write_iqms(
@@ -97,7 +93,7 @@ def write_iqms(
     -------
     (json_path, tsv_path)
     """
-    from mriflow.bids.derivatives import parse_entities
+    from mriflow.bids.paths import parse_entities
 
     raw_entities, raw_contrast, _ = parse_entities(raw_relpath)
     entities = dict(entities or raw_entities)
@@ -143,67 +139,65 @@ def _tsv(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def read_iqms(out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every ``*_desc-qc*_metrics.json`` under ``out_dir``, as flat rows for a group table.
+def read_iqms(
+    out_dir: str | os.PathLike[str], subjects: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """The IQM files of ``subjects`` (default: every subject), as flat rows for a group table.
 
     Each row has ``participant_id``, ``session_id``, ``source`` (raw relative path),
     ``file`` (the JSON, relative to ``out_dir``) and the numeric metrics.
     """
-    out_dir = Path(out_dir)
+    layout = DerivativesLayout(out_dir)
     rows = []
-    for path in sorted(out_dir.glob("sub-*/**/*_desc-qc*_metrics.json")):
-        try:
-            payload = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            log.warning("%s: unreadable IQM file (%s)", path, err)
-            continue
-        raw = next((s for s in payload.get("Sources", []) if s.startswith("bids:raw:")), "")
-        relpath = raw.split(":", 2)[2] if raw else ""
-        subject = path.relative_to(out_dir).parts[0]
-        session = next((p for p in path.relative_to(out_dir).parts if p.startswith("ses-")), "")
-        row: dict[str, Any] = {
-            "participant_id": subject,
-            "session_id": session,
-            "source": relpath,
-            "file": path.relative_to(out_dir).as_posix(),
-        }
-        for key, value in payload.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                row[key] = float(value)
-        rows.append(row)
+    for subject in layout.subjects() if subjects is None else subjects:
+        for group in layout.find(subject):
+            for derivative in group.all("iqms"):
+                entities = derivative.entities
+                row: dict[str, Any] = {
+                    "participant_id": subject_dirname(entities["subject"]),
+                    "session_id": session_dirname(entities),
+                    "source": parse_bids_uri(group.source)[1],
+                    "file": derivative.relpath,
+                }
+                for key, value in derivative.sidecar.items():
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        row[key] = float(value)
+                rows.append(row)
     return rows
 
 
 def load_template_for(space: str, like: nib.spatialimages.SpatialImage | None = None):
     """The embedded template image and brain mask for ``space``, or ``None`` if unknown.
 
-    Uses :mod:`mriflow.image.template` when present (its derived mask), else
-    nilearn's bundled ICBM152 2009a T1 (mask: T1 > 0). The resolution (1 or 2 mm)
-    follows the voxel size of ``like``.
+    From :mod:`mriflow.image.template` (its derived mask). The resolution (1 or 2 mm)
+    follows the voxel size of ``like``. Loaded once per process: the IQMs and the
+    registration figure of every image of a subject both need it.
     """
-    if space != "MNI152NLin2009aSym":
+    if space != TEMPLATE_SPACE:
         return None
     resolution = 1
     if like is not None and float(np.sqrt((like.affine[:3, :3] ** 2).sum(0)).mean()) > 1.5:
         resolution = 2
-    try:
-        from mriflow.image.template import load_template  # merged from the anatomical branch
+    return _template(resolution)
 
-        template = load_template(resolution)
-        return template.t1w, template.mask
-    except ImportError:
-        from nilearn.datasets import load_mni152_template
 
-        t1w = load_mni152_template(resolution=resolution)
-        mask = nib.Nifti1Image((t1w.get_fdata() > 0).astype(np.uint8), t1w.affine)
-        return t1w, mask
+@lru_cache(maxsize=2)
+def _template(resolution: int):
+    from mriflow.image.template import load_template
+
+    template = load_template(resolution)
+    return template.t1w, template.mask
 
 
 def _load(derivative) -> nib.spatialimages.SpatialImage | None:
     return nib.load(str(derivative.path)) if derivative is not None else None
 
 
-def _measure(group: ImageDerivatives, templates: Mapping[str, Any] | None) -> IQMs | None:
+def _measure(
+    group: ImageDerivatives,
+    templates: Mapping[str, Any] | None,
+    bias_field: str | os.PathLike[str] | None = None,
+) -> IQMs | None:
     preproc = group.get("preproc")
     mask = group.get("brain_mask")
     if preproc is None or mask is None:
@@ -221,7 +215,7 @@ def _measure(group: ImageDerivatives, templates: Mapping[str, Any] | None) -> IQ
         if found is not None:
             template, template_mask = found if isinstance(found, tuple) else (found, None)
             template = template if not isinstance(template, (str, Path)) else nib.load(template)
-        std_mask = group.get("std_brain_mask")
+        std_mask = group.get("std_mask")
         registered_mask = _load(std_mask)
     skull_stripped = preproc.sidecar.get("SkullStripped")
     result = compute_iqms(
@@ -233,6 +227,7 @@ def _measure(group: ImageDerivatives, templates: Mapping[str, Any] | None) -> IQ
         template=template,
         template_mask=template_mask,
         registered_mask=registered_mask,
+        bias_field=nib.load(os.fspath(bias_field)) if bias_field else None,
         skull_stripped=bool(skull_stripped) if skull_stripped is not None else None,
     )
     return result
@@ -243,8 +238,12 @@ def compute_subject_iqms(
     subject: str,
     *,
     templates: Mapping[str, Any] | None = None,
+    bias_fields: Mapping[str, str | os.PathLike[str]] | None = None,
 ) -> list[Path]:
     """Measure every image of ``subject`` from its published derivatives; write the IQM files.
+
+    ``bias_fields`` maps a raw image (relative to the raw dataset) to the N4 field
+    the graph estimated for it (on the preproc grid), for ``inu_med``/``inu_range``.
 
     Per raw image it uses ``desc-preproc_<contrast>`` (measured image; its sidecar's
     ``SkullStripped`` decides whether air metrics are possible), ``desc-brain_mask``,
@@ -259,9 +258,10 @@ def compute_subject_iqms(
         The JSON and TSV files written.
     """
     written: list[Path] = []
-    for group in find_subject_derivatives(out_dir, subject):
+    for group in DerivativesLayout(out_dir).find(subject):
         try:
-            result = _measure(group, templates)
+            raw_relpath = parse_bids_uri(group.source)[1]
+            result = _measure(group, templates, (bias_fields or {}).get(raw_relpath))
         except (ValueError, OSError) as err:
             log.warning("%s: IQMs not computed: %s", group.source, err)
             continue
@@ -272,7 +272,7 @@ def compute_subject_iqms(
         written += write_iqms(
             out_dir,
             result,
-            raw_relpath=group.source.split(":", 2)[2],
+            raw_relpath=parse_bids_uri(group.source)[1],
             measured=preproc.relpath if preproc else None,
             entities=group.entities,
             contrast=group.contrast,

@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from mriflow import CODE_URL, __version__
-from mriflow.bids.derivatives import atomic_copy, atomic_write_json
-from mriflow.reports.collect import ImageDerivatives, find_subject_derivatives
+from mriflow.bids.layout import ImageDerivatives, find_subject_derivatives
+from mriflow.bids.outputs import provenance_relpath
+from mriflow.bids.paths import atomic_copy, atomic_write_json
 
 __all__ = [
     "PROV_CONTEXT",
@@ -187,7 +188,8 @@ def write_provenance(
     """
     label = subject[4:] if subject.startswith("sub-") else subject
     document = build_provenance(out_dir, [label])
-    path = Path(out_dir) / "provenance" / (filename or f"sub-{label}_prov.jsonld")
+    relpath = provenance_relpath(label)
+    path = Path(out_dir) / (Path(relpath).with_name(filename) if filename else relpath)
     return atomic_write_json(path, document)
 
 

@@ -5,25 +5,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from mriflow.bids.derivatives import build_path
 from mriflow.bids.discovery import AnatInput, SubjectInputs
-from mriflow.bids.outputs import DerivativeSpec, anat_derivatives
+from mriflow.bids.outputs import anat_derivatives, derivative_relpath
 from mriflow.config import Config
-from mriflow.interfaces.bids import DerivativesDataSink, PublishDerivatives
-from mriflow.interfaces.reports import SubjectReport
+from mriflow.interfaces.bids import PublishSubject
 from mriflow.workflows.anatomical import init_anat_preproc_wf
 
-__all__ = ["init_mriflow_wf", "init_single_subject_wf", "subject_workflow_name"]
-
-
-def _relpath(image: AnatInput, spec: DerivativeSpec) -> str:
-    """Where ``spec``'s derivative of ``image`` is published (for ``Sources`` links)."""
-    entities = {**image.entities, **spec.entities}
-    extension = spec.extension or ".nii.gz"
-    return build_path(entities, suffix=spec.suffix or image.suffix, extension=extension)
+__all__ = [
+    "init_mriflow_wf",
+    "init_single_subject_wf",
+    "publish_plan",
+    "subject_workflow_name",
+]
 
 
 def subject_workflow_name(subject: str) -> str:
@@ -37,6 +32,7 @@ def init_mriflow_wf(
     bids_dir: str | Path,
     out_dir: str | Path,
     work_dir: str | Path,
+    run_id: str = "",
     name: str = "mriflow_wf",
 ) -> pe.Workflow:
     """All runnable subjects, each as an independent sub-workflow (they run in parallel)."""
@@ -45,9 +41,54 @@ def init_mriflow_wf(
         if subject.error:
             continue
         workflow.add_nodes(
-            [init_single_subject_wf(subject, config=config, bids_dir=bids_dir, out_dir=out_dir)]
+            [
+                init_single_subject_wf(
+                    subject,
+                    config=config,
+                    bids_dir=bids_dir,
+                    out_dir=out_dir,
+                    work_dir=work_dir,
+                    run_id=run_id,
+                )
+            ]
         )
     return workflow
+
+
+def _field(image: AnatInput, output: str) -> str:
+    """The publishing node's input for ``output`` of ``image``'s chain."""
+    return f"{image.key}__{output}"
+
+
+def publish_plan(image: AnatInput, config: Config) -> tuple[list[dict], list[str]]:
+    """What the publishing node writes for ``image``: one dict per derivative, and the
+    ``outputnode`` fields of its chain that the node needs."""
+    specs = anat_derivatives(image.suffix, config)
+    relpaths = {s.output: derivative_relpath(image.entities, image.suffix, s) for s in specs}
+    plan = []
+    outputs = {"steps", "bias_field"}
+    for spec in specs:
+        plan.append(
+            {
+                "field": _field(image, spec.output),
+                "relpath": relpaths[spec.output],
+                "raw_relpath": image.relpath,
+                "metadata": dict(spec.metadata),
+                "step_names": list(spec.steps),
+                "derived_from": [relpaths[o] for o in spec.derived_from if o in relpaths],
+                "data_dtype": spec.data_dtype,
+                "steps_field": _field(image, "steps"),
+                "metadata_field": _field(image, spec.dynamic_metadata)
+                if spec.dynamic_metadata
+                else None,
+            }
+        )
+        outputs.add(spec.output)
+        if spec.dynamic_metadata:
+            outputs.add(spec.dynamic_metadata)
+    if image.suffix == "T1w" and config.export.slices:
+        outputs.add("slices_staged")
+    return plan, sorted(outputs)
 
 
 def init_single_subject_wf(
@@ -57,73 +98,48 @@ def init_single_subject_wf(
     bids_dir: str | Path,
     out_dir: str | Path,
     work_dir: str | Path | None = None,
+    run_id: str = "",
     name: str | None = None,
 ) -> pe.Workflow:
-    """Preprocess every anatomical image of one subject and publish its derivatives.
+    """Preprocess every anatomical image of one subject and publish it in one step.
 
-    The subject's derivatives are staged by one sink per output and copied into
-    ``out_dir`` by a single publishing node after all of them exist; the QC report
-    (IQMs, HTML, provenance) is made from the published files.
+    One :class:`~mriflow.interfaces.bids.PublishSubject` node takes every output of
+    the subject's chains once they all exist, writes them under their BIDS names,
+    draws the QC report from them (with the N4 fields and the run times of the
+    subject's work folder) and moves the subject into ``out_dir`` atomically.
     """
     workflow = pe.Workflow(name=name or subject_workflow_name(subject.subject))
-    staged: list[tuple[pe.Node, str]] = []
+    wiring: list[tuple[pe.Workflow, str, str]] = []
+    plan: list[dict] = []
+    staged_fields: list[str] = []
+    bias_fields: dict[str, str] = {}
     for image in subject.images:
         anat_wf = init_anat_preproc_wf(
             config=config, contrast=image.suffix, name=f"anat_{image.key}_wf"
         )
         anat_wf.inputs.inputnode.in_file = str(image.path)
-        specs = anat_derivatives(image.suffix, config)
-        relpaths = {spec.output: _relpath(image, spec) for spec in specs}
-        for spec in specs:
-            sink = pe.Node(
-                DerivativesDataSink(
-                    source_file=str(image.path),
-                    raw_relpath=image.relpath,
-                    suffix=spec.suffix or image.suffix,
-                    entities=dict(spec.entities),
-                    metadata=dict(spec.metadata),
-                    step_names=list(spec.steps),
-                    derived_from=[relpaths[o] for o in spec.derived_from if o in relpaths],
-                ),
-                name=f"ds_{image.key}_{spec.output}",
-                run_without_submitting=True,
-            )
-            if spec.data_dtype:
-                sink.inputs.data_dtype = spec.data_dtype
-            if spec.extension:
-                sink.inputs.extension = spec.extension
-            workflow.connect([
-                (anat_wf, sink, [
-                    (f"outputnode.{spec.output}", "in_file"),
-                    ("outputnode.steps", "steps"),
-                ]),
-            ])  # fmt:skip
-            if spec.dynamic_metadata:
-                workflow.connect(
-                    anat_wf, f"outputnode.{spec.dynamic_metadata}", sink, "extra_metadata"
-                )
-            staged.append((sink, "staged"))
-        if image.suffix == "T1w" and config.export.slices:
-            staged.append((anat_wf, "outputnode.slices_staged"))
+        image_plan, outputs = publish_plan(image, config)
+        plan += image_plan
+        for output in outputs:
+            wiring.append((anat_wf, f"outputnode.{output}", _field(image, output)))
+        if "slices_staged" in outputs:
+            staged_fields.append(_field(image, "slices_staged"))
+        bias_fields[image.relpath] = _field(image, "bias_field")
 
-    collect = pe.Node(niu.Merge(len(staged)), name="collect_derivatives")
-    for index, (node, field) in enumerate(staged, start=1):
-        workflow.connect(node, field, collect, f"in{index}")
     publish = pe.Node(
-        PublishDerivatives(out_dir=str(Path(out_dir).resolve())),
+        PublishSubject(
+            fields=[field for _, _, field in wiring],
+            out_dir=str(Path(out_dir).resolve()),
+            subject=subject.subject,
+            run_id=run_id or "norun",
+            plan=plan,
+            staged_fields=staged_fields,
+            bias_fields=bias_fields,
+        ),
         name="publish",
-        run_without_submitting=True,
+        mem_gb=2.0,
         overwrite=True,  # cheap, and restores outputs deleted since the last run
     )
-    report = pe.Node(
-        SubjectReport(out_dir=str(Path(out_dir).resolve()), subject=subject.subject),
-        name="report",
-        mem_gb=2.0,
-    )
-    if work_dir is not None:
-        report.inputs.work_dir = str(Path(work_dir).resolve())
-    workflow.connect([
-        (collect, publish, [("out", "in_files")]),
-        (publish, report, [("out_files", "published")]),
-    ])  # fmt:skip
+    for node, output, field in wiring:
+        workflow.connect(node, output, publish, field)
     return workflow
