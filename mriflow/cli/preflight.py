@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mriflow.cli.run import UsageError
+from mriflow.cli.errors import UsageError
 from mriflow.config import Config
 from mriflow.image.io import load_header_quietly
 
