@@ -63,11 +63,8 @@ class ModelReady(SimpleInterface):
             self._results[key] = out_path
         self._results["step"] = step_record(
             "model_ready",
-            {
-                "target_shape": list(self.inputs.target_shape),
-                "crop_margin_mm": options["margin_mm"],
-                "fit": self.inputs.fit,
-            },
+            {"target_shape": list(self.inputs.target_shape), "crop_margin_mm": options["margin_mm"],
+             "fit": self.inputs.fit},
             ["nibabel"],
         )
         return runtime
@@ -126,13 +123,9 @@ class ExportSlices(SimpleInterface):
         ]
         self._results["step"] = step_record(
             "slices",
-            {
-                "axes": list(self.inputs.axes),
-                "min_brain_fraction": self.inputs.min_brain_fraction,
-                "format": self.inputs.fmt,
-                "space": self.inputs.space,
-                "n_slices": len(export.rows),
-            },
+            {"axes": list(self.inputs.axes), "min_brain_fraction": self.inputs.min_brain_fraction,
+             "format": self.inputs.fmt, "space": self.inputs.space,
+             "n_slices": len(export.rows)},
             ["Pillow"],
         )
         return runtime

@@ -52,7 +52,9 @@ class SubjectReport(SimpleInterface):
             templates = {self.inputs.space: (self.inputs.template, mask)}
         work_dir = self.inputs.work_dir if isdefined(self.inputs.work_dir) else None
         out_dir, subject = self.inputs.out_dir, self.inputs.subject
-        files = [str(p) for p in compute_subject_iqms(out_dir, subject, templates=templates)]
+        files = [
+            str(p) for p in compute_subject_iqms(out_dir, subject, templates=templates)
+        ]
         report = write_subject_report(out_dir, subject, work_dir=work_dir, templates=templates)
         files += [str(report), str(write_provenance(out_dir, subject))]
         self._results["out_report"] = str(report)
