@@ -286,11 +286,16 @@ def spm_truth(data_dir):
 
 @pytest.mark.data
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["gmm", "atropos"])
+@pytest.mark.parametrize("method", ["hmrf", "gmm", "atropos"])
 def test_dice_on_spm_ground_truth(spm_truth, method):
+    # hmrf (the default, no priors): GM 0.840 / WM 0.878 here (issue 14 asks >= 0.86 / 0.86;
+    # Atropos with priors 0.868 / 0.879): its CSF/GM cut, right for FAST on a real head,
+    # takes some of this smooth average's GM as CSF (docs/anatomical.md).
     t1, mask, truth = spm_truth
     data = t1.get_fdata()
     params = {}
+    if method == "hmrf":
+        params = {"spacing": t1.header.get_zooms()[:3]}
     if method == "atropos":
         # the default: template priors (here the grids are both MNI, no warp needed) + MRF
         params = {"priors": _nilearn_priors(t1), "spacing": t1.header.get_zooms()[:3]}
