@@ -236,6 +236,8 @@ def segment_hmrf(
         raise ValueError(f"n_iterations must be an integer >= 1; got {n_iterations!r}")
     if csf_hull_mm < 0:
         raise ValueError(f"csf_hull_mm must be >= 0; got {csf_hull_mm}")
+    if pure_posterior is not None and not 0.0 < pure_posterior <= 1.0:
+        raise ValueError(f"pure_posterior must be in (0, 1] or None; got {pure_posterior}")
     spacing = (1.0, 1.0, 1.0) if spacing is None else tuple(float(s) for s in spacing)
     if len(spacing) != 3 or min(spacing) <= 0:
         raise ValueError(f"spacing must be 3 positive voxel sizes; got {spacing}")
@@ -252,7 +254,8 @@ def segment_hmrf(
     y = np.clip(data[box].ravel()[index], lo, hi).astype(np.float32)
     kernels = _neighbour_kernel(spacing)
 
-    # Classes are handled in intensity order (dark -> bright) until the end.
+    # Class k starts as the k-th tissue in the contrast's intensity order (dark ->
+    # bright): from the sorted k-means centres, or from that tissue's prior.
     if prior_maps is not None:
         order_names = INTENSITY_ORDER[contrast]
         full_prior = np.zeros((3, *mask.shape), dtype=np.float32)
