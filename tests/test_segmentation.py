@@ -221,6 +221,27 @@ def test_interface_writes_dseg_probseg_and_table(tmp_path):
     assert set(out.fractions) == {"GM", "WM", "CSF"}
 
 
+def test_interface_default_is_hmrf(tmp_path):
+    from mriflow.interfaces.segmentation import TissueSegmentation
+
+    data, mask, tissues = tissue_phantom(T1_INTENSITY, **SMALL)
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    nib.Nifti1Image(data.astype(np.float32), affine).to_filename(tmp_path / "t1w.nii.gz")
+    nib.Nifti1Image(mask.astype(np.uint8), affine).to_filename(tmp_path / "mask.nii.gz")
+    work = tmp_path / "work"
+    work.mkdir()
+    out = TissueSegmentation(
+        in_file=str(tmp_path / "t1w.nii.gz"), mask_file=str(tmp_path / "mask.nii.gz"),
+        csf_hull_mm=0.0,
+    ).run(cwd=str(work)).outputs  # fmt: skip
+    dseg = np.asanyarray(nib.load(out.dseg_file).dataobj)
+    for name, region in tissues.items():
+        assert np.mean(dseg[region] == LABEL[name]) > 0.9, name
+    params = out.step["Parameters"]
+    assert params["method"] == "hmrf" and params["csf_hull_mm"] == 0.0
+    assert out.step["Software"].keys() >= {"mriflow", "numpy", "scipy"}
+
+
 def test_interface_atropos_with_prior_files(tmp_path):
     from mriflow.interfaces.segmentation import TissueSegmentation
 
