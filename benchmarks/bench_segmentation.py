@@ -24,32 +24,18 @@ Usage (after ``mriflow BIDS OUT participant`` on AOMIC sub-0001)::
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage as ndi
 
-from mriflow.image import segmentation as S
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-ASEG_GM = (3, 42, 8, 47, 10, 49, 11, 50, 12, 51, 13, 52, 17, 53, 18, 54, 26, 58)
-ASEG_WM = (2, 41, 7, 46, 16, 28, 60)
+from tissue_data import ASEG_GM, ASEG_WM, dice, labels_onto  # noqa: E402
 
-
-def onto(labels: nib.Nifti1Image, reference: nib.Nifti1Image) -> np.ndarray:
-    m = np.linalg.inv(labels.affine) @ reference.affine
-    return ndi.affine_transform(
-        np.asanyarray(labels.dataobj),
-        m[:3, :3],
-        m[:3, 3],
-        output_shape=reference.shape[:3],
-        order=0,
-    )
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2 * np.count_nonzero(a & b) / max(np.count_nonzero(a) + np.count_nonzero(b), 1))
+from mriflow.image import segmentation as S  # noqa: E402
 
 
 def main() -> None:
@@ -82,8 +68,8 @@ def main() -> None:
 
     truth = None
     if args.truth.is_dir():
-        fast = onto(nib.load(str(args.truth / f"sub-{args.subject}_fast_dseg.nii.gz")), img)
-        aseg = onto(nib.load(str(args.truth / f"sub-{args.subject}_aseg_dseg.nii.gz")), img)
+        fast = labels_onto(nib.load(str(args.truth / f"sub-{args.subject}_fast_dseg.nii.gz")), img)
+        aseg = labels_onto(nib.load(str(args.truth / f"sub-{args.subject}_aseg_dseg.nii.gz")), img)
         truth = (fast, np.isin(aseg, ASEG_GM), np.isin(aseg, ASEG_WM))
 
     runs: list[tuple[str, str, dict, int]] = [

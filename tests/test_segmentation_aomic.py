@@ -17,32 +17,12 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
-from scipy import ndimage as ndi
 
 from mriflow.cli.run import main
+from tests.tissue_data import ASEG_GM, ASEG_WM, dice, labels_onto
 
 SUBJECT = "0001"
-#: FreeSurfer aseg labels grouped as issue 14 does: cortex + deep GM (incl. cerebellar
-#: cortex) against cerebral + cerebellar WM + brainstem + ventral DC.
-ASEG_GM = (3, 42, 8, 47, 10, 49, 11, 50, 12, 51, 13, 52, 17, 53, 18, 54, 26, 58)
-ASEG_WM = (2, 41, 7, 46, 16, 28, 60)
 GM, WM, CSF = 1, 2, 3
-
-
-def onto(labels: nib.Nifti1Image, reference: nib.Nifti1Image) -> np.ndarray:
-    """``labels`` resampled onto ``reference``'s grid (nearest neighbour, world space)."""
-    voxel_to_voxel = np.linalg.inv(labels.affine) @ reference.affine
-    return ndi.affine_transform(
-        np.asanyarray(labels.dataobj),
-        voxel_to_voxel[:3, :3],
-        voxel_to_voxel[:3, 3],
-        output_shape=reference.shape[:3],
-        order=0,
-    )
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b)))
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +42,8 @@ def aomic_run(data_dir, tmp_path_factory):
     code = main([str(bids), str(out), "participant", "-w", str(tmp / "work"), "-q"])
     assert code == 0
     dseg_img = nib.load(str(out / f"sub-{SUBJECT}" / "anat" / f"sub-{SUBJECT}_dseg.nii.gz"))
-    fast = onto(nib.load(str(truth / f"sub-{SUBJECT}_fast_dseg.nii.gz")), dseg_img)
-    aseg = onto(nib.load(str(truth / f"sub-{SUBJECT}_aseg_dseg.nii.gz")), dseg_img)
+    fast = labels_onto(nib.load(str(truth / f"sub-{SUBJECT}_fast_dseg.nii.gz")), dseg_img)
+    aseg = labels_onto(nib.load(str(truth / f"sub-{SUBJECT}_aseg_dseg.nii.gz")), dseg_img)
     return np.asanyarray(dseg_img.dataobj), fast, aseg, dseg_img
 
 
