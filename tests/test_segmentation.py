@@ -8,6 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 
 from mriflow.image import segmentation as S
 from tests.tissue_data import T1_INTENSITY, T2_INTENSITY, load_t1, tissue_phantom
@@ -41,15 +42,18 @@ def check_outputs(seg: S.Segmentation, mask: np.ndarray) -> None:
 
 # --------------------------------------------------------------------------- phantoms
 
-METHODS = ["gmm", "atropos"]
+METHODS = ["hmrf", "gmm", "atropos"]
 SMALL = {"shape": (32, 32, 32), "radii": (8.0, 12.0, 14.0), "noise": 6.0}
+# The phantom's CSF is an outer shell beyond the GM: the rim that hmrf leaves
+# unlabelled on a real head (see test_hmrf_keeps_sulcal_csf_drops_the_rim).
+PHANTOM = {"hmrf": {"csf_hull_mm": 0.0}, "gmm": {}, "atropos": {}}
 
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("contrast, intensities", [("T1w", T1_INTENSITY), ("T2w", T2_INTENSITY)])
 def test_labels_follow_smriprep_order_for_each_contrast(method, contrast, intensities):
     data, mask, tissues = tissue_phantom(intensities, **SMALL)
-    seg = S.segment(data, mask, method, contrast=contrast)
+    seg = S.segment(data, mask, method, contrast=contrast, **PHANTOM[method])
     check_outputs(seg, mask)
     assert accuracy(seg, tissues) > 0.95
     for name, region in tissues.items():
@@ -95,9 +99,52 @@ def test_priors_pull_ambiguous_voxels(rng):
     data, mask, tissues = tissue_phantom({"CSF": 30.0, "GM": 90.0, "WM": 90.0}, **SMALL)
     priors = {"GM": 0.9 * tissues["GM"] + 0.05, "WM": 0.9 * tissues["WM"] + 0.05}
     for method in METHODS:
-        seg = S.segment(data, mask, method, priors=priors, prior_weight=0.5)
+        seg = S.segment(data, mask, method, priors=priors, prior_weight=0.5, **PHANTOM[method])
         assert np.mean(seg.dseg[tissues["WM"]] == LABEL["WM"]) > 0.8, method
         assert np.mean(seg.dseg[tissues["GM"]] == LABEL["GM"]) > 0.8, method
+
+
+def test_hmrf_keeps_sulcal_csf_drops_the_rim():
+    # A cleft of CSF cut into the GM shell down to the WM (a sulcus) and the CSF
+    # shell around the GM (the dark rim a generous brain mask takes in).
+    data, mask, tissues = tissue_phantom(T1_INTENSITY, **SMALL)
+    sulcus = np.zeros_like(mask)
+    sulcus[14:18, 16:, 14:18] = True
+    sulcus &= tissues["GM"]
+    rng = np.random.default_rng(1)
+    data[sulcus] = T1_INTENSITY["CSF"] + rng.normal(0, SMALL["noise"], int(sulcus.sum()))
+    seg = S.segment(data, mask, "hmrf")
+    assert np.mean(seg.dseg[sulcus] == LABEL["CSF"]) > 0.9
+    # The rim away from the sulcus (the hull bridges the cleft's mouth, as it
+    # should); the hull is drawn on a 2x coarser grid, so it may keep the first
+    # voxel beyond the GM.
+    far = ndi.distance_transform_edt(~sulcus) > 8
+    beyond = ndi.distance_transform_edt(~(tissues["GM"] | tissues["WM"])) >= 2
+    rim = tissues["CSF"] & far & beyond
+    assert np.mean(seg.dseg[rim] == 0) > 0.95
+    assert np.mean(seg.dseg[tissues["WM"]] == LABEL["WM"]) > 0.95
+    tissue = seg.dseg > 0
+    total = sum(p.astype(np.float64) for p in seg.probabilities.values())
+    assert np.allclose(total[tissue], 1.0, atol=1e-4) and np.all(total[~tissue] == 0)
+    assert seg.parameters["rim_voxels_unlabelled"] == int(np.count_nonzero(mask & ~tissue))
+    # without the hull every voxel of the mask keeps a tissue
+    kept = S.segment(data, mask, "hmrf", csf_hull_mm=0.0)
+    assert np.all(kept.dseg[mask] > 0)
+
+
+def test_hmrf_partial_volume_maps_follow_intensity():
+    # A voxel halfway between the GM and WM means is half GM, half WM.
+    data, mask, tissues = tissue_phantom(T1_INTENSITY, **{**SMALL, "noise": 1.0})
+    probe = (16, 16, 16)
+    assert tissues["WM"][probe]
+    data[probe] = 0.5 * (T1_INTENSITY["GM"] + T1_INTENSITY["WM"])
+    seg = S.segment(data, mask, "hmrf", pv_beta=0.0, csf_hull_mm=0.0)
+    assert abs(seg.probabilities["GM"][probe] - 0.5) < 0.1
+    assert abs(seg.probabilities["WM"][probe] - 0.5) < 0.1
+    assert seg.probabilities["CSF"][probe] == 0.0
+    means = seg.parameters["class_means"]
+    for name, value in T1_INTENSITY.items():
+        assert abs(means[name] - value) < 3.0, (name, means)
 
 
 def test_validation_messages():
@@ -114,6 +161,10 @@ def test_validation_messages():
         S.segment_atropos(data, mask, clip_percentiles=(99, 1))
     with pytest.raises(ValueError, match="at least 100"):
         S.segment_gmm(data, np.zeros_like(mask))
+    with pytest.raises(ValueError, match="mrf_beta and pv_beta must be >= 0"):
+        S.segment(data, mask, "hmrf", mrf_beta=-1.0)
+    with pytest.raises(ValueError, match="n_iterations must be an integer >= 1"):
+        S.segment(data, mask, "hmrf", n_iterations=0)
 
 
 def test_plausibility_flags_merged_classes():
@@ -170,6 +221,27 @@ def test_interface_writes_dseg_probseg_and_table(tmp_path):
     assert set(out.fractions) == {"GM", "WM", "CSF"}
 
 
+def test_interface_default_is_hmrf(tmp_path):
+    from mriflow.interfaces.segmentation import TissueSegmentation
+
+    data, mask, tissues = tissue_phantom(T1_INTENSITY, **SMALL)
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    nib.Nifti1Image(data.astype(np.float32), affine).to_filename(tmp_path / "t1w.nii.gz")
+    nib.Nifti1Image(mask.astype(np.uint8), affine).to_filename(tmp_path / "mask.nii.gz")
+    work = tmp_path / "work"
+    work.mkdir()
+    out = TissueSegmentation(
+        in_file=str(tmp_path / "t1w.nii.gz"), mask_file=str(tmp_path / "mask.nii.gz"),
+        csf_hull_mm=0.0,
+    ).run(cwd=str(work)).outputs  # fmt: skip
+    dseg = np.asanyarray(nib.load(out.dseg_file).dataobj)
+    for name, region in tissues.items():
+        assert np.mean(dseg[region] == LABEL[name]) > 0.9, name
+    params = out.step["Parameters"]
+    assert params["method"] == "hmrf" and params["csf_hull_mm"] == 0.0
+    assert out.step["Software"].keys() >= {"mriflow", "numpy", "scipy"}
+
+
 def test_interface_atropos_with_prior_files(tmp_path):
     from mriflow.interfaces.segmentation import TissueSegmentation
 
@@ -188,7 +260,7 @@ def test_interface_atropos_with_prior_files(tmp_path):
     work.mkdir()
     out = TissueSegmentation(
         in_file=files["t1w"], mask_file=files["mask"], method="atropos",
-        gm_prior=files["gm"], wm_prior=files["wm"], prior_weight=0.5,
+        gm_prior=files["gm"], wm_prior=files["wm"], use_priors=True, prior_weight=0.5,
     ).run(cwd=str(work)).outputs  # fmt: skip
     dseg = np.asanyarray(nib.load(out.dseg_file).dataobj)
     # GM and WM share one intensity: only the prior files can separate them
@@ -235,11 +307,16 @@ def spm_truth(data_dir):
 
 @pytest.mark.data
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["gmm", "atropos"])
+@pytest.mark.parametrize("method", ["hmrf", "gmm", "atropos"])
 def test_dice_on_spm_ground_truth(spm_truth, method):
+    # hmrf (the default, no priors): GM 0.840 / WM 0.878 here (issue 14 asks >= 0.86 / 0.86;
+    # Atropos with priors 0.868 / 0.879): its CSF/GM cut, right for FAST on a real head,
+    # takes some of this smooth average's GM as CSF (docs/anatomical.md).
     t1, mask, truth = spm_truth
     data = t1.get_fdata()
     params = {}
+    if method == "hmrf":
+        params = {"spacing": t1.header.get_zooms()[:3]}
     if method == "atropos":
         # the default: template priors (here the grids are both MNI, no warp needed) + MRF
         params = {"priors": _nilearn_priors(t1), "spacing": t1.header.get_zooms()[:3]}

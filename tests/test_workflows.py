@@ -59,7 +59,9 @@ def test_skull_strip_and_registration_do_not_wait_for_denoising():
     """Denoising runs beside N4, skull stripping and registration (a second core's work)."""
     import networkx as nx
 
-    graph = init_anat_preproc_wf(config=Config())._create_flat_graph()
+    config = Config()
+    config.segmentation.use_priors = True  # off by default since issue 14; the node must exist
+    graph = init_anat_preproc_wf(config=config)._create_flat_graph()
     by_name = {node.name: node for node in graph.nodes()}
     after_denoise = nx.descendants(graph, by_name["denoise"])
     for name in ("n4", "skull_strip", "register", "template_priors"):

@@ -1,7 +1,8 @@
 """Test data shared by the intensity and segmentation tests (not a test module).
 
-A three-tissue phantom with known intensities, and loading of the real T1
-volumes with a brain mask.
+A three-tissue phantom with known intensities, loading of the real T1 volumes
+with a brain mask, and the AOMIC ground truth (FAST and FreeSurfer labels) put
+on the grid of a dseg.
 """
 
 from __future__ import annotations
@@ -40,6 +41,30 @@ def load_t1(data_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray, nib.Nift
     data = img.get_fdata()
     mask = otsu_brain_mask(data) if name == "T1_head" else data > 0
     return data, mask, img
+
+
+#: FreeSurfer aseg labels grouped as issue 14 does: cortex + deep GM (incl. cerebellar
+#: cortex) against cerebral + cerebellar WM + brainstem + ventral DC.
+ASEG_GM = (3, 42, 8, 47, 10, 49, 11, 50, 12, 51, 13, 52, 17, 53, 18, 54, 26, 58)
+ASEG_WM = (2, 41, 7, 46, 16, 28, 60)
+
+
+def labels_onto(labels: nib.Nifti1Image, reference: nib.Nifti1Image) -> np.ndarray:
+    """``labels`` resampled onto ``reference``'s grid (nearest neighbour, world space)."""
+    voxel_to_voxel = np.linalg.inv(labels.affine) @ reference.affine
+    return ndi.affine_transform(
+        np.asanyarray(labels.dataobj),
+        voxel_to_voxel[:3, :3],
+        voxel_to_voxel[:3, 3],
+        output_shape=reference.shape[:3],
+        order=0,
+    )
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two boolean arrays (0 when both are empty)."""
+    total = np.count_nonzero(a) + np.count_nonzero(b)
+    return float(2 * np.count_nonzero(a & b) / total) if total else 0.0
 
 
 T1_INTENSITY = {"CSF": 30.0, "GM": 70.0, "WM": 100.0}

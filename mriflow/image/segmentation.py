@@ -1,8 +1,10 @@
 """Tissue segmentation (CSF, GM, WM) inside a brain mask.
 
-Two methods, both returning a :class:`Segmentation` (a ``dseg`` label map in
+Three methods, all returning a :class:`Segmentation` (a ``dseg`` label map in
 sMRIPrep's order 1=GM, 2=WM, 3=CSF, plus one probability map per tissue):
 
+- :func:`mriflow.image.hmrf.segment_hmrf` (the default): FSL FAST's model, a
+  hidden-Markov-random-field EM with partial-volume estimates, in numpy/scipy.
 - :func:`segment_gmm`: a Gaussian mixture (scikit-learn, seeded) on the in-mask
   intensities; classes are named by the order of their means for the contrast.
 - :func:`segment_atropos`: ANTs Atropos (antspyx) with an MRF prior, k-means
@@ -500,14 +502,19 @@ def _run_atropos(
 
 
 def segment(
-    data: np.ndarray, mask: np.ndarray, method: str = "atropos", **params: Any
+    data: np.ndarray, mask: np.ndarray, method: str = "hmrf", **params: Any
 ) -> Segmentation:
-    """Segment with ``method`` ("gmm" or "atropos"); ``params`` go to that function."""
+    """Segment with ``method`` ("hmrf", "gmm" or "atropos"); ``params`` go to that function."""
+    if method == "hmrf":
+        # imported here: mriflow.image.hmrf builds on this module's helpers
+        from mriflow.image.hmrf import segment_hmrf
+
+        return segment_hmrf(data, mask, **params)
     if method == "gmm":
         return segment_gmm(data, mask, **params)
     if method == "atropos":
         return segment_atropos(data, mask, **params)
-    raise ValueError(f"unknown segmentation method {method!r}; expected 'gmm' or 'atropos'")
+    raise ValueError(f"unknown segmentation method {method!r}; expected 'hmrf', 'gmm' or 'atropos'")
 
 
 def tissue_fractions(dseg: np.ndarray) -> dict[str, float]:

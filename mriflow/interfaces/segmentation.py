@@ -32,13 +32,19 @@ __all__ = ["TissueSegmentation"]
 class _TissueSegmentationInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="bias-corrected, skull-stripped image")
     mask_file = File(exists=True, mandatory=True, desc="brain mask (non-zero = brain)")
-    method = traits.Enum("atropos", "gmm", usedefault=True, desc="segmentation method")
+    method = traits.Enum("hmrf", "atropos", "gmm", usedefault=True, desc="segmentation method")
     contrast = traits.Enum(*INTENSITY_ORDER, usedefault=True, desc="image contrast (BIDS suffix)")
     gm_prior = File(exists=True, desc="GM probability map in subject space")
     wm_prior = File(exists=True, desc="WM probability map in subject space")
     csf_prior = File(exists=True, desc="CSF probability map (default 1 - GM - WM)")
-    use_priors = traits.Bool(True, usedefault=True, desc="use the priors when given")
+    use_priors = traits.Bool(False, usedefault=True, desc="use the priors when given")
     prior_weight = traits.Float(desc="weight of the priors (method default when unset)")
+    mrf_beta = traits.Float(1.0, usedefault=True, desc="hmrf: Potts MRF strength")
+    hmrf_iterations = traits.Int(6, usedefault=True, desc="hmrf: EM iterations")
+    pv_beta = traits.Float(0.3, usedefault=True, desc="hmrf: MRF weight on the PV fractions")
+    csf_hull_mm = traits.Float(
+        7.0, usedefault=True, desc="hmrf: CSF outside the GM+WM hull closed by this ball is 0"
+    )
     mrf_weight = traits.Float(0.3, usedefault=True, desc="Atropos MRF smoothing factor")
     n_iterations = traits.Int(3, usedefault=True, desc="Atropos EM iterations")
     clip_percentiles = traits.Tuple(
@@ -48,7 +54,7 @@ class _TissueSegmentationInputSpec(BaseInterfaceInputSpec):
 
 
 class _TissueSegmentationOutputSpec(TraitedSpec):
-    dseg_file = File(exists=True, desc="labels 1=GM, 2=WM, 3=CSF (uint8)")
+    dseg_file = File(exists=True, desc="labels 1=GM, 2=WM, 3=CSF, 0 elsewhere (uint8)")
     probseg_files = traits.List(File(exists=True), desc="probability maps: CSF, GM, WM")
     dseg_tsv = File(exists=True, desc="lookup table of the dseg labels")
     fractions = traits.Dict(desc="fraction of the brain in each tissue")
@@ -99,10 +105,18 @@ class TissueSegmentation(MriflowInterface):
         }
         if isdefined(self.inputs.prior_weight):
             params["prior_weight"] = self.inputs.prior_weight
-        if self.inputs.method == "atropos":
+        spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
+        if self.inputs.method == "hmrf":
+            params["mrf_beta"] = self.inputs.mrf_beta
+            params["n_iterations"] = self.inputs.hmrf_iterations
+            params["pv_beta"] = self.inputs.pv_beta
+            params["csf_hull_mm"] = self.inputs.csf_hull_mm
+            params["spacing"] = spacing
+            software = ["numpy", "scipy"]
+        elif self.inputs.method == "atropos":
             params["mrf_weight"] = self.inputs.mrf_weight
             params["n_iterations"] = self.inputs.n_iterations
-            params["spacing"] = tuple(float(z) for z in img.header.get_zooms()[:3])
+            params["spacing"] = spacing
             software = ["antspyx"]
         else:
             params["seed"] = self.inputs.seed
