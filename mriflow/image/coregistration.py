@@ -78,12 +78,15 @@ def _stage(kind: str, fixed, moving, fixed_mask) -> list[str]:
         f"{kind}[0.1]",
         "--metric",
         f"MI[{ptr(fixed)},{ptr(moving)},1,32,Regular,0.25]",
+        # a last unsmoothed full-resolution level with a tight threshold: on the
+        # T1_head/T2w pair moved by 8 degrees and 6 mm, 4x2x1 levels at 1e-6 left
+        # 0.2-1.4 mm RMS between the moved and unmoved solutions, these 0.1-0.35 mm
         "--convergence",
-        "[1000x500x250,1e-6,10]",
+        "[1000x500x250x100,1e-7,10]",
         "--shrink-factors",
-        "4x2x1",
+        "4x2x1x1",
         "--smoothing-sigmas",
-        "2x1x0vox",
+        "2x1x0.5x0vox",
         "--masks",
         f"[{ptr(fixed_mask)},NA]",
     ]
