@@ -36,7 +36,7 @@ def moved_header(img: nib.Nifti1Image, matrix: np.ndarray) -> nib.Nifti1Image:
 @pytest.fixture(scope="module")
 def template_pair():
     """Fixed: the 2 mm template brain. Moving: a T2-like contrast of the same head on
-    another grid (1.5 mm, LAS, larger field of view), so the metric must be MI."""
+    another grid (2.5 mm, LAS, larger field of view), so the metric must be MI."""
     tpl = load_template(2)
     t1 = tpl.t1w.get_fdata(dtype=np.float32)
     mask = np.asarray(tpl.mask.dataobj) > 0
@@ -44,9 +44,9 @@ def template_pair():
     t2 = np.where(mask, 1.2 - t1, 0.0)
     shell = ndi.binary_dilation(mask, iterations=4) & ~ndi.binary_dilation(mask, iterations=2)
     t2 = (t2 + 0.6 * shell).astype(np.float32)
-    grid_affine = np.diag([-1.5, 1.5, 1.5, 1.0])
+    grid_affine = np.diag([-2.5, 2.5, 2.5, 1.0])
     grid_affine[:3, 3] = [100.0, -130.0, -85.0]
-    grid = nib.Nifti1Image(np.zeros((134, 160, 130), np.float32), grid_affine)
+    grid = nib.Nifti1Image(np.zeros((80, 96, 78), np.float32), grid_affine)
     moving = apply_transforms(
         nib.Nifti1Image(t2, tpl.t1w.affine), _identity_file(), grid, interpolation="linear"
     )
@@ -96,22 +96,10 @@ def test_unreadable_transform_names_the_file(tmp_path):
         read_itk_affine(bad)
 
 
-@pytest.mark.parametrize("initialisation", ["header", "auto"])
-def test_recovers_a_known_header_offset_across_contrasts(template_pair, tmp_path, initialisation):
-    fixed, mask, moving = template_pair
-    reference = coregister(
-        moving, fixed, mask, work_prefix=tmp_path / "a_", initialisation=initialisation
-    )
+def test_recovers_a_known_header_offset_across_contrasts(template_pair, tmp_path):
+    fixed, mask, moving = template_pair  # aligned by construction
     truth = rigid(8.0, 0, [6.0, 0.0, 0.0])
-    moved = coregister(
-        moved_header(moving, truth),
-        fixed,
-        mask,
-        work_prefix=tmp_path / "b_",
-        initialisation=initialisation,
-    )
-    # the unmoved pair is aligned by construction: the identity
-    assert rms_deviation(reference.fixed_to_moving, np.eye(4), mask) < 0.5
+    moved = coregister(moved_header(moving, truth), fixed, mask, work_prefix=tmp_path / "b_")
     assert rms_deviation(moved.fixed_to_moving, truth, mask) < 0.5
     assert list(tmp_path.iterdir()) == []  # no temporary file left behind
 
@@ -129,3 +117,32 @@ def test_rejects_a_mask_off_the_fixed_grid(template_pair, tmp_path):
     other = load_template(1).mask
     with pytest.raises(ValueError, match="fixed image's grid"):
         coregister(moving, fixed, other, work_prefix=tmp_path / "d_")
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_real_t2w_onto_real_t1w_with_a_moved_header(data_dir, tmp_path):
+    """The shared T1_head/T2w pair (one head; 1.6 mm RAS vs 1x1x2 mm LAS slab, 27 mm apart
+    by their headers): moving the T2w header by 8 degrees and 6 mm changes the recovered
+    transform by exactly that motion (< 0.5 mm RMS over the brain), and the two aligned
+    T2w images agree inside the brain (r >= 0.98)."""
+    from mriflow.image.bias import n4_bias_correct
+    from mriflow.image.skullstrip import skull_strip
+
+    t1, _ = n4_bias_correct(nib.load(data_dir / "anat" / "T1_head.nii.gz"))
+    t2, _ = n4_bias_correct(nib.load(data_dir / "anat" / "T2w.nii.gz"))
+    stripped = skull_strip(t1)
+    brain, mask = stripped.brain, stripped.mask
+    truth = rigid(8.0, 0, [6.0, 0.0, 0.0])
+    moved = moved_header(t2, truth)
+    unmoved_fit = coregister(t2, brain, mask, work_prefix=tmp_path / "a_")
+    moved_fit = coregister(moved, brain, mask, work_prefix=tmp_path / "b_")
+    assert rms_deviation(moved_fit.fixed_to_moving, truth @ unmoved_fit.fixed_to_moving, mask) < 0.5
+
+    aligned = []
+    for image, fit, name in ((t2, unmoved_fit, "a.txt"), (moved, moved_fit, "b.txt")):
+        xfm = write_itk_affine(fit.fixed_to_moving, tmp_path / name)
+        aligned.append(apply_transforms(image, [xfm], t1).get_fdata()[mask.get_fdata() > 0])
+    covered = (aligned[0] > 0) & (aligned[1] > 0)  # inside both slabs
+    assert covered.mean() > 0.5
+    assert np.corrcoef(aligned[0][covered], aligned[1][covered])[0, 1] >= 0.98
