@@ -33,7 +33,11 @@ __all__ = [
     "collect_inputs",
     "load_bids_filters",
     "normalize_label",
+    "run_summary_files",
+    "slice_stack_filename",
     "subject_folders",
+    "submission_record_files",
+    "submission_record_path",
 ]
 
 log = logging.getLogger("mriflow")
@@ -485,3 +489,30 @@ def _query_images(
             )
         )
     return images
+
+
+# --- records of runs and submissions under OUT_DIR/logs (read by ``mriflow status``) ---
+
+
+def run_summary_files(out_dir: str | Path) -> list[Path]:
+    """Every run summary the participant level wrote (``logs/run-<id>_summary.json``)."""
+    return sorted((Path(out_dir) / "logs").glob("run-*_summary.json"))
+
+
+def submission_record_path(out_dir: str | Path, submit_id: str) -> Path:
+    """Where ``--submit`` records what it submitted: ``logs/submit-<id>.json``."""
+    if not re.fullmatch(r"[A-Za-z0-9-]+", submit_id):
+        raise ValueError(f"submission id must be alphanumeric with dashes, got {submit_id!r}")
+    return Path(out_dir) / "logs" / f"submit-{submit_id}.json"
+
+
+def submission_record_files(out_dir: str | Path) -> list[Path]:
+    """Every submission record under ``out_dir``, oldest name first."""
+    return sorted((Path(out_dir) / "logs").glob("submit-*.json"))
+
+
+def slice_stack_filename(stem: str, axis: str, suffix: str) -> str:
+    """``<stem>_axis-<axis>_<suffix>.npy``: the packed slices of one axis (ml/slice_stack)."""
+    if axis not in ("axial", "coronal", "sagittal"):
+        raise ValueError(f"axis must be axial, coronal or sagittal, got {axis!r}")
+    return f"{stem}_axis-{axis}_{suffix}.npy"
