@@ -126,6 +126,6 @@ class ExportSlices(SimpleInterface):
             {"axes": list(self.inputs.axes), "min_brain_fraction": self.inputs.min_brain_fraction,
              "format": self.inputs.fmt, "space": self.inputs.space,
              "n_slices": len(export.rows)},
-            ["Pillow"],
+            ["Pillow"] if self.inputs.fmt == "png" else ["numpy"],
         )
         return runtime
