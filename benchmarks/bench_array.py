@@ -10,11 +10,13 @@ machine runs (``tests/cluster/setup_slurm.sh``):
 - ``--plugin SLURMGraph``: one Slurm job per Nipype node, the CLI waits itself.
 
 Prints wall time, its ratio to MultiProc, and the number of Slurm jobs each made
-(from the job completion log, matched by the run's folder).
+(from the job completion log, matched by the run's folder). With ``--repeat R`` the
+modes run round-robin R times (so a change of machine load hits every mode alike)
+and the table shows each mode's median.
 
 Usage::
 
-    python benchmarks/bench_array.py [--modes multiproc,array,slurmgraph]
+    python benchmarks/bench_array.py [--modes multiproc,array,slurmgraph] [--repeat 1]
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,19 +74,28 @@ def run(mode: str, tmp: Path) -> tuple[float, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--modes", default="multiproc,array,slurmgraph")
+    parser.add_argument("--repeat", type=int, default=1)
     args = parser.parse_args()
-    rows = []
-    for mode in args.modes.split(","):
-        with tempfile.TemporaryDirectory(prefix=f"mriflow-array-{mode}-") as tmp:
-            wall, jobs = run(mode, Path(tmp))
-        rows.append((mode, wall, jobs))
-        print(f"  {mode}: {wall:.1f} s", file=sys.stderr, flush=True)
-    anchor = rows[0][1]
-    print(f"2 subjects / 3 T1w of bids_examples, cold work dir; ratio = wall / {rows[0][0]} wall")
-    print("| mode | wall s | ratio | Slurm jobs |")
+    modes = args.modes.split(",")
+    walls: dict[str, list[float]] = {mode: [] for mode in modes}
+    jobs: dict[str, int] = {}
+    for _ in range(args.repeat):
+        for mode in modes:
+            with tempfile.TemporaryDirectory(prefix=f"mriflow-array-{mode}-") as tmp:
+                wall, jobs[mode] = run(mode, Path(tmp))
+            walls[mode].append(wall)
+            print(f"  {mode}: {wall:.1f} s", file=sys.stderr, flush=True)
+    anchor = statistics.median(walls[modes[0]])
+    print(
+        f"2 subjects / 3 T1w of bids_examples, cold work dir, median of {args.repeat}; "
+        f"ratio = wall / {modes[0]} wall"
+    )
+    print("| mode | wall s (runs) | ratio | Slurm jobs |")
     print("|---|---|---|---|")
-    for mode, wall, jobs in rows:
-        print(f"| {mode} | {wall:.1f} | {wall / anchor:.2f}x | {jobs} |")
+    for mode in modes:
+        wall = statistics.median(walls[mode])
+        runs = ", ".join(f"{w:.0f}" for w in walls[mode])
+        print(f"| {mode} | {wall:.1f} ({runs}) | {wall / anchor:.2f}x | {jobs[mode]} |")
 
 
 if __name__ == "__main__":
