@@ -240,8 +240,8 @@ def build_database(bids_dir: str | Path, database_dir: str | Path) -> Path:
         return target
     _check_raw_dataset(bids_dir)
     staging = database_dir / f".staging-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
     try:
+        staging.mkdir(parents=True)
         bids.BIDSLayout(
             str(bids_dir), derivatives=False, database_path=str(staging), indexer=_indexer()
         )
@@ -251,9 +251,10 @@ def build_database(bids_dir: str | Path, database_dir: str | Path) -> Path:
     except Exception as err:  # pybids raises several types for broken datasets
         raise DiscoveryError(f"{bids_dir}: pybids cannot index this dataset ({err})") from None
     finally:
-        for leftover in staging.iterdir():
-            leftover.unlink()
-        staging.rmdir()
+        if staging.is_dir():
+            for leftover in staging.iterdir():
+                leftover.unlink()
+            staging.rmdir()
     return target
 
 
