@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster.conftest import mriflow_env
-from tests.cluster.test_slurm import SETUP_HINT, parse_jobcomp, slurm_config, slurm_problem
+from tests.cluster.test_slurm import SETUP_HINT, _our_jobs, slurm_config, slurm_problem
 from tests.helpers import QUICK_CHAIN, make_bids_dataset, write_phantom_t1w
 
 pytestmark = pytest.mark.slow
@@ -60,17 +60,6 @@ def wait_for_jobs(job_ids: list[str]) -> None:
             return
         time.sleep(3)
     pytest.fail(f"jobs {job_ids} still queued after {WAIT_SECONDS} s")
-
-
-def jobcomp_entries(config: dict[str, str], cwd: Path, expected: int) -> list[dict[str, str]]:
-    """This test's finished jobs in the job completion log (written when Slurm retires them)."""
-    log = Path(config["JobCompLoc"])
-    deadline = time.monotonic() + 60
-    while True:
-        jobs = [j for j in parse_jobcomp(log) if j.get("WorkDir") == str(cwd)]
-        if len(jobs) >= expected or time.monotonic() > deadline:
-            return jobs
-        time.sleep(1)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +107,7 @@ def test_array_of_three_with_a_broken_subject(slurm, tmp_path):
     assert "2 ok, 1 failed, 0 pending, 0 missing" in status.stdout
 
     # Slurm ran one task per subject, then the group job, after the whole array
-    jobs = jobcomp_entries(slurm, cwd, expected=4)
+    jobs = _our_jobs(Path(slurm["JobCompLoc"]), cwd, expected=4)
     tasks = [j for j in jobs if j.get("ArrayJobId") == array_id]
     assert sorted(j["ArrayTaskId"] for j in tasks) == ["1", "2", "3"]
     (group,) = [j for j in jobs if j["JobId"] == group_id]
