@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument(
         "--submit-args",
         metavar="ARGS",
-        help="sbatch options, e.g. '--partition=short --time=2:00:00'",
+        help="extra sbatch options, written with '=': --submit-args='-p short --time=2:00:00'",
     )
     cluster.add_argument(
         "--max-parallel", type=int, metavar="N", help="array tasks running at once (--array=1-N%%M)"
