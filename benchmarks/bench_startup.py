@@ -11,8 +11,9 @@ Its wall time, from process start to graph built, is measured in three ways:
 - ``label``: no database; pybids ignores every other ``sub-*`` folder;
 - ``database``: ``--bids-database-dir`` built once beforehand (its build time is shown).
 
-Each figure is the median of ``--repeat`` runs, and the ratio is the figure over the
-200-subject figure of the same mode measured in the same run.
+Each figure is the median of ``--repeat`` runs, taken round-robin over sizes and modes
+(so that a change of machine load hits all of them), and the ratio is the figure over
+the 200-subject figure of the same mode measured in the same run.
 
 Usage::
 
@@ -100,6 +101,7 @@ def main() -> None:
 
     rows = []
     try:
+        layouts = []
         for size in sizes:
             selected = f"{size // 2:05d}"  # a subject in the middle of the tree
             t0 = time.perf_counter()
@@ -108,25 +110,30 @@ def main() -> None:
             t0 = time.perf_counter()
             db = root / f"db{size}"
             build_database(bids, db)
-            built = time.perf_counter() - t0
-            figures = {}
-            for mode in ("before", "label", "database"):
-                if mode == "before" and size > args.before_max:
-                    figures[mode] = float("nan")
-                    continue
-                times = [
-                    time_child(
-                        bids,
-                        selected,
-                        str(db) if mode == "database" else "",
-                        root / "out",
-                        before=mode == "before",
+            layouts.append((size, selected, bids, db, made, time.perf_counter() - t0))
+        times: dict[tuple[int, str], list[float]] = {}
+        # round-robin over sizes and modes: a change of machine load hits all of them
+        for round_ in range(args.repeat):
+            for size, selected, bids, db, _, _ in layouts:
+                for mode in ("before", "label", "database"):
+                    if mode == "before" and size > args.before_max:
+                        continue
+                    times.setdefault((size, mode), []).append(
+                        time_child(
+                            bids,
+                            selected,
+                            str(db) if mode == "database" else "",
+                            root / "out",
+                            before=mode == "before",
+                        )
                     )
-                    for _ in range(args.repeat)
-                ]
-                figures[mode] = statistics.median(times)
+            print(f"  round {round_ + 1} of {args.repeat} done", file=sys.stderr, flush=True)
+        for size, _, _, _, made, built in layouts:
+            figures = {
+                mode: statistics.median(times.get((size, mode), [float("nan")]))
+                for mode in ("before", "label", "database")
+            }
             rows.append((size, made, built, figures))
-            print(f"  {size} subjects done", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
