@@ -152,7 +152,9 @@ class ExportConfig:
         default_factory=lambda: ["axial"]
     )
     min_brain_fraction: float = 0.05
-    slice_format: Literal["png", "npy"] = "png"
+    slice_format: Literal["stack", "png", "npy"] = "stack"
+    """``stack``: one memory-mappable .npy per axis and kind (few files per subject, values
+    unscaled); ``png``/``npy``: one file per slice (hundreds per subject)."""
     png_bit_depth: Literal[8, 16] = 16
 
 

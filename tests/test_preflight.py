@@ -128,3 +128,18 @@ def test_lock_held_by_another_host_is_never_taken_over(tmp_path):
     with pytest.raises(PreflightError, match="pid 1 on some-other-node"):
         with out_dir_lock(out):
             pass
+
+
+def test_runs_with_the_same_config_share_the_out_dir_others_are_refused(tmp_path):
+    """Slurm array tasks (one config, different subjects) run side by side; a run with
+    another config is refused while they hold OUT_DIR."""
+    out = tmp_path / "out"
+    with out_dir_lock(out, share_key="config-a") as lock:
+        assert lock is not None
+        with out_dir_lock(out, share_key="config-a") as shared:
+            assert shared is None  # goes ahead without owning the lock
+        assert lock.exists()  # the sharer leaves the holder's lock alone
+        with pytest.raises(PreflightError, match=f"pid {os.getpid()}"):
+            with out_dir_lock(out, share_key="config-b"):
+                pass
+    assert not lock.exists()

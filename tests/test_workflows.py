@@ -24,8 +24,12 @@ def test_anat_preproc_wf_runs_inside_a_user_workflow(tmp_path):
     t1w = write_phantom_t1w(tmp_path / "sub-01_T1w.nii.gz")
     config = Config()
     config.set("spatial.voxel_size", 3.0)
-    for key, value in [("registration.enabled", False), ("skull_strip.method", "none"),
-                       ("denoise.method", "none"), ("segmentation.method", "gmm")]:
+    for key, value in [
+        ("registration.enabled", False),
+        ("skull_strip.method", "none"),
+        ("denoise.method", "none"),
+        ("segmentation.method", "gmm"),
+    ]:
         config.set(key, value)
 
     user = pe.Workflow(name="user_wf", base_dir=str(tmp_path / "work"))

@@ -96,12 +96,21 @@ def run_participant(
     config: Config,
     participant_labels: list[str] | None = None,
     session_labels: list[str] | None = None,
+    database_dir: Path | None = None,
+    bids_filter_file: Path | None = None,
 ) -> int:
-    from mriflow.bids.discovery import DiscoveryError, collect_inputs
+    from mriflow.bids.discovery import DiscoveryError, collect_inputs, load_bids_filters
 
     started = time.monotonic()
     try:
-        subjects = collect_inputs(bids_dir, participant_labels, session_labels)
+        filters = load_bids_filters(bids_filter_file) if bids_filter_file else None
+        subjects = collect_inputs(
+            bids_dir,
+            participant_labels,
+            session_labels,
+            database_dir=database_dir,
+            bids_filters=filters,
+        )
     except DiscoveryError as err:
         raise UsageError(str(err)) from None
     from mriflow.cli.preflight import check_free_space

@@ -175,13 +175,28 @@ def _mb(n_bytes: float) -> str:
 
 
 @contextmanager
-def out_dir_lock(out_dir: Path) -> Iterator[Path]:
+def config_key(config: Config) -> str:
+    """What runs that may share an OUT_DIR have in common: every config section but
+    ``execution`` (threads and plugins do not change the outputs)."""
+    import hashlib
+
+    values = {k: v for k, v in config.to_dict().items() if k != "execution"}
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def out_dir_lock(out_dir: Path, share_key: str | None = None) -> Iterator[Path | None]:
     """Hold ``OUT_DIR/.mriflow.lock`` for the duration of a run.
 
     The lock file says who holds it (pid, host, start time, command); a second run is
     refused with that information. A lock left by a process that no longer runs on
     this host (killed, crashed machine rebooted) is taken over with a warning; a lock
     from another host is never taken over, since its process cannot be checked.
+
+    A run whose ``share_key`` equals the holder's (the same configuration: the tasks of
+    one Slurm array, or subjects run side by side with ``--participant-label``) goes
+    ahead without the lock (yields None): those runs write different subjects and the
+    same ``mriflow_config.toml``. (When the holder ends first, the lock is gone while
+    the sharer still runs.)
 
     Raises
     ------
@@ -200,6 +215,7 @@ def out_dir_lock(out_dir: Path) -> Iterator[Path]:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "process_start": _process_start(os.getpid()),
         "command": " ".join(sys.argv),
+        "share_key": share_key,
     }
     try:
         yield from _hold(lock, out_dir, me)
@@ -212,13 +228,22 @@ def out_dir_lock(out_dir: Path) -> Iterator[Path]:
                 break  # not empty: the run wrote into it
 
 
-def _hold(lock: Path, out_dir: Path, me: dict) -> Iterator[Path]:
+def _hold(lock: Path, out_dir: Path, me: dict) -> Iterator[Path | None]:
+    share_key = me["share_key"]
     for _ in range(3):  # create, or take over a stale lock and create
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             holder = _read_lock(lock)
             if holder is not None and _alive(holder):
+                if share_key is not None and holder.get("share_key") == share_key:
+                    log.info(
+                        "%s: sharing OUT_DIR with pid %s (same configuration)",
+                        out_dir,
+                        holder.get("pid"),
+                    )
+                    yield None
+                    return
                 raise PreflightError(
                     f"{out_dir}: another mriflow run is writing here (pid {holder.get('pid')} "
                     f"on {holder.get('host')}, started {holder.get('started')}); wait for it, "
@@ -290,12 +315,12 @@ def _process_start(pid: int) -> int | None:
 
 
 @contextmanager
-def preflight(out_dir: Path, work_dir: Path) -> Iterator[Path]:
+def preflight(out_dir: Path, work_dir: Path, share_key: str | None = None) -> Iterator[Path | None]:
     """OUT_DIR and the work dir writable, then hold OUT_DIR's lock for the run.
 
     Free space is checked once the inputs are known (:func:`check_free_space`).
     """
     check_writable(out_dir, "OUT_DIR")
     check_writable(work_dir, "--work-dir")
-    with out_dir_lock(out_dir) as lock:
+    with out_dir_lock(out_dir, share_key) as lock:
         yield lock

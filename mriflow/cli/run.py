@@ -53,6 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument(
         "--session-label", nargs="+", metavar="LABEL", help="sessions to process (default: all)"
     )
+    select.add_argument(
+        "--bids-filter-file",
+        type=Path,
+        metavar="FILE",
+        help="JSON queries per suffix choosing the images (fMRIPrep's format), e.g. "
+        '\'{"t1w": {"acquisition": null, "session": "1"}}\'',
+    )
+    select.add_argument(
+        "--bids-database-dir",
+        type=Path,
+        metavar="DIR",
+        help="pybids index of BIDS_DIR: built on first use, then reused (no walk of the tree)",
+    )
 
     run = parser.add_argument_group("execution")
     run.add_argument("-w", "--work-dir", type=Path, default=Path("work"), help="Nipype work dir")
@@ -66,6 +79,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--stop-on-first-crash", action="store_true", default=None, help="abort at first error"
+    )
+
+    cluster = parser.add_argument_group(
+        "cluster job arrays (one task per subject; docs/parallel.md); state: 'mriflow status OUT'"
+    )
+    cluster.add_argument(
+        "--submit",
+        choices=["slurm"],
+        help="submit the participant level as one Slurm job array and return",
+    )
+    cluster.add_argument(
+        "--submit-args",
+        metavar="ARGS",
+        help="extra sbatch options, written with '=': --submit-args='-p short --time=2:00:00'",
+    )
+    cluster.add_argument(
+        "--max-parallel", type=int, metavar="N", help="array tasks running at once (--array=1-N%%M)"
+    )
+    cluster.add_argument(
+        "--group-after", action="store_true", help="queue the group level after the array"
+    )
+    cluster.add_argument(
+        "--only-failed",
+        action="store_true",
+        help="submit only subjects without a result or with a failed one in OUT_DIR",
     )
 
     conf = parser.add_argument_group("configuration (defaults < --config file < flags)")
@@ -185,6 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "convert":
         return _convert(argv[1:])
+    positional = [a for a in argv if not a.startswith("-")]
+    if len(positional) == 2 and "status" in argv[:2]:
+        return _status(argv)
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on bad usage
     held = ExitStack()  # the OUT_DIR lock, released when the run ends
@@ -196,9 +237,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from mriflow.execution import prepare_batch_environment
 
         prepare_batch_environment(config.execution.plugin)  # $LOGNAME for batch plugins
-        from mriflow.cli.preflight import preflight
+        if args.submit:
+            return _submit(args, bids_dir, out_dir, work_dir, config)
+        from mriflow.cli.preflight import config_key, preflight
 
-        held.enter_context(preflight(out_dir, work_dir))  # writable, one run per OUT_DIR
+        # writable; runs with another config into the same OUT_DIR are refused
+        held.enter_context(preflight(out_dir, work_dir, share_key=config_key(config)))
         if args.analysis_level == "participant":
             from mriflow.cli.participant import run_participant
 
@@ -209,6 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 config=config,
                 participant_labels=args.participant_label,
                 session_labels=args.session_label,
+                database_dir=args.bids_database_dir,
+                bids_filter_file=args.bids_filter_file,
             )
         from mriflow.cli.group import run_group
 
@@ -224,6 +270,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     finally:
         held.close()
+
+
+def _submit(args, bids_dir: Path, out_dir: Path, work_dir: Path, config: Config) -> int:
+    from mriflow.bids.discovery import DiscoveryError
+    from mriflow.cli.submit import SubmitError, submit_participant
+
+    if args.analysis_level != "participant":
+        raise UsageError("--submit runs the participant level (add --group-after for the group)")
+    try:
+        return submit_participant(
+            bids_dir=bids_dir,
+            out_dir=out_dir,
+            work_dir=work_dir,
+            config=config,
+            participant_labels=args.participant_label,
+            session_labels=args.session_label,
+            database_dir=args.bids_database_dir,
+            bids_filter_file=args.bids_filter_file,
+            submit_args=args.submit_args,
+            max_parallel=args.max_parallel,
+            group_after=args.group_after,
+            only_failed=args.only_failed,
+        )
+    except (SubmitError, DiscoveryError) as err:
+        raise UsageError(str(err)) from None
+
+
+def _status(argv: list[str]) -> int:
+    """``mriflow status OUT`` or ``mriflow OUT status``: per-subject ok/failed/pending."""
+    from mriflow.cli.submit import SubmitError, run_status
+
+    parser = argparse.ArgumentParser(
+        prog="mriflow status",
+        description="Per-subject state (ok, failed, pending, missing) of the runs and "
+        "submissions recorded in OUT_DIR/logs; exit 0 when every subject is ok.",
+    )
+    parser.add_argument("output_dir", type=Path, help="the derivatives folder")
+    args = parser.parse_args([a for a in argv[:2] if a != "status"] + argv[2:])
+    logging.basicConfig(format="%(message)s", level=logging.WARNING, stream=sys.stderr)
+    try:
+        return run_status(args.output_dir)
+    except SubmitError as err:
+        print(f"mriflow: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _convert(argv: list[str]) -> int:

@@ -82,7 +82,7 @@ class _ExportSlicesInputSpec(BaseInterfaceInputSpec):
     space = traits.Str(mandatory=True, desc="space of the volume (said in the index)")
     axes = traits.List(traits.Enum("axial", "coronal", "sagittal"), ["axial"], usedefault=True)
     min_brain_fraction = traits.Float(0.05, usedefault=True)
-    fmt = traits.Enum("png", "npy", usedefault=True)
+    fmt = traits.Enum("stack", "png", "npy", usedefault=True)
     png_bit_depth = traits.Enum(16, 8, usedefault=True)
 
 
@@ -133,6 +133,6 @@ class ExportSlices(MriflowInterface):
                 "space": self.inputs.space,
                 "n_slices": len(export.rows),
             },
-            ["Pillow"],
+            ["Pillow"] if self.inputs.fmt == "png" else ["numpy"],
         )
         return runtime

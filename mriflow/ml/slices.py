@@ -2,9 +2,13 @@
 
 One call of :func:`export_slices` writes, into ``out_dir``:
 
-- one file per selected slice and axis, ``<stem>_axis-<axis>_slice-<NNN>_<suffix>.png``
-  (or ``.npy``), plus the mask and dseg slices under the same name with the suffix
-  ``mask`` / ``dseg``;
+- with ``fmt="stack"`` (the default of the pipeline), one memory-mappable ``.npy``
+  stack per axis for the image, the mask and the dseg
+  (``<stem>_axis-<axis>_<suffix>.npy``, see :mod:`mriflow.ml.slice_stack`): the
+  number of files does not grow with the number of slices;
+- with ``fmt="png"`` or ``"npy"``, one file per selected slice and axis,
+  ``<stem>_axis-<axis>_slice-<NNN>_<suffix>.png`` (or ``.npy``), plus the mask and
+  dseg slices under the same name with the suffix ``mask`` / ``dseg``;
 - ``<stem>_slices.csv``: one row per slice (participant_id, session_id, space, axis, index,
   world coordinate, brain fraction, the files and the intensity scaling);
 - ``<stem>_slices.json``: the space that was sliced, the display orientation, the
@@ -33,6 +37,7 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
+from mriflow.bids.discovery import slice_stack_filename
 from mriflow.bids.paths import (
     atomic_write,
     atomic_write_json,
@@ -51,6 +56,7 @@ from mriflow.image.slices import (
     slice_layout,
     slice_world_coordinate,
 )
+from mriflow.ml.slice_stack import write_stack
 
 __all__ = [
     "SLICE_INDEX_COLUMNS",
@@ -75,6 +81,7 @@ SLICE_INDEX_COLUMNS: tuple[str, ...] = (
     "dseg_file",
     "value_offset",
     "value_scale",
+    "stack_index",
 )
 
 _LABEL = re.compile(r"^[A-Za-z0-9]+$")
@@ -95,15 +102,18 @@ class SliceExport:
     json_file: Path
     rows: list[dict[str, Any]] = field(default_factory=list)
 
+    stacks: list[str] = field(default_factory=list)
+    """Stack files written (``fmt="stack"``), including those of axes without slices."""
+
     @property
     def files(self) -> list[Path]:
-        """Every slice file written (image, mask, dseg), as absolute paths."""
-        out = []
+        """Every slice file written (image, mask, dseg), as absolute paths, once each."""
+        names = dict.fromkeys(self.stacks)
         for row in self.rows:
             for key in ("file", "mask_file", "dseg_file"):
                 if row.get(key):
-                    out.append(self.index_file.parent / row[key])
-        return out
+                    names[row[key]] = None
+        return [self.index_file.parent / name for name in names]
 
 
 def _bids_id(label: str | None, prefix: str, what: str) -> str:
@@ -162,7 +172,7 @@ def export_slices(
     axes: Sequence[str] = ("axial",),
     index_range: tuple[int, int] | None = None,
     min_brain_fraction: float = 0.05,
-    fmt: Literal["png", "npy"] = "png",
+    fmt: Literal["png", "npy", "stack"] = "png",
     png_bit_depth: Literal[8, 16] = 16,
     value_range: tuple[float, float] | None = None,
     suffix: str = "T1w",
@@ -194,7 +204,9 @@ def export_slices(
     min_brain_fraction : float
         Skip slices whose fraction of mask pixels is below this ("brain only");
         needs ``mask``. 0 keeps every slice in the range.
-    fmt : {"png", "npy"}
+    fmt : {"png", "npy", "stack"}
+        One file per slice (PNG, NPY), or one ``.npy`` stack per axis and kind
+        (float32 values, unscaled; rows say their ``stack_index``).
     png_bit_depth : {8, 16}
     value_range : (low, high), optional
         Intensity range mapped to 0..2**bits-1 in PNGs; values outside are clipped.
@@ -213,8 +225,8 @@ def export_slices(
     deleted, so that the folder always matches the index.
     """
     out_dir = Path(out_dir)
-    if fmt not in ("png", "npy"):
-        raise SliceExportError(f"fmt must be 'png' or 'npy', got {fmt!r}")
+    if fmt not in ("png", "npy", "stack"):
+        raise SliceExportError(f"fmt must be 'png', 'npy' or 'stack', got {fmt!r}")
     if png_bit_depth not in (8, 16):
         raise SliceExportError(f"png_bit_depth must be 8 or 16, got {png_bit_depth!r}")
     if not axes:
@@ -258,23 +270,40 @@ def export_slices(
     rows: list[dict[str, Any]] = []
     layouts = {}
     written: set[str] = set()
+    stacks: list[str] = []
+    stacked = fmt == "stack"
+
+    def put(planes: dict, axis: str, index: int, kind: str, plane, png) -> str:
+        """Write one slice, or keep it for its axis' stack; return its file name."""
+        if stacked:
+            planes.setdefault(kind, []).append(plane)
+            return slice_stack_filename(stem, axis, kind)
+        name = slice_filename(stem, axis, index, kind, fmt, width)
+        if fmt == "png":
+            _write_png(out_dir / name, png)
+        else:
+            _write_npy(out_dir / name, plane)
+        return name
+
     for axis in axes:
         layout = slice_layout(affine, axis)
         layouts[axis] = layout
         n = data.shape[layout.voxel_axis]
         fractions = brain_fractions(mask_data, layout) if mask_data is not None else None
-        for index in select_slices(
-            n,
-            fractions=fractions,
-            index_range=index_range,
-            min_brain_fraction=min_brain_fraction,
-        ):
-            name = slice_filename(stem, axis, index, suffix, fmt, width)
+        planes: dict[str, list[np.ndarray]] = {}  # fmt="stack": written once per axis below
+        selected = select_slices(
+            n, fractions=fractions, index_range=index_range, min_brain_fraction=min_brain_fraction
+        )
+        for position, index in enumerate(selected):
             plane = extract_slice(data, layout, index)
-            if fmt == "png":
-                _write_png(out_dir / name, scaling.to_stored(plane))
-            else:
-                _write_npy(out_dir / name, plane.astype(np.float32))
+            name = put(
+                planes,
+                axis,
+                index,
+                suffix,
+                plane.astype(np.float32),
+                scaling.to_stored(plane) if scaling else None,
+            )
             row: dict[str, Any] = {
                 "participant_id": subject,
                 "session_id": session,
@@ -290,28 +319,32 @@ def export_slices(
                 "dseg_file": None,
                 "value_offset": repr(scaling.offset) if scaling else "0.0",
                 "value_scale": repr(scaling.scale) if scaling else "1.0",
+                "stack_index": position if stacked else None,
             }
             written.add(name)
             if mask_data is not None:
-                mask_name = slice_filename(stem, axis, index, "mask", fmt, width)
                 mask_plane = (extract_slice(mask_data, layout, index) > 0).astype(np.uint8)
-                if fmt == "png":
-                    # 0/255 keeps a PNG mask visible in viewers; > 0 reads it back.
-                    _write_png(out_dir / mask_name, mask_plane * np.uint8(255))
-                else:
-                    _write_npy(out_dir / mask_name, mask_plane)
-                row["mask_file"] = mask_name
-                written.add(mask_name)
+                # 0/255 keeps a PNG mask visible in viewers; > 0 reads it back.
+                row["mask_file"] = put(
+                    planes, axis, index, "mask", mask_plane, mask_plane * np.uint8(255)
+                )
+                written.add(row["mask_file"])
             if dseg_data is not None:
-                dseg_name = slice_filename(stem, axis, index, "dseg", fmt, width)
                 dseg_plane = extract_slice(dseg_data, layout, index).astype(dseg_type)
-                if fmt == "png":
-                    _write_png(out_dir / dseg_name, dseg_plane)
-                else:
-                    _write_npy(out_dir / dseg_name, dseg_plane)
-                row["dseg_file"] = dseg_name
-                written.add(dseg_name)
+                row["dseg_file"] = put(planes, axis, index, "dseg", dseg_plane, dseg_plane)
+                written.add(row["dseg_file"])
             rows.append(row)
+        if stacked:
+            kinds = [(suffix, np.float32)]
+            if mask_data is not None:
+                kinds.append(("mask", np.uint8))
+            if dseg_data is not None:
+                kinds.append(("dseg", dseg_type))
+            for kind, dtype in kinds:
+                name = slice_stack_filename(stem, axis, kind)
+                write_stack(out_dir / name, planes.get(kind, []), dtype)
+                written.add(name)
+                stacks.append(name)
 
     _remove_stale(out_dir, stem, written)
     json_file = out_dir / slices_index_name(stem, ".json")
@@ -334,7 +367,17 @@ def export_slices(
                     "Clipped": bool(value_range is not None),
                 }
                 if scaling
-                else {"Formula": "value = stored (float32 NPY, unscaled)"}
+                else {
+                    "Formula": "value = stored (float32 NPY, unscaled)",
+                    **(
+                        {
+                            "Stacks": "one (n_slices, rows, columns) .npy per axis and kind; "
+                            "the slice of an index row is stack[stack_index]"
+                        }
+                        if stacked
+                        else {}
+                    ),
+                }
             ),
             "MaskValues": (
                 ("0 outside, 255 inside (read as > 0)" if fmt == "png" else "0/1")
@@ -363,13 +406,13 @@ def export_slices(
         },
     )
     atomic_write_table(index_file, rows, SLICE_INDEX_COLUMNS)
-    return SliceExport(index_file=index_file, json_file=json_file, rows=rows)
+    return SliceExport(index_file=index_file, json_file=json_file, rows=rows, stacks=stacks)
 
 
 def _remove_stale(out_dir: Path, stem: str, keep: set[str]) -> None:
     """Delete slice files of this stem from an earlier export that the new index omits."""
     pattern = re.compile(
-        re.escape(stem) + r"_axis-(axial|coronal|sagittal)_slice-\d+_[A-Za-z0-9]+\.(png|npy)$"
+        re.escape(stem) + r"_axis-(axial|coronal|sagittal)(_slice-\d+)?_[A-Za-z0-9]+\.(png|npy)$"
     )
     if not out_dir.is_dir():  # nothing exported before, nothing exported now
         return
@@ -392,6 +435,8 @@ def read_slice_index(path: str | Path) -> list[dict[str, Any]]:
         for raw in reader:
             row: dict[str, Any] = {k: (v if v != "" else None) for k, v in raw.items()}
             row["index"] = int(row["index"])
+            if row.get("stack_index") is not None:
+                row["stack_index"] = int(row["stack_index"])
             for key in ("world_mm", "brain_fraction", "value_offset", "value_scale"):
                 if row.get(key) is not None:
                     row[key] = float(row[key])
