@@ -8,8 +8,8 @@ import pytest
 
 from mriflow.config import Config
 from mriflow.image.slices import extract_slice, slice_layout
-from mriflow.ml.slice_stack import load_slice_batch, open_stack, write_stack
-from mriflow.ml.slices import export_slices, load_slice, read_slice_index
+from mriflow.ml.slice_stack import open_stack, write_stack
+from mriflow.ml.slices import export_slices, load_slice, load_slice_batch, read_slice_index
 
 SHAPE = (30, 34, 26)
 AXES = ["axial", "coronal", "sagittal"]

@@ -174,7 +174,6 @@ def _mb(n_bytes: float) -> str:
     return f"{n_bytes / 1e6:.0f} MB" if n_bytes < 1e9 else f"{n_bytes / 1e9:.1f} GB"
 
 
-@contextmanager
 def config_key(config: Config) -> str:
     """What runs that may share an OUT_DIR have in common: every config section but
     ``execution`` (threads and plugins do not change the outputs)."""
@@ -184,6 +183,7 @@ def config_key(config: Config) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
 
 
+@contextmanager
 def out_dir_lock(out_dir: Path, share_key: str | None = None) -> Iterator[Path | None]:
     """Hold ``OUT_DIR/.mriflow.lock`` for the duration of a run.
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import csv
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -56,7 +56,7 @@ from mriflow.image.slices import (
     slice_layout,
     slice_world_coordinate,
 )
-from mriflow.ml.slice_stack import write_stack
+from mriflow.ml.slice_stack import open_stack, write_stack
 
 __all__ = [
     "SLICE_INDEX_COLUMNS",
@@ -65,6 +65,7 @@ __all__ = [
     "export_slices",
     "read_slice_index",
     "load_slice",
+    "load_slice_batch",
     "slice_filename",
 ]
 
@@ -466,3 +467,53 @@ def load_slice(
     if labels:
         return stored
     return offset + scale * stored.astype(np.float64)
+
+
+def load_slice_batch(
+    index_file: str | Path,
+    rows: Sequence[Mapping[str, Any]],
+    kind: Literal["image", "mask", "dseg"] = "image",
+) -> np.ndarray:
+    """A batch of slices ``(len(rows), rows, columns)`` listed by a slice index.
+
+    Parameters
+    ----------
+    index_file : path
+        The slice index CSV the rows come from (files are relative to its folder).
+    rows : sequence of mapping
+        Rows of :func:`mriflow.ml.slices.read_slice_index` (any subset, any order;
+        all of one axis, so that the slices share a shape).
+    kind : {"image", "mask", "dseg"}
+        Image values as float32 (PNG slices unscaled with the row's offset/scale),
+        masks as bool, dseg as stored labels.
+
+    Notes
+    -----
+    Works on both forms of an export: packed stacks (the row has ``stack_index``)
+    and one file per slice (PNG or NPY), so code that trains on slices does not
+    depend on the export's format.
+    """
+    folder = Path(index_file).parent
+    column = {"image": "file", "mask": "mask_file", "dseg": "dseg_file"}[kind]
+    stacks: dict[str, np.ndarray] = {}
+    planes = []
+    for row in rows:
+        name = row.get(column)
+        if not name:
+            raise ValueError(f"{index_file}: slice {row.get('index')} has no {column}")
+        position = row.get("stack_index")
+        if position is not None:
+            if name not in stacks:
+                stacks[name] = open_stack(folder / name)
+            stored = np.asarray(stacks[name][int(position)])
+            # stacks hold values unscaled (offset 0, scale 1)
+            plane = stored.astype(np.float32) if kind == "image" else stored
+        elif kind == "image":
+            offset, scale = row.get("value_offset") or 0.0, row.get("value_scale") or 1.0
+            plane = load_slice(folder / name, offset, scale).astype(np.float32)
+        else:
+            plane = load_slice(folder / name, labels=True)
+        planes.append(plane > 0 if kind == "mask" else plane)
+    if not planes:
+        return np.zeros((0, 0, 0), dtype=np.float32 if kind == "image" else np.uint8)
+    return np.stack(planes)
