@@ -68,7 +68,10 @@ class DenoiseConfig:
 
 @dataclass
 class N4Config:
-    shrink_factor: int = 4
+    shrink_factor: int = 6
+    """Fit on a copy subsampled by this factor per axis (6 mm on the conformed 1 mm
+    grid): 2.5x faster than 4 for the same white-matter CV on T1_head and AOMIC's
+    real head (docs/anatomical.md); the field is evaluated at full resolution."""
     iterations: list[int] = field(default_factory=lambda: [50, 50, 50, 50])
     convergence_threshold: float = 1e-3
     """SimpleITK's default: on 1 mm T1_head, 16 s against 26 s for sMRIPrep's 1e-7, same WM CV."""

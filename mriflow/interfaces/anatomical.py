@@ -123,7 +123,7 @@ class Denoise(SimpleInterface):
 class _N4InputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="3D image to correct")
     mask_file = File(exists=True, desc="fit mask (default: Otsu head mask)")
-    shrink_factor = traits.Int(4, usedefault=True, desc="fit on an image shrunk by this")
+    shrink_factor = traits.Int(6, usedefault=True, desc="fit on an image shrunk by this")
     iterations = traits.List(
         traits.Int, value=[50, 50, 50, 50], usedefault=True, desc="iterations per level"
     )
