@@ -48,6 +48,7 @@ from bench_parallel import PAGE, _children  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
+
 def head_image(data: Path, head: str) -> nib.Nifti1Image:
     """The benchmark's 1 mm head: ``T1_head`` or the SPM avg152 T1, resampled to 1 mm."""
     from mriflow.image.spatial import reorient_to_ras, resample_to_voxel_size
