@@ -208,8 +208,9 @@ def test_fit_to_shape_keeps_brain_and_world_coordinates(mode):
     img = _blob_image((90, 100, 80), (40.2, 55.7, 38.1), affine, sigma=4.0)
     mask = nib.Nifti1Image((np.asanyarray(img.dataobj) > 1).astype(np.uint8), affine)
     out = fit_to_shape(img, mask, (64, 64, 64), margin_mm=5, mode=mode)
-    out_mask = fit_to_shape(mask, mask, (64, 64, 64), margin_mm=5, mode=mode,
-                            interpolation="nearest")
+    out_mask = fit_to_shape(
+        mask, mask, (64, 64, 64), margin_mm=5, mode=mode, interpolation="nearest"
+    )
     assert out.shape == out_mask.shape == (64, 64, 64)
     assert np.allclose(out.affine, out_mask.affine)
     assert set(np.unique(np.asanyarray(out_mask.dataobj)).tolist()) == {0, 1}
