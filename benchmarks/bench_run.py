@@ -8,10 +8,11 @@ Usage::
 Inputs, each the only T1w of a one-subject BIDS dataset: ``anat/T1_head`` (1.6 mm)
 and the SPM ``avg152T1`` head (2 mm), both reoriented and resampled to 1 mm.
 ``mriflow BIDS OUT participant --nprocs 2 --omp-nthreads 1`` runs from a cold work
-dir for each head and config: ``default`` (the whole default run) and ``chain``
+dir for each head and config: ``default`` (the whole default run), ``chain``
 (the steps issue #4 times: the default without segmentation, intensity
-normalization and slices). ``--example`` also runs the README's example
-(``bids_examples``, 3 T1w) the same way.
+normalization and slices) and ``gmm`` (the default with sklearn's GMM for the
+tissue classes, standing in for the fast classifier of issue #14). ``--example``
+also runs the README's example (``bids_examples``, 3 T1w) with the first config.
 
 Printed per run: wall time and peak memory of the whole process tree (CLI and
 workers, sampled every 0.1 s from /proc), then per step (Nipype node) its wall
@@ -215,6 +216,13 @@ def extracted_brain(out: Path, tmp: Path) -> Path:
 # (tissue segmentation, intensity normalization, 2D slices); the model-ready volume
 # and the QC report still run.
 CHAIN_ONLY = ("segmentation.method=none", "intensity.method=none", "export.slices=false")
+# Stand-in for the fast tissue classifier being written for issue #14 (<= 8 s): the
+# default run with sklearn's GMM (about 4 s) instead of Atropos (about 48 s).
+CONFIGS = {
+    "default": (),
+    "chain": CHAIN_ONLY,
+    "gmm": ("segmentation.method=gmm",),
+}
 
 
 def participant(bids: Path, case: Path, omp: int, extra: list[str]) -> dict:
@@ -261,7 +269,7 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--omp", default="1", help="--omp-nthreads values to run, e.g. 1,2")
     parser.add_argument(
-        "--configs", default="default", help="default (whole run) and/or chain (issue #4)"
+        "--configs", default="default", help="default, chain (issue #4), gmm (fast segmentation)"
     )
     parser.add_argument("--heads", default="T1_head,avg152", help="T1_head and/or avg152")
     parser.add_argument("--example", action="store_true", help="also run bids_examples")
@@ -294,7 +302,10 @@ def main() -> int:
             results.append((head, shape, runs, ref))
         example = None
         if args.example:
-            example = participant(REPO / "bids_examples", tmp / "example", 1, [])
+            config = args.configs.split(",")[0]
+            extra = [a for s in CONFIGS[config] for a in ("--set", s)]
+            example = participant(REPO / "bids_examples", tmp / "example", 1, extra)
+            example["label"] = f"bids_examples {config} omp1"
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -302,7 +313,9 @@ def main() -> int:
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"machine: {os.cpu_count()} CPUs, load average {load} at the end")
     print("mriflow BIDS OUT participant --nprocs 2 --omp-nthreads N, cold work dir")
-    print(f"chain = default config with --set {' --set '.join(CHAIN_ONLY)}")
+    for name, settings in CONFIGS.items():
+        if name != "default":
+            print(f"{name} = default config with --set {' --set '.join(settings)}")
     for head, shape, runs, ref in results:
         total = ref["n4"] + ref["syn"]
         print(f"\n=== {head} resampled to 1 mm ({shape}) ===")
@@ -315,7 +328,7 @@ def main() -> int:
     if example is not None:
         total = results[0][3]["n4"] + results[0][3]["syn"]
         print(f"\n=== README example (bids_examples, 3 T1w), anchor of {results[0][0]} ===")
-        print_run("bids_examples default omp1", example, total)
+        print_run(example["label"], example, total)
     return 0
 
 
