@@ -281,9 +281,16 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="mriflow-bench-run-")) if not args.keep else args.keep
     tmp.mkdir(parents=True, exist_ok=True)
-    results = []
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"machine: {os.cpu_count()} CPUs, load average {load} at the start")
+    print("mriflow BIDS OUT participant --nprocs 2 --omp-nthreads N, cold work dir")
+    for name, settings in CONFIGS.items():
+        if name != "default":
+            print(f"{name} = default config with --set {' --set '.join(settings)}")
+    anchors = []
     try:
-        for head in args.heads.split(","):
+        # each head's table is printed as soon as its anchor is measured
+        for head in [h for h in args.heads.split(",") if h]:
             bids = make_dataset(head_image(args.data, head), tmp / head / "bids")
             t1 = bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
             shape = "x".join(str(n) for n in nib.load(t1).shape)
@@ -291,44 +298,34 @@ def main() -> int:
             for config in args.configs.split(","):
                 for omp in (int(v) for v in args.omp.split(",")):
                     label = f"{head} {config} omp{omp}"
-                    extra = (
-                        [a for s in CHAIN_ONLY for a in ("--set", s)] if config == "chain" else []
-                    )
+                    extra = [a for s in CONFIGS[config] for a in ("--set", s)]
                     case = tmp / head / label.replace(" ", "_")
                     runs[label] = participant(bids, case, omp, extra)
                     print(f"  {label}: {runs[label]['wall']:.1f} s", file=sys.stderr)
             brain = extracted_brain(next(iter(runs.values()))["out"], tmp / head)
             ref = anchor(t1, brain, threads=2)
-            results.append((head, shape, runs, ref))
-        example = None
+            total = ref["n4"] + ref["syn"]
+            anchors.append((head, total))
+            print(f"\n=== {head} resampled to 1 mm ({shape}) ===")
+            print(
+                f"anchor (2 ITK threads, same run): ANTs N4 {ref['n4']:.1f} s"
+                f" + ANTs SyN to 1 mm {ref['syn']:.1f} s = {total:.1f} s"
+            )
+            for label, run in runs.items():
+                print_run(label, run, total)
+            sys.stdout.flush()
         if args.example:
             config = args.configs.split(",")[0]
             extra = [a for s in CONFIGS[config] for a in ("--set", s)]
             example = participant(REPO / "bids_examples", tmp / "example", 1, extra)
-            example["label"] = f"bids_examples {config} omp1"
+            head, total = anchors[0] if anchors else ("none", float("nan"))
+            print(f"\n=== README example (bids_examples, 3 T1w), anchor of {head} ===")
+            print_run(f"bids_examples {config} omp1", example, total)
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
-
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"machine: {os.cpu_count()} CPUs, load average {load} at the end")
-    print("mriflow BIDS OUT participant --nprocs 2 --omp-nthreads N, cold work dir")
-    for name, settings in CONFIGS.items():
-        if name != "default":
-            print(f"{name} = default config with --set {' --set '.join(settings)}")
-    for head, shape, runs, ref in results:
-        total = ref["n4"] + ref["syn"]
-        print(f"\n=== {head} resampled to 1 mm ({shape}) ===")
-        print(
-            f"anchor (2 ITK threads, same run): ANTs N4 {ref['n4']:.1f} s"
-            f" + ANTs SyN to 1 mm {ref['syn']:.1f} s = {total:.1f} s"
-        )
-        for label, run in runs.items():
-            print_run(label, run, total)
-    if example is not None:
-        total = results[0][3]["n4"] + results[0][3]["syn"]
-        print(f"\n=== README example (bids_examples, 3 T1w), anchor of {results[0][0]} ===")
-        print_run(example["label"], example, total)
+    print(f"\nload average {load} at the end")
     return 0
 
 
