@@ -55,7 +55,7 @@ def test_denoise_and_n4_write_into_cwd(tmp_path, monkeypatch):
     n4 = N4BiasFieldCorrection(in_file=den.outputs.out_file, iterations=[20, 20]).run()
     _check_step(n4, "n4")
     assert n4.outputs.step["Parameters"]["iterations"] == [20, 20]
-    assert n4.outputs.step["Parameters"]["shrink_factor"] == 4
+    assert n4.outputs.step["Parameters"]["shrink_factor"] == 6  # the config default
     field = nib.load(n4.outputs.bias_field)
     assert field.shape == (48, 48, 48)
     assert Path(n4.outputs.out_file).is_file()

@@ -13,6 +13,7 @@ import pytest
 from scipy import ndimage as ndi
 from scipy.spatial.transform import Rotation
 
+from mriflow.image._hdf5 import clear_timestamps, lookup3
 from mriflow.image.registration import (
     apply_transforms,
     register_to_template,
@@ -90,7 +91,7 @@ def test_transform_files_are_composites(affine_result):
 
 
 _REPEAT_SCRIPT = """
-import sys
+import sys, time
 import nibabel as nib, numpy as np
 from mriflow.image.registration import register_to_template, transform_points
 from mriflow.image.template import load_template
@@ -102,6 +103,11 @@ for run in ("a", "b"):
     result = register_to_template(img, sys.argv[2] + run, transform="affine",
                                   output_resolution=2, random_seed=7, num_threads=1)
     mapped.append(transform_points(points, result.forward_transforms))
+    time.sleep(1.1)  # HDF5 records object times in seconds
+files = [(sys.argv[2] + run + name) for run in ("a", "b")
+         for name in ("Composite.h5", "InverseComposite.h5")]
+same = [open(files[i], "rb").read() == open(files[i + 2], "rb").read() for i in (0, 1)]
+print("IDENTICAL_FILES", all(same))
 print("MAXDIFF", float(np.abs(mapped[0] - mapped[1]).max()))
 """
 
@@ -121,6 +127,45 @@ def test_same_seed_gives_the_same_transform(moved_template, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     maxdiff = float(proc.stdout.split("MAXDIFF")[-1])
     assert maxdiff == 0.0, maxdiff
+    # the published transform files themselves are byte-identical (no HDF5 times)
+    assert "IDENTICAL_FILES True" in proc.stdout, proc.stdout
+
+
+def test_hdf5_checksum_matches_reference_vectors():
+    # lookup3.c's own driver: hashlittle("Four score and seven years ago", 30, 0 / 1)
+    text = b"Four score and seven years ago"
+    assert lookup3(b"") == 0xDEADBEEF
+    assert lookup3(text) == 0x17770551
+    assert lookup3(text, 1) == 0xCD628161
+
+
+def test_transform_written_twice_is_byte_identical_and_unchanged(tmp_path):
+    import time
+
+    import ants
+
+    matrix = _known_transform()
+    tx = ants.create_ants_transform(
+        transform_type="AffineTransform",
+        dimension=3,
+        matrix=matrix[:3, :3],
+        translation=matrix[:3, 3],
+    )
+    paths = [tmp_path / "a.h5", tmp_path / "b.h5"]
+    raw = []
+    for path in paths:
+        ants.write_transform(tx, str(path))
+        raw.append(path.read_bytes())
+        assert clear_timestamps(path) > 0
+        time.sleep(1.1)  # HDF5 records object times in seconds
+    assert raw[0] != raw[1]  # ITK's files differ by their times alone...
+    assert paths[0].read_bytes() == paths[1].read_bytes()  # ...and no longer after clearing
+    assert len(paths[0].read_bytes()) == len(raw[0])
+    cleared = ants.read_transform(str(paths[0])).parameters
+    assert np.array_equal(cleared, tx.parameters)
+    with pytest.raises(ValueError, match="not an HDF5 file"):
+        (tmp_path / "x.h5").write_bytes(b"text")
+        clear_timestamps(tmp_path / "x.h5")
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,9 @@ transform used to *resample a subject image into template space*. (As in ANTs, a
 image transform maps points the other way: a template-space point to the subject
 position it is sampled from; see :func:`transform_points`.) Each file holds the whole
 chain (centre-of-mass initialisation, rigid, affine, SyN warp) in one file, so a
-user needs one path, not an ordered list.
+user needs one path, not an ordered list. HDF5's object times are zeroed after
+writing (:func:`mriflow.image._hdf5.clear_timestamps`), so identical runs write
+byte-identical files.
 
 Presets (moving = skull-stripped subject, fixed = brain-only template; the metric
 is Mattes mutual information throughout, so T2w and T1w inputs both work):
@@ -52,6 +54,7 @@ from typing import Literal
 import nibabel as nib
 import numpy as np
 
+from mriflow.image._hdf5 import clear_timestamps
 from mriflow.image._itk import LPS, itk_threads, to_ants
 from mriflow.image.template import load_template
 
@@ -325,6 +328,9 @@ def register(
         for path in (forward, reverse):
             if not path.is_file():
                 raise RuntimeError(f"antsRegistration did not write {path}")
+            # HDF5 stamps each object with the time it was written: without this,
+            # identical runs would publish transform files that differ
+            clear_timestamps(path)
         warped = None
         if compute_warped:
             warped = apply_transforms(moving, [forward], fixed, num_threads=num_threads)

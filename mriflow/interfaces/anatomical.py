@@ -65,11 +65,12 @@ def _optional_image(value: object) -> nib.Nifti1Image | None:
 # --------------------------------------------------------------------- Denoise
 class _DenoiseInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="3D image to denoise")
-    mask_file = File(exists=True, desc="denoise only inside this mask (ants)")
-    method = traits.Enum("ants", "skimage", "none", usedefault=True, desc="NLM backend")
-    noise_model = traits.Enum("Rician", "Gaussian", usedefault=True, desc="ants noise model")
-    patch_radius = traits.Int(1, usedefault=True, desc="ants patch radius (voxels)")
-    search_radius = traits.Int(1, usedefault=True, desc="ants search radius (voxels)")
+    mask_file = File(exists=True, desc="denoise only inside this mask (nlm, ants)")
+    method = traits.Enum("nlm", "ants", "skimage", "none", usedefault=True, desc="NLM backend")
+    noise_model = traits.Enum("Rician", "Gaussian", usedefault=True, desc="nlm/ants noise model")
+    patch_radius = traits.Int(1, usedefault=True, desc="nlm/ants patch radius (voxels)")
+    search_radius = traits.Int(1, usedefault=True, desc="nlm/ants search radius (voxels)")
+    h_factor = traits.Float(1.5, usedefault=True, desc="nlm strength (x noise sd)")
     num_threads = traits.Int(1, usedefault=True, desc="ITK threads")
 
 
@@ -97,17 +98,22 @@ class Denoise(MriflowInterface):
             mask=_optional_image(inputs.mask_file),
             patch_radius=inputs.patch_radius,
             search_radius=inputs.search_radius,
+            h_factor=inputs.h_factor,
             num_threads=inputs.num_threads,
         )
         self._results["out_file"] = _save(out, runtime.cwd, inputs.in_file, "denoised")
-        software = {"ants": ["antspyx"], "skimage": ["scikit-image"], "none": []}[inputs.method]
-        parameters = {"method": inputs.method}
-        if inputs.method == "ants":
+        software = {
+            "nlm": ["numpy", "scipy"], "ants": ["antspyx"], "skimage": ["scikit-image"], "none": []
+        }[inputs.method]  # fmt: skip
+        parameters: dict[str, object] = {"method": inputs.method}
+        if inputs.method in ("nlm", "ants"):
             parameters.update(
                 noise_model=inputs.noise_model,
                 patch_radius=inputs.patch_radius,
                 search_radius=inputs.search_radius,
             )
+        if inputs.method == "nlm":
+            parameters.update(h_factor=inputs.h_factor)
         if inputs.method == "skimage":
             parameters.update(patch_size=5, patch_distance=6, h="0.8 * estimated sigma")
         self._results["step"] = step_record(
@@ -120,7 +126,7 @@ class Denoise(MriflowInterface):
 class _N4InputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="3D image to correct")
     mask_file = File(exists=True, desc="fit mask (default: Otsu head mask)")
-    shrink_factor = traits.Int(4, usedefault=True, desc="fit on an image shrunk by this")
+    shrink_factor = traits.Int(6, usedefault=True, desc="fit on an image shrunk by this")
     iterations = traits.List(
         traits.Int, value=[50, 50, 50, 50], usedefault=True, desc="iterations per level"
     )

@@ -137,6 +137,7 @@ def init_anat_preproc_wf(
             noise_model=config.denoise.noise_model,
             patch_radius=config.denoise.patch_radius,
             search_radius=config.denoise.search_radius,
+            h_factor=config.denoise.h_factor,
             num_threads=threads,
         ),
         name="denoise",
