@@ -73,7 +73,10 @@ BIDSIGNORE = (
     "slices",  # 2D slice export and its index
     ".mriflow_staging",  # a subject being published (left over only by a killed run)
     "*.html",  # QC reports
-    "*_desc-qc*_metrics.*",  # image quality metrics: no BIDS suffix for them
+    # image quality metrics: no BIDS suffix for them. (The 3.x validator failed to match
+    # "*_desc-qc*_metrics.*" below a session folder, so the pattern is kept plain.)
+    "*_metrics.*",
+    "*_xfm.*",  # transforms: BIDS 1.10 has no xfm files yet (sMRIPrep's names)
     "*.npy",  # packed split stacks
     "*_index.csv",  # row order of the packed stacks
     "splits.*",
