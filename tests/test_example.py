@@ -268,26 +268,33 @@ def test_pybids_finds_every_published_image_by_entities(example_run):
     assert kinds["dseg"] >= 6 and kinds["probseg"] >= 9 and kinds["xfm"] == 6, kinds
     assert kinds[SPACE] >= 12, kinds
     xfm = layout.get(
-        subject="01", suffix="xfm", **{"from": "T1w", "to": "MNI152NLin2009aSym"}, mode="image"
+        subject="01",
+        suffix="xfm",
+        extension=".h5",
+        mode="image",
+        **{"from": "T1w", "to": "MNI152NLin2009aSym"},
     )
     assert [f.filename for f in xfm] == ["sub-01_from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.h5"]
     assert layout.get_metadata(xfm[0].path)["ToSpace"] == "MNI152NLin2009aSym"
 
 
-def _training_rows(out):
+def _training_rows_first(out):
+    """``dataset.csv``'s rows, the training split first: the example's two subjects split
+    1 train / 1 test, so a batch of 2 holds the training row and the next one."""
     rows = list(csv.DictReader((out / "dataset.csv").open()))
-    train = [r for r in rows if r["split"] == "train"]
-    return train if len(train) >= 2 else rows
+    assert [r["split"] for r in rows].count("train") >= 1
+    return sorted(rows, key=lambda r: r["split"] != "train")
 
 
 def _assert_batch_of_two(images, masks, rows, out, shape):
+    """The loader's batch holds the first two rows' voxels, unchanged, with their masks."""
     assert tuple(images.shape) == (2, 1, *shape) and tuple(masks.shape) == (2, 1, *shape)
     for i, row in enumerate(rows[:2]):
         expected = np.asanyarray(nib.load(out / row["image"]).dataobj)
         assert np.allclose(np.asarray(images[i, 0]), expected, atol=1e-4), row["image"]
-        mask = np.asarray(masks[i, 0])
-        assert set(np.unique(mask).tolist()) == {0, 1}
-        assert np.all(np.asarray(images[i, 0])[mask == 0] == 0)  # skull-stripped
+        expected_mask = np.asanyarray(nib.load(out / row["mask"]).dataobj)
+        assert np.array_equal(np.asarray(masks[i, 0]), expected_mask), row["mask"]
+        assert set(np.unique(expected_mask).tolist()) == {0, 1}
 
 
 @pytest.mark.slow
@@ -295,7 +302,7 @@ def test_torchio_loads_a_batch_of_the_training_split(example_run):
     tio = pytest.importorskip("torchio")
     _, _, out = example_run
     shape = tuple(load_config(out / "mriflow_config.toml").export.target_shape)
-    rows = _training_rows(out)
+    rows = _training_rows_first(out)
     subjects = [
         tio.Subject(
             image=tio.ScalarImage(out / row["image"]),
@@ -318,7 +325,7 @@ def test_monai_loads_a_batch_of_the_training_split(example_run):
 
     _, _, out = example_run
     shape = tuple(load_config(out / "mriflow_config.toml").export.target_shape)
-    rows = _training_rows(out)
+    rows = _training_rows_first(out)
     data = [{"image": str(out / r["image"]), "mask": str(out / r["mask"])} for r in rows]
     keys = ["image", "mask"]
     transform = Compose([LoadImaged(keys=keys), EnsureChannelFirstd(keys=keys)])
