@@ -24,6 +24,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 import tomli_w
 
 from mriflow.image.intensity import IntensityMethod
+from mriflow.image.template import TEMPLATE_SPACE
 
 __all__ = [
     "Config",
@@ -96,7 +97,8 @@ class SkullStripConfig:
 class RegistrationConfig:
     enabled: bool = True
     """Register to the template; off: native-space outputs only (no priors, no MNI files)."""
-    template: str = "MNI152NLin2009aSym"
+    template: str = TEMPLATE_SPACE
+    """The only accepted value: the embedded template (others are refused)."""
     preset: Literal["fast", "precise"] = "fast"
     template_resolution: int = 1
     """Template grid (mm) of the MNI-space outputs: 1 or 2."""
@@ -390,7 +392,19 @@ def _update_dataclass(obj: Any, values: dict[str, Any], *, prefix: str, source: 
             value = _coerce(value, hints[key], dotted, source)
             if isinstance(obj, ExecutionConfig):
                 value = _check_execution(key, value, source)
+            if isinstance(obj, RegistrationConfig):
+                _check_registration(key, value, source)
             setattr(obj, key, value)
+
+
+def _check_registration(key: str, value: Any, source: str) -> None:
+    # Only the embedded template exists (no output spaces yet): any other name would
+    # silently give MNI152NLin2009aSym outputs, so refuse it.
+    if key == "template" and value != TEMPLATE_SPACE:
+        raise ConfigError(
+            f"{source}: 'registration.template' = {value!r} is not supported: mriflow "
+            f"registers only to its embedded {TEMPLATE_SPACE}"
+        )
 
 
 def _check_execution(key: str, value: Any, source: str) -> Any:

@@ -58,3 +58,17 @@ def test_invalid_config_names_file_and_key(tmp_path, text, match):
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_unsupported_template_is_refused_not_ignored(tmp_path):
+    """Any template but the embedded one would silently give MNI152NLin2009aSym outputs."""
+    path = tmp_path / "other_template.toml"
+    path.write_text('[registration]\ntemplate = "MNI152NLin6Asym"\n')
+    with pytest.raises(ConfigError, match="'registration.template' = 'MNI152NLin6Asym'") as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message and "MNI152NLin2009aSym" in message and "\n" not in message
+    with pytest.raises(ConfigError, match="registration.template"):
+        Config().set("registration.template", "MNI152NLin6Asym")
+    path.write_text('[registration]\ntemplate = "MNI152NLin2009aSym"\n')
+    assert load_config(path).registration.template == "MNI152NLin2009aSym"

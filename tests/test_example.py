@@ -204,3 +204,131 @@ def test_two_patient_positions_give_the_same_head_in_ras(example_run):
     a, b = fixed.numpy(), reg["warpedmovout"].numpy()
     overlap = (a > 0) & (b > 0)
     assert np.corrcoef(a[overlap], b[overlap])[0, 1] > 0.75
+
+
+# --- the ecosystem's clients read the example's outputs (issue 16) ---------------------
+
+
+@pytest.mark.slow
+def test_derivatives_are_valid_bids_for_the_official_validator(example_run):
+    from tests.test_bids_validator import assert_no_validator_errors
+
+    code, group_code, out = example_run
+    assert code == group_code == 0
+    assert "mriflow" in (out / "README.md").read_text()
+    issues = assert_no_validator_errors(out)
+    # nothing mriflow writes may hide from the validator by being ignored wholesale
+    assert not [i for i in issues if i["code"] == "GZIP_HEADER_FILENAME"]
+
+
+@pytest.mark.slow
+def test_no_gzip_output_carries_a_file_name(example_run):
+    from tests.test_bids_validator import gzip_files_with_names
+
+    _, _, out = example_run
+    assert len(list(out.rglob("*.nii.gz"))) > 30
+    assert gzip_files_with_names(out) == []
+
+
+_ENTITY_OF_KEY = {"sub": "subject", "ses": "session", "res": "res"}
+
+
+@pytest.mark.slow
+def test_pybids_finds_every_published_image_by_entities(example_run):
+    """Every image and transform under sub-*/anat is found, and found alone, by the
+    entities of its name (pybids' derivatives config: desc, space, label, from/to/mode)."""
+    bids = pytest.importorskip("bids")
+    _, _, out = example_run
+    layout = bids.BIDSLayout(
+        out, validate=False, is_derivative=True, config=["bids", "derivatives"]
+    )
+    published = sorted(
+        p for p in out.glob("sub-*/**/anat/*") if p.name.endswith((".nii.gz", ".h5"))
+    )
+    kinds = {
+        "desc-preproc": 0,
+        "desc-brain_mask": 0,
+        "dseg": 0,
+        "probseg": 0,
+        "xfm": 0,
+        SPACE: 0,
+    }
+    for path in published:
+        stem, _, ext = path.name.partition(".")
+        *pairs, suffix = stem.split("_")
+        query = {_ENTITY_OF_KEY.get(k, k): v for k, v in (p.split("-", 1) for p in pairs)}
+        for entity in ("space", "desc", "label", "res"):
+            query.setdefault(entity, bids.layout.Query.NONE)
+        found = layout.get(suffix=suffix, extension=f".{ext}", return_type="file", **query)
+        assert found == [str(path)], (path.name, query, found)
+        for kind in kinds:
+            kinds[kind] += kind in path.name
+    # three T1w images: every kind of output for each of them
+    assert kinds["desc-preproc"] >= 6 and kinds["desc-brain_mask"] >= 6, kinds
+    assert kinds["dseg"] >= 6 and kinds["probseg"] >= 9 and kinds["xfm"] == 6, kinds
+    assert kinds[SPACE] >= 12, kinds
+    xfm = layout.get(
+        subject="01",
+        suffix="xfm",
+        extension=".h5",
+        mode="image",
+        **{"from": "T1w", "to": "MNI152NLin2009aSym"},
+    )
+    assert [f.filename for f in xfm] == ["sub-01_from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.h5"]
+    assert layout.get_metadata(xfm[0].path)["ToSpace"] == "MNI152NLin2009aSym"
+
+
+def _training_rows_first(out):
+    """``dataset.csv``'s rows, the training split first: the example's two subjects split
+    1 train / 1 test, so a batch of 2 holds the training row and the next one."""
+    rows = list(csv.DictReader((out / "dataset.csv").open()))
+    assert [r["split"] for r in rows].count("train") >= 1
+    return sorted(rows, key=lambda r: r["split"] != "train")
+
+
+def _assert_batch_of_two(images, masks, rows, out, shape):
+    """The loader's batch holds the first two rows' voxels, unchanged, with their masks."""
+    assert tuple(images.shape) == (2, 1, *shape) and tuple(masks.shape) == (2, 1, *shape)
+    for i, row in enumerate(rows[:2]):
+        expected = np.asanyarray(nib.load(out / row["image"]).dataobj)
+        assert np.allclose(np.asarray(images[i, 0]), expected, atol=1e-4), row["image"]
+        expected_mask = np.asanyarray(nib.load(out / row["mask"]).dataobj)
+        assert np.array_equal(np.asarray(masks[i, 0]), expected_mask), row["mask"]
+        assert set(np.unique(expected_mask).tolist()) == {0, 1}
+
+
+@pytest.mark.slow
+def test_torchio_loads_a_batch_of_the_training_split(example_run):
+    tio = pytest.importorskip("torchio")
+    _, _, out = example_run
+    shape = tuple(load_config(out / "mriflow_config.toml").export.target_shape)
+    rows = _training_rows_first(out)
+    subjects = [
+        tio.Subject(
+            image=tio.ScalarImage(out / row["image"]),
+            mask=tio.LabelMap(out / row["mask"]),
+            participant_id=row["participant_id"],
+        )
+        for row in rows
+    ]
+    loader = tio.SubjectsLoader(tio.SubjectsDataset(subjects), batch_size=2, shuffle=False)
+    batch = next(iter(loader))
+    assert list(batch["participant_id"]) == [r["participant_id"] for r in rows[:2]]
+    _assert_batch_of_two(batch["image"][tio.DATA], batch["mask"][tio.DATA], rows, out, shape)
+
+
+@pytest.mark.slow
+def test_monai_loads_a_batch_of_the_training_split(example_run):
+    pytest.importorskip("monai")
+    from monai.data import DataLoader, Dataset
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+
+    _, _, out = example_run
+    shape = tuple(load_config(out / "mriflow_config.toml").export.target_shape)
+    rows = _training_rows_first(out)
+    data = [{"image": str(out / r["image"]), "mask": str(out / r["mask"])} for r in rows]
+    keys = ["image", "mask"]
+    transform = Compose([LoadImaged(keys=keys), EnsureChannelFirstd(keys=keys)])
+    loader = DataLoader(Dataset(data, transform=transform), batch_size=2, num_workers=0)
+    batch = next(iter(loader))
+    _assert_batch_of_two(batch["image"], batch["mask"], rows, out, shape)

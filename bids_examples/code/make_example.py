@@ -47,11 +47,15 @@ def scrub(sidecar: dict) -> dict:
 
 def write_pair(nifti: Path, sidecar: Path, dest_stem: Path) -> None:
     dest_stem.parent.mkdir(parents=True, exist_ok=True)
-    if nifti.suffix == ".nii":
-        with open(nifti, "rb") as src, gzip.GzipFile(f"{dest_stem}.nii.gz", "wb", mtime=0) as dst:
-            shutil.copyfileobj(src, dst)
-    else:
-        shutil.copy(nifti, f"{dest_stem}.nii.gz")
+    # Always (re)compress with an empty gzip file name and mtime 0: GzipFile(path) would
+    # store the source name in the header (validator warning GZIP_HEADER_FILENAME).
+    opener = gzip.open if nifti.suffix == ".gz" else open
+    with (
+        opener(nifti, "rb") as src,
+        open(f"{dest_stem}.nii.gz", "wb") as raw,
+        gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as dst,
+    ):
+        shutil.copyfileobj(src, dst)
     meta = scrub(json.loads(sidecar.read_text()))
     Path(f"{dest_stem}.json").write_text(json.dumps(meta, indent=2) + "\n")
 

@@ -63,13 +63,22 @@ def dataset_description(
     return description
 
 
-#: Files of an mriflow output folder that are not BIDS derivatives (reports, ML export).
+#: Files of an mriflow output folder that are not BIDS derivatives (reports, ML export,
+#: records). The 3.x validator matches a bare name against every path component, while
+#: a trailing slash (``figures/``) matches nothing there, so folders are given bare.
 BIDSIGNORE = (
-    "logs/",
-    "provenance/",
-    "figures/",
-    "slices/",
-    "*.html",
+    "logs",  # status records, crash files
+    "provenance",  # W3C PROV records
+    "figures",  # report figures
+    "slices",  # 2D slice export and its index
+    ".mriflow_staging",  # a subject being published (left over only by a killed run)
+    "*.html",  # QC reports
+    # image quality metrics: no BIDS suffix for them. (The 3.x validator failed to match
+    # "*_desc-qc*_metrics.*" below a session folder, so the pattern is kept plain.)
+    "*_metrics.*",
+    "*_xfm.*",  # transforms: BIDS 1.10 has no xfm files yet (sMRIPrep's names)
+    "*.npy",  # packed split stacks
+    "*_index.csv",  # row order of the packed stacks
     "splits.*",
     "dataset.csv",
     "dataset.json",
@@ -79,12 +88,40 @@ BIDSIGNORE = (
     "nyul_standard.json",
 )
 
+_README = """\
+# mriflow derivatives
+
+Anatomical MRI preprocessed by [mriflow]({code_url}) {version}, a BIDS App, from the raw
+dataset(s) named in `dataset_description.json` (`SourceDatasets`).
+
+## Layout
+
+- `sub-*/[ses-*/]anat/`: BIDS derivatives named as sMRIPrep names them: the preprocessed
+  image (`desc-preproc`), brain mask (`desc-brain_mask`), tissue labels (`dseg`, with the
+  look-up table `dseg.tsv`) and probabilities (`label-*_probseg`), the transforms to and
+  from the template (`from-*_to-*_mode-image_xfm.h5`), the same images in
+  `space-MNI152NLin2009aSym`, the model-ready volumes (`desc-model`) and the
+  intensity-normalized images (`desc-norm`, `desc-nyul`). Each image has a JSON sidecar
+  whose `Sources` and `Steps` say what it was made from and how.
+- `sub-*.html`, `group.html`, `sub-*/figures/`: visual QC reports.
+- `*_desc-qc_metrics.json`, `group_desc-qc_metrics.tsv`: image quality metrics.
+- `dataset.csv`, `dataset.json`, `splits.tsv`, `splits.json`, `sub-*/slices/`: the
+  machine-learning export (file list per train/val/test split, 2D slices).
+- `provenance/`, `logs/`, `mriflow_config.toml`: provenance records, run status and the
+  exact configuration of the run (pass it back with `--config` to reproduce).
+
+Files that are not BIDS derivatives are listed in `.bidsignore`.
+"""
+
 
 def write_derivatives_description(
     out_dir: str | os.PathLike[str], source_datasets: Iterable[str | os.PathLike[str]] = ()
 ) -> Path:
-    """``dataset_description.json`` and the ``.bidsignore`` of the non-BIDS files."""
+    """``dataset_description.json``, ``README.md`` and the ``.bidsignore`` of the non-BIDS files."""
     atomic_write_text(Path(out_dir) / ".bidsignore", "\n".join(BIDSIGNORE) + "\n")
+    atomic_write_text(
+        Path(out_dir) / "README.md", _README.format(code_url=CODE_URL, version=__version__)
+    )
     return atomic_write_json(
         Path(out_dir) / "dataset_description.json", dataset_description(source_datasets)
     )
