@@ -37,9 +37,10 @@ TEXT = {".json", ".tsv", ".csv", ".html", ".toml", ".txt", ".jsonld"}
 MEASURE = """
 import resource, subprocess, sys, time
 start = time.perf_counter()
-code = subprocess.run(sys.argv[1:], capture_output=True).returncode
+done = subprocess.run(sys.argv[1:], capture_output=True, text=True)
 wall = time.perf_counter() - start
-print(code, wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+sys.stderr.write(done.stderr[-1500:])
+print(done.returncode, wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 """
 
 
@@ -63,6 +64,8 @@ def clone_outputs(template: Path, out: Path, n_subjects: int) -> None:
     for name in ("dataset_description.json",):
         shutil.copy(template / name, out / name)
     sources = [p for p in (template / "sub-01").rglob("*") if p.is_file()]
+    # the completion record, without which the group level skips a subject
+    sources += sorted((template / "logs").glob("sub-01_*"))
     report = template / "sub-01.html"
     for index in range(1, n_subjects + 1):
         label = f"sub-{index:05d}"
@@ -105,7 +108,9 @@ def main() -> None:
                 text=True,
                 check=True,
             )
-            code, wall, peak_kb = result.stdout.split()
+            code, wall, peak_kb = result.stdout.split()[-3:]
+            if int(code) != 0:
+                print(result.stderr[-1500:], file=sys.stderr)
             rows.append((size, int(code), float(wall), int(peak_kb) / 1024**2, n_files, cloned))
             print(f"  {size}: exit {code}, {float(wall):.1f} s", file=sys.stderr, flush=True)
             shutil.rmtree(out)
