@@ -249,6 +249,17 @@ class ExecutionConfig:
 
 
 @dataclass
+class DefaceConfig:
+    """Removing the face and ears of every head image mriflow publishes (``--deface``)."""
+
+    enabled: bool = False
+    """Deface the T1w's native and template-space ``desc-preproc`` heads and what derives
+    from them (model-ready volumes); brain voxels never change (docs/defacing.md)."""
+    margin_mm: float = 5.0
+    """Distance kept between the brain mask and anything removed."""
+
+
+@dataclass
 class Config:
     """All parameters of an mriflow run, one section per step."""
 
@@ -261,6 +272,7 @@ class Config:
     registration: RegistrationConfig = field(default_factory=RegistrationConfig)
     intensity: IntensityConfig = field(default_factory=IntensityConfig)
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+    deface: DefaceConfig = field(default_factory=DefaceConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)

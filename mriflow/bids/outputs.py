@@ -188,7 +188,23 @@ def anat_derivatives(contrast: str, config: Config | None = None) -> list[Deriva
                     derived_from=("dseg", "xfm_fwd"),
                 )
             )
-    return specs
+    return _defaced(specs) if config.deface.enabled else specs
+
+
+#: Head images (not brain-only) that ``--deface`` changes.
+_HEAD_IMAGES = ("preproc", "std_preproc", "model")
+
+
+def _defaced(specs: list[DerivativeSpec]) -> list[DerivativeSpec]:
+    """``specs`` with the defacing step and ``Defaced`` in the head images' sidecars."""
+    from dataclasses import replace
+
+    return [
+        replace(spec, metadata={**spec.metadata, "Defaced": True}, steps=(*spec.steps, "deface"))
+        if spec.output in _HEAD_IMAGES
+        else spec
+        for spec in specs
+    ]
 
 
 def _template_space_specs(space: dict[str, str]) -> list[DerivativeSpec]:

@@ -229,10 +229,26 @@ def out_dir_lock(out_dir: Path, share_key: str | None = None) -> Iterator[Path |
 
 
 def _hold(lock: Path, out_dir: Path, me: dict) -> Iterator[Path | None]:
+    # the lock appears with its content (a hard link of a written file): a lock
+    # created empty and filled afterwards was read as "unreadable" by a run starting
+    # at the same moment, which took it over (seen with Slurm array tasks)
+    draft = lock.with_name(f"{lock.name}.{me['host']}.{me['pid']}")
+    try:
+        draft.write_text(json.dumps(me))
+    except OSError as err:
+        problem = f"cannot create the lock ({err.strerror})"
+        raise PreflightError(f"OUT_DIR {out_dir}: {problem}") from None
+    try:
+        yield from _take(lock, draft, out_dir, me)
+    finally:
+        draft.unlink(missing_ok=True)
+
+
+def _take(lock: Path, draft: Path, out_dir: Path, me: dict) -> Iterator[Path | None]:
     share_key = me["share_key"]
     for _ in range(3):  # create, or take over a stale lock and create
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.link(draft, lock)
         except FileExistsError:
             holder = _read_lock(lock)
             if holder is not None and _alive(holder):
@@ -260,8 +276,6 @@ def _hold(lock: Path, out_dir: Path, me: dict) -> Iterator[Path | None]:
             raise PreflightError(
                 f"OUT_DIR {out_dir}: cannot create the lock ({err.strerror})"
             ) from None
-        with os.fdopen(fd, "w") as handle:
-            json.dump(me, handle)
         break
     else:
         raise PreflightError(f"{out_dir}: could not take the lock {lock} (another run races)")

@@ -113,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     conf.add_argument("--voxel-size", type=float, help="isotropic voxel size in mm")
     conf.add_argument("--seed", type=int, help="seed of every random step")
     conf.add_argument(
+        "--deface",
+        action="store_true",
+        default=None,
+        help="remove face and ears from every published head image (deface.enabled)",
+    )
+    conf.add_argument(
         "--nyul-landmarks",
         type=Path,
         help="apply this Nyul standard (nyul_standard.json of a group run) as the normalization",
@@ -139,6 +145,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
         flags = {
             "spatial.voxel_size": args.voxel_size,
             "seed": args.seed,
+            "deface.enabled": args.deface,
             "execution.nprocs": args.nprocs,
             "execution.omp_nthreads": args.omp_nthreads,
             "execution.mem_gb": args.mem_gb,

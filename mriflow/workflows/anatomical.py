@@ -17,6 +17,7 @@ from mriflow.interfaces.anatomical import (
     SkullStrip,
     TemplateTissuePriors,
 )
+from mriflow.interfaces.deface import Deface
 from mriflow.interfaces.intensity import Normalize
 from mriflow.interfaces.ml import ExportSlices, ModelReady
 from mriflow.interfaces.segmentation import TissueSegmentation
@@ -182,9 +183,8 @@ def init_anat_preproc_wf(
         steps = [conform, n4, denoise]
         workflow.connect(n4, "out_file", denoise, "in_file")
         preproc_source = (denoise, "out_file")
-    workflow.connect(preproc_source[0], preproc_source[1], outputnode, "preproc")
-
     if not is_t1w:
+        workflow.connect(preproc_source[0], preproc_source[1], outputnode, "preproc")
         outputnode.inputs.preproc_metadata = {"SkullStripped": False}
         return _collect_steps(workflow, steps, outputnode)
 
@@ -215,6 +215,24 @@ def init_anat_preproc_wf(
         (preproc_meta, outputnode, [("meta", "preproc_metadata")]),
         (skullstrip, outputnode, [("out_mask", "brain_mask")]),
     ])  # fmt:skip
+    if config.deface.enabled:
+        # before anything is resampled from it, so the template-space head and the
+        # model-ready volume are defaced too; the brain mask comes from the N4 image,
+        # and brain voxels are never changed, so masks, tissues and intensities are
+        # those of a run without defacing
+        deface = pe.Node(
+            # the report does not show it yet: no figure
+            Deface(margin_mm=config.deface.margin_mm, num_threads=threads, figure=False),
+            name="deface",
+            mem_gb=1.0,
+        )
+        steps.append(deface)
+        workflow.connect([
+            (preproc_source[0], deface, [(preproc_source[1], "in_file")]),
+            (skullstrip, deface, [("out_mask", "mask_file")]),
+        ])  # fmt:skip
+        preproc_source = (deface, "out_file")
+    workflow.connect(preproc_source[0], preproc_source[1], outputnode, "preproc")
 
     registered = config.registration.enabled
     if registered:

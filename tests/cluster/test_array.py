@@ -111,7 +111,10 @@ def test_array_of_three_with_a_broken_subject(slurm, tmp_path):
     tasks = [j for j in jobs if j.get("ArrayJobId") == array_id]
     assert sorted(j["ArrayTaskId"] for j in tasks) == ["1", "2", "3"]
     (group,) = [j for j in jobs if j["JobId"] == group_id]
-    assert group["JobState"] == "COMPLETED", group
+    # it ran on the two good subjects and, since a selected subject failed, says so
+    # with exit 1 (the group level's contract), which Slurm records as FAILED
+    assert group["JobState"] == "FAILED" and group["ExitCode"].startswith("1"), group
+    assert "sub-03  SKIPPED" in next((cwd / "work" / "submit").rglob("*_group.out")).read_text()
     last_task_end = max(datetime.fromisoformat(j["EndTime"]) for j in tasks)
     assert datetime.fromisoformat(group["StartTime"]) >= last_task_end
     assert (cwd / "out" / "splits.tsv").is_file()
