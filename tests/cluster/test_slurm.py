@@ -121,7 +121,12 @@ def _our_jobs(log: Path, cwd: Path, expected: int) -> list[dict[str, str]]:
     # run saw its last output appear
     deadline = time.monotonic() + 60
     while True:
-        jobs = [job for job in parse_jobcomp(log) if job.get("WorkDir") == str(cwd)]
+        # graph jobs are submitted from the run's work dir (inside ``cwd``)
+        jobs = [
+            job
+            for job in parse_jobcomp(log)
+            if job.get("WorkDir") and Path(job["WorkDir"]).is_relative_to(cwd)
+        ]
         if len(jobs) >= expected or time.monotonic() > deadline:
             return jobs
         time.sleep(1)
@@ -217,7 +222,11 @@ def test_failed_subject_in_slurmgraph_ends_the_wait(slurm_cluster, tmp_path, req
         queued = subprocess.run(
             ["squeue", "-h", "-o", "%i %Z"], capture_output=True, text=True, check=True
         ).stdout.split("\n")
-        left = [line for line in queued if line.endswith(" " + str(tmp_path))]
+        left = [
+            line
+            for line in queued
+            if " " in line and Path(line.split(" ", 1)[1]).is_relative_to(tmp_path)
+        ]
         if not left or time.monotonic() > deadline:
             break
         time.sleep(1)
