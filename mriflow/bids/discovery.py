@@ -34,7 +34,6 @@ __all__ = [
     "load_bids_filters",
     "normalize_label",
     "run_summary_files",
-    "slice_stack_filename",
     "subject_folders",
     "submission_record_files",
     "submission_record_path",
@@ -524,10 +523,3 @@ def submission_record_path(out_dir: str | Path, submit_id: str) -> Path:
 def submission_record_files(out_dir: str | Path) -> list[Path]:
     """Every submission record under ``out_dir``, oldest name first."""
     return sorted((Path(out_dir) / "logs").glob("submit-*.json"))
-
-
-def slice_stack_filename(stem: str, axis: str, suffix: str) -> str:
-    """``<stem>_axis-<axis>_<suffix>.npy``: the packed slices of one axis (ml/slice_stack)."""
-    if axis not in ("axial", "coronal", "sagittal"):
-        raise ValueError(f"axis must be axial, coronal or sagittal, got {axis!r}")
-    return f"{stem}_axis-{axis}_{suffix}.npy"

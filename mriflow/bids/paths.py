@@ -29,6 +29,7 @@ __all__ = [
     "STAGING_DIRNAME",
     "DerivativeNameError",
     "entity_tag",
+    "slice_stack_filename",
     "work_filename",
     "atomic_copy",
     "atomic_write",
@@ -276,6 +277,13 @@ def sidecar_path(relpath: str) -> str:
     """The JSON sidecar of a data file: ``.../sub-01_T1w.nii.gz`` -> ``.../sub-01_T1w.json``."""
     folder, sep, name = relpath.rpartition("/")
     return folder + sep + name.split(".", 1)[0] + ".json"
+
+
+def slice_stack_filename(stem: str, axis: str, suffix: str) -> str:
+    """``<stem>_axis-<axis>_<suffix>.npy``: the packed slices of one axis (ml/slice_stack)."""
+    if axis not in ("axial", "coronal", "sagittal"):
+        raise ValueError(f"axis must be axial, coronal or sagittal, got {axis!r}")
+    return f"{stem}_axis-{axis}_{suffix}.npy"
 
 
 def slices_index_name(stem: str, extension: str) -> str:

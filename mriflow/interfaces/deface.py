@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
@@ -15,8 +14,9 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from mriflow.bids.paths import work_filename
 from mriflow.image.io import load_image
-from mriflow.interfaces.anatomical import _stem
+from mriflow.interfaces.anatomical import _save, _stem
 from mriflow.interfaces.base import MriflowInterface, step_record
 
 __all__ = ["Deface"]
@@ -67,15 +67,14 @@ class Deface(MriflowInterface):
             template_to_subject=transforms,
             num_threads=inputs.num_threads,
         )
-        stem = _stem(inputs.in_file)
-        out = Path(runtime.cwd) / f"{stem}_defaced.nii"
-        face = Path(runtime.cwd) / f"{stem}_facemask.nii"
-        nib.save(result.defaced, str(out))
-        nib.save(result.face_mask, str(face))
-        self._results["out_file"] = str(out)
-        self._results["face_mask"] = str(face)
+        self._results["out_file"] = _save(result.defaced, runtime.cwd, inputs.in_file, "defaced")
+        self._results["face_mask"] = _save(
+            result.face_mask, runtime.cwd, inputs.in_file, "facemask"
+        )
         if inputs.figure:
-            figure = Path(runtime.cwd) / f"{stem}_deface.svg"
+            figure = Path(runtime.cwd) / work_filename(
+                _stem(inputs.in_file), suffix="deface", extension=".svg"
+            )
             plot_defacing(head, result.face_mask, figure)
             self._results["out_report"] = str(figure)
         self._results["metadata"] = {"Defaced": True, "DefacingMethod": result.description}

@@ -37,12 +37,12 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
-from mriflow.bids.discovery import slice_stack_filename
 from mriflow.bids.paths import (
     atomic_write,
     atomic_write_json,
     atomic_write_table,
     slice_filename,
+    slice_stack_filename,
     slices_index_name,
 )
 from mriflow.image.slices import (
