@@ -114,6 +114,22 @@ def test_lock_of_a_dead_process_is_taken_over_and_released(tmp_path):
     assert not lock.exists()
 
 
+def test_a_killed_run_leaves_no_lock_file_behind_the_next_run(tmp_path):
+    """kill -9 leaves the lock and its draft; the next run removes both, and keeps the
+    drafts of runs still alive."""
+    out = tmp_path / "out"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _write_lock(out, dead.pid)
+    stale = out / f"{LOCK_NAME}.{socket.gethostname()}.{dead.pid}"
+    stale.write_text((out / LOCK_NAME).read_text())
+    live = out / f"{LOCK_NAME}.some-other-node.1"
+    live.write_text(json.dumps({"pid": 1, "host": "some-other-node", "process_start": 1}))
+    with out_dir_lock(out):
+        pass
+    assert sorted(p.name for p in out.iterdir()) == [live.name]
+
+
 def test_lock_of_a_recycled_pid_is_taken_over(tmp_path):
     out = tmp_path / "out"
     # a live pid (ours) but another start time: the recorded process is gone

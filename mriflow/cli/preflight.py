@@ -233,6 +233,7 @@ def _hold(lock: Path, out_dir: Path, me: dict) -> Iterator[Path | None]:
     # created empty and filled afterwards was read as "unreadable" by a run starting
     # at the same moment, which took it over (seen with Slurm array tasks)
     draft = lock.with_name(f"{lock.name}.{me['host']}.{me['pid']}")
+    _remove_stale_drafts(lock)
     try:
         draft.write_text(json.dumps(me))
     except OSError as err:
@@ -242,6 +243,21 @@ def _hold(lock: Path, out_dir: Path, me: dict) -> Iterator[Path | None]:
         yield from _take(lock, draft, out_dir, me)
     finally:
         draft.unlink(missing_ok=True)
+
+
+def _remove_stale_drafts(lock: Path) -> None:
+    """Remove the lock drafts of runs killed before they could (``kill -9`` leaves one)."""
+    prefix = f"{lock.name}."
+    try:
+        entries = list(os.scandir(lock.parent))
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.name.startswith(prefix) or not entry.is_file(follow_symlinks=False):
+            continue
+        holder = _read_lock(Path(entry.path))
+        if holder is not None and not _alive(holder):
+            Path(entry.path).unlink(missing_ok=True)
 
 
 def _take(lock: Path, draft: Path, out_dir: Path, me: dict) -> Iterator[Path | None]:
