@@ -168,6 +168,23 @@ class ExportConfig:
 
 
 @dataclass
+class CoregistrationConfig:
+    """Every other image of a session aligned to its reference T1w (docs/anatomical.md)."""
+
+    transform: Literal["rigid", "affine"] = "rigid"
+    """Rigid within a session; affine also absorbs scaling differences between sequences."""
+    initialisation: Literal["auto", "header", "moments"] = "auto"
+    """``auto``: start from the headers and from aligned centres of mass, keep the better."""
+    reference: str = ""
+    """Entities that pick the reference T1w of a session (e.g. ``"acq-mprage"``, ``"run-2"``);
+    empty: the T1w without ``ce-`` with the finest voxels, then the lowest run."""
+    channels: list[str] = field(default_factory=list)
+    """Channels of the multi-channel export besides the reference T1w, in order (e.g.
+    ``["T2w", "FLAIR"]``): sessions lacking one are left out of the manifest, with a
+    warning. Empty: the channels every session has (others left out, with a warning)."""
+
+
+@dataclass
 class SplitConfig:
     fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
     n_folds: int = 0
@@ -273,6 +290,7 @@ class Config:
     intensity: IntensityConfig = field(default_factory=IntensityConfig)
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     deface: DefaceConfig = field(default_factory=DefaceConfig)
+    coregistration: CoregistrationConfig = field(default_factory=CoregistrationConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mriflow.image.io import ImageError, check_readable
 
 __all__ = [
@@ -41,11 +43,11 @@ __all__ = [
 
 log = logging.getLogger("mriflow")
 
-#: Anatomical contrasts mriflow processes; T1w is the reference and is required.
-ANAT_SUFFIXES: tuple[str, ...] = ("T1w", "T2w", "FLAIR")
+#: Anatomical contrasts mriflow processes; each session needs a T1w, its reference.
+ANAT_SUFFIXES: tuple[str, ...] = ("T1w", "T2w", "FLAIR", "PDw", "T2starw", "PD")
 
 #: ``--bids-filter-file`` keys (fMRIPrep's lower-case query names) -> BIDS suffix.
-FILTER_KEYS: dict[str, str] = {"t1w": "T1w", "t2w": "T2w", "flair": "FLAIR"}
+FILTER_KEYS: dict[str, str] = {s.lower(): s for s in ANAT_SUFFIXES}
 
 #: The file pybids keeps its index in, inside ``--bids-database-dir``.
 DATABASE_FILENAME = "layout_index.sqlite"
@@ -75,6 +77,20 @@ class AnatInput:
         return "_".join([*parts, self.suffix]).replace("-", "")
 
 
+@dataclass(frozen=True)
+class SessionInputs:
+    """The images of one session: the reference T1w and the contrasts aligned to it."""
+
+    reference: AnatInput
+    others: tuple[AnatInput, ...] = ()
+
+    @property
+    def key(self) -> str:
+        """A short id for Nipype node names (``ses_a``, or ``nosession``)."""
+        session = self.reference.entities.get("session")
+        return f"ses_{session}" if session else "nosession"
+
+
 @dataclass
 class SubjectInputs:
     """The images of one subject, and why the subject cannot run, if it cannot."""
@@ -82,10 +98,83 @@ class SubjectInputs:
     subject: str
     images: list[AnatInput] = field(default_factory=list)
     error: str | None = None
+    image_errors: dict[str, str] = field(default_factory=dict)
+    """Images left out before the run (unreadable): raw path -> one-line reason."""
 
     @property
     def t1w(self) -> list[AnatInput]:
         return [img for img in self.images if img.suffix == "T1w"]
+
+    def sessions(self, reference: str = "") -> list[SessionInputs]:
+        """The images grouped per session, each with its reference (:func:`choose_reference`).
+
+        Raises
+        ------
+        DiscoveryError
+            A session has no T1w to align its other images to (or none matching
+            ``reference``).
+        """
+        by_session: dict[str, list[AnatInput]] = {}
+        for image in self.images:
+            by_session.setdefault(image.entities.get("session", ""), []).append(image)
+        sessions = []
+        for images in by_session.values():
+            chosen = choose_reference(images, reference)
+            others = tuple(img for img in images if img is not chosen)
+            sessions.append(SessionInputs(chosen, others))
+        return sessions
+
+
+#: Entities that make a T1w less suited as the reference (contrast agent, then runs).
+_REFERENCE_ORDER = ("ceagent", "run")
+
+
+def choose_reference(images: Sequence[AnatInput], reference: str = "") -> AnatInput:
+    """The reference T1w of one session's images.
+
+    With ``reference`` (entities such as ``"acq-mprage"`` or ``"run-2"``, BIDS keys),
+    the first T1w whose name has all of them. Otherwise the T1w without a contrast
+    agent (``ce-``), then with the finest voxels (smallest voxel volume, read from the
+    header), then the lowest run, then the first by name.
+
+    Raises
+    ------
+    DiscoveryError
+        No T1w (or none matching ``reference``); the message names the session's files.
+    """
+    from mriflow.bids.paths import ENTITY_KEYS
+    from mriflow.image.io import load_header_quietly
+
+    t1w = [img for img in images if img.suffix == "T1w"]
+    if reference:
+        wanted = dict(pair.partition("-")[::2] for pair in reference.split("_") if pair)
+        keys = {short: long for long, short in ENTITY_KEYS.items()}
+        t1w = [
+            img
+            for img in t1w
+            if all(img.entities.get(keys.get(k, k)) == v for k, v in wanted.items())
+        ]
+    if not t1w:
+        names = ", ".join(img.relpath for img in images)
+        rule = f" matching coregistration.reference {reference!r}" if reference else ""
+        raise DiscoveryError(f"{names}: no T1w{rule} in this session to align the others to")
+
+    def voxel_volume(img: AnatInput) -> float:
+        try:
+            return float(np.prod(load_header_quietly(img.path).header.get_zooms()[:3]))
+        except Exception:  # an unreadable image is named by the input check
+            return float("inf")
+
+    def rank(img: AnatInput) -> tuple:
+        run = img.entities.get("run", "")
+        return (
+            "ceagent" in img.entities,
+            round(voxel_volume(img), 3),
+            int(run) if run.isdigit() else 0,
+            img.relpath,
+        )
+
+    return min(t1w, key=rank)
 
 
 def normalize_label(label: str, prefix: str = "sub-") -> str:
@@ -371,8 +460,10 @@ def collect_inputs(
     check_images: bool = True,
     database_dir: str | Path | None = None,
     bids_filters: Mapping[str, Mapping[str, Any]] | None = None,
+    reference: str = "",
 ) -> list[SubjectInputs]:
-    """Anatomical images (T1w, T2w, FLAIR) per subject, over all sessions and runs.
+    """Anatomical images (T1w, T2w, FLAIR, PDw, T2starw, PD) per subject, over all
+    sessions and runs.
 
     Parameters
     ----------
@@ -391,14 +482,18 @@ def collect_inputs(
     bids_filters : mapping, optional
         Per-suffix pybids queries (:func:`load_bids_filters`) that narrow which
         images are used.
+    reference : str
+        Entities picking each session's reference T1w (:func:`choose_reference`).
 
     Raises
     ------
     DiscoveryError
         ``bids_dir`` is missing, not BIDS, a derivatives tree, or a requested
         participant/session does not exist. A subject whose images are
-        unreadable, whose JSON sidecars are invalid, or who has no T1w, is
-        returned with ``error`` set instead, so the other subjects can still run.
+        unreadable, whose JSON sidecars are invalid, or who has a session without
+        a T1w, is returned with ``error`` set instead, so the other subjects can
+        still run. Other unreadable images are left out, their reasons in
+        ``image_errors``.
     """
     bids_dir = Path(bids_dir).resolve()
     _check_raw_dataset(bids_dir)
@@ -445,17 +540,34 @@ def collect_inputs(
             inputs.error = f"sub-{subject}: no T1w image found{where}{matching}"
         else:
             inputs.error = _check_sidecars(inputs.images, bids_dir)
-        if check_images and inputs.error is None:
-            for image in inputs.images:
-                try:
-                    check_readable(image.path)
-                except ImageError as err:
-                    inputs.error = str(err)
-                    break
+        if inputs.error is None:
+            _check_images(inputs, reference, check_images)
         results.append(inputs)
     if not any(s.t1w for s in results):
         raise DiscoveryError(f"{bids_dir}: no T1w images found for the selected participants")
     return results
+
+
+def _check_images(inputs: SubjectInputs, reference: str, read_headers: bool) -> None:
+    """Fail the subject on a session without a T1w or an unreadable reference; leave out
+    (with its reason) any other unreadable image, so the rest of the subject still runs."""
+    if read_headers:
+        for image in inputs.images:
+            try:
+                check_readable(image.path)
+            except ImageError as err:
+                inputs.image_errors[str(image.path)] = str(err)
+    try:
+        sessions = inputs.sessions(reference)
+    except DiscoveryError as err:
+        inputs.error = str(err)
+        return
+    for session in sessions:
+        reason = inputs.image_errors.get(str(session.reference.path))
+        if reason:
+            inputs.error = reason
+            return
+    inputs.images = [i for i in inputs.images if str(i.path) not in inputs.image_errors]
 
 
 def _query_images(

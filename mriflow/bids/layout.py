@@ -23,6 +23,7 @@ from mriflow.bids.outputs import (
     GROUP_OUTPUTS,
     NYUL_SPEC,
     all_anat_derivatives,
+    channel_names,
     derivative_relpath,
     iqm_relpath,
     slices_index_relpath,
@@ -212,6 +213,8 @@ class ModelReady:
     mask: Path | None = None
     dseg: Path | None = None
     slices: Path | None = None
+    channels: dict[str, Path] = field(default_factory=dict)
+    """The session's other contrasts on the same grid (channel name -> model-ready volume)."""
 
 
 class DerivativesLayout:
@@ -314,9 +317,11 @@ class DerivativesLayout:
         """One entry per T1w image with a model-ready volume (manifest rows), sorted."""
         entries = []
         for subject in subjects:
-            for group in self.find(subject):
+            groups = self.find(subject)
+            for group in groups:
                 image = group.get("model")
-                if group.contrast != "T1w" or image is None:
+                # the reference of a session: the image that has the session's brain mask
+                if image is None or group.get("model_mask") is None:
                     continue
                 mask, dseg = group.get("model_mask"), group.get("model_dseg")
                 naming = {k: v for k, v in image.entities.items() if k in _NAMING}
@@ -329,9 +334,31 @@ class DerivativesLayout:
                         mask=mask.path if mask else None,
                         dseg=dseg.path if dseg else None,
                         slices=index if index.is_file() else None,
+                        channels=self._channels(group, groups),
                     )
                 )
         return sorted(entries, key=lambda e: (e.participant_id, e.session_id))
+
+    def _channels(
+        self, reference: ImageDerivatives, groups: list[ImageDerivatives]
+    ) -> dict[str, Path]:
+        """Model-ready volumes of the images aligned to ``reference``, by channel name."""
+        reference_preproc = reference.get("preproc")
+        aligned = [
+            group
+            for group in groups
+            if group.get("model") is not None
+            and group.get("preproc") is not None
+            and reference_preproc is not None
+            and resolve_bids_uri(
+                str(group.get("preproc").sidecar.get("SpatialReference", "")), self.root
+            )
+            == reference_preproc.path
+        ]
+        names = channel_names(
+            (reference.entities, reference.contrast), [(g.entities, g.contrast) for g in aligned]
+        )
+        return {name: g.get("model").path for name, g in zip(names, aligned, strict=True)}
 
     def nyul_inputs(self, subjects: list[str]) -> list[tuple[str, Path, Path, str]]:
         """``(subject, preproc, brain mask, relpath of the Nyúl output)`` per native T1w."""

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from mriflow.bids.paths import build_filename, build_path, subject_dirname
+from mriflow.bids.paths import build_filename, build_path, entity_tag, subject_dirname
 from mriflow.config import Config
 from mriflow.image.template import TEMPLATE_SPACE
 
@@ -28,6 +28,10 @@ __all__ = [
     "DerivativeSpec",
     "all_anat_derivatives",
     "anat_derivatives",
+    "channel_name",
+    "channel_names",
+    "contrast_derivatives",
+    "contrast_normalization",
     "derivative_relpath",
     "figure_relpath",
     "figure_relpath_of",
@@ -69,9 +73,18 @@ class DerivativeSpec:
     """An ``outputnode`` field holding sidecar fields known only at run time."""
 
 
-def anat_derivatives(contrast: str, config: Config | None = None) -> list[DerivativeSpec]:
-    """The derivatives written for one anatomical image of contrast ``contrast``."""
+def anat_derivatives(
+    contrast: str, config: Config | None = None, *, reference: bool | None = None
+) -> list[DerivativeSpec]:
+    """The derivatives written for one anatomical image of contrast ``contrast``.
+
+    ``reference`` (default: ``contrast == "T1w"``): the image is its session's
+    reference T1w (masks, tissues, transforms to the template); otherwise it is a
+    contrast aligned to the reference (:func:`contrast_derivatives`).
+    """
     config = config or Config()
+    if not (contrast == "T1w" if reference is None else reference):
+        return contrast_derivatives(contrast, config)
     specs = [
         DerivativeSpec(
             output="preproc",
@@ -81,8 +94,6 @@ def anat_derivatives(contrast: str, config: Config | None = None) -> list[Deriva
             dynamic_metadata="preproc_metadata",
         )
     ]
-    if contrast != "T1w":
-        return specs
     registered = config.registration.enabled
     space = {"space": TEMPLATE_SPACE} if registered else {}
     segmentation = config.segmentation.method != "none"
@@ -191,6 +202,122 @@ def anat_derivatives(contrast: str, config: Config | None = None) -> list[Deriva
     return _defaced(specs) if config.deface.enabled else specs
 
 
+_COREG = ("denoise", "n4", "coregistration")
+
+
+def contrast_derivatives(contrast: str, config: Config | None = None) -> list[DerivativeSpec]:
+    """The derivatives of an image aligned to its session's reference T1w.
+
+    Every image is on a grid of the reference (sMRIPrep's convention: no ``space-`` is
+    the reference T1w's space), interpolated once from the raw image through the
+    composed transforms; the reference's brain mask applies to all of them.
+    """
+    config = config or Config()
+    registered = config.registration.enabled
+    space = {"space": TEMPLATE_SPACE} if registered else {}
+    normalized = contrast_normalization(config) != "none"
+    specs = [
+        DerivativeSpec(
+            output="preproc",
+            suffix=contrast,
+            entities={"desc": "preproc"},
+            steps=(*_COREG, "to_t1w"),
+            derived_from=("xfm_coreg",),
+            dynamic_metadata="preproc_metadata",
+        ),
+        DerivativeSpec(
+            output="xfm_coreg",
+            suffix="xfm",
+            entities={"from": contrast, "to": "T1w", "mode": "image"},
+            metadata={
+                "Type": "ITK affine transform (text)",
+                "FromSpace": contrast,
+                "ToSpace": "T1w",
+            },
+            steps=_COREG,
+            extension=".txt",
+        ),
+    ]
+    if registered:
+        specs.append(
+            DerivativeSpec(
+                output="std_preproc",
+                suffix=contrast,
+                entities={**space, "desc": "preproc"},
+                metadata={"SkullStripped": False},
+                steps=(*_COREG, "std_preproc"),
+                derived_from=("xfm_coreg",),
+            )
+        )
+    if normalized:
+        specs.append(
+            DerivativeSpec(
+                output="norm",
+                suffix=contrast,
+                entities={"desc": "norm"},
+                metadata={"SkullStripped": True},
+                steps=(*_COREG, "to_t1w", "intensity_normalization"),
+                derived_from=("preproc",),
+            )
+        )
+        if registered:
+            specs.append(
+                DerivativeSpec(
+                    output="std_norm",
+                    suffix=contrast,
+                    entities={**space, "desc": "norm"},
+                    metadata={"SkullStripped": True},
+                    steps=(*_COREG, "std_preproc", "intensity_normalization"),
+                    derived_from=("std_preproc",),
+                )
+            )
+    source = ("std_" if registered else "") + ("norm" if normalized else "preproc")
+    specs.append(
+        DerivativeSpec(
+            output="model",
+            suffix=contrast,
+            entities={**space, "desc": "model"},
+            metadata={"SkullStripped": True},
+            steps=(*_COREG, source, "model_ready"),
+            derived_from=(source,),
+        )
+    )
+    return _defaced(specs) if config.deface.enabled else specs
+
+
+def channel_name(entities: Mapping[str, str], suffix: str, *, full: bool = False) -> str:
+    """The channel of an image in the multi-channel export: ``T2w``, ``ce-gadolinium_T1w``.
+
+    The suffix and the contrast agent name a channel the same way in every subject;
+    ``full`` adds the other entities (acq, rec, run, ...) for a session holding two
+    images of one channel.
+    """
+    keep = {k: v for k, v in entities.items() if k not in ("subject", "session")}
+    if not full:
+        keep = {k: v for k, v in keep.items() if k == "ceagent"}
+    return entity_tag(suffix=suffix, **keep)
+
+
+def channel_names(
+    reference: tuple[Mapping[str, str], str], others: list[tuple[Mapping[str, str], str]]
+) -> list[str]:
+    """Channel names of a session's images aligned to ``reference`` (``(entities, suffix)``
+    each), in order: :func:`channel_name`, with all entities where two would clash."""
+    short = [channel_name(entities, suffix) for entities, suffix in others]
+    taken = [channel_name(*reference), *short]
+    return [
+        channel_name(entities, suffix, full=True) if taken.count(name) > 1 else name
+        for (entities, suffix), name in zip(others, short, strict=True)
+    ]
+
+
+def contrast_normalization(config: Config) -> str:
+    """The intensity normalization of the aligned contrasts: the T1w's method, except
+    Nyúl, whose standard the group level learns from T1w images only."""
+    method = config.intensity.method
+    return "none" if method == "nyul" else method
+
+
 #: Head images (not brain-only) that ``--deface`` changes.
 _HEAD_IMAGES = ("preproc", "std_preproc", "model")
 
@@ -291,7 +418,13 @@ def all_anat_derivatives(contrast: str) -> list[DerivativeSpec]:
         config.set("intensity.method", "zscore")
         if config.segmentation.method == "none":
             config.set("segmentation.method", "atropos")
-        for spec in [*anat_derivatives(contrast, config), NYUL_SPEC]:
+        # a T1w is its session's reference, or a ce-/second T1w aligned to it
+        specs_of_config = [
+            *(anat_derivatives(contrast, config) if contrast == "T1w" else []),
+            *contrast_derivatives(contrast, config),
+            NYUL_SPEC,
+        ]
+        for spec in specs_of_config:
             key = (spec.suffix or contrast, tuple(sorted(spec.entities.items())), spec.extension)
             specs.setdefault(key, spec)
     return list(specs.values())

@@ -6,7 +6,7 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mriflow.bids.derivatives import write_derivatives_description
@@ -27,6 +27,9 @@ class SubjectOutcome:
     subject: str
     ok: bool
     reason: str = ""
+    left_out: dict[str, str] = field(default_factory=dict)
+    """Images of a published subject that failed (raw path -> reason): the rest of
+    the subject's images ran without them."""
 
 
 def plugin_settings(config: Config) -> tuple[str, dict]:
@@ -65,6 +68,10 @@ class FailureRecorder:
         self.prefixes = prefixes
         self.subjects = subjects or []
         self.failures: dict[str, str] = {}
+        self.failed_images: dict[str, dict[str, str]] = {}
+        """Per subject: raw path of each image whose own chain failed -> reason."""
+        self.shared_failures: set[str] = set()
+        """Subjects with a failed node outside any image's chain (e.g. publishing)."""
 
     def __call__(self, node, status: str) -> None:
         if status != "exception":
@@ -80,12 +87,35 @@ class FailureRecorder:
         from mriflow.execution import disk_error
 
         subject = next((s for p, s in self.prefixes.items() if fullname.startswith(p + ".")), None)
-        if subject is None or subject in self.failures:
+        if subject is None:
             return
         # a full work disk shows as a missing result file last: say what happened first
         reason = disk_error(traceback) or _last_error_line([traceback])
-        reason = _name_raw_image(reason, fullname, subject, self.subjects)
-        self.failures[subject] = f"{reason} [step {fullname.split('.')[-1]}]"
+        image = _image_of_node(fullname, subject, self.subjects)
+        reason = _name_raw_image(reason, image)
+        reason = f"{reason} [step {fullname.split('.')[-1]}]"
+        if image is not None:
+            self.failed_images.setdefault(subject, {}).setdefault(str(image.path), reason)
+        else:
+            self.shared_failures.add(subject)
+        self.failures.setdefault(subject, reason)
+
+    def without_failed_contrasts(self, subjects: list, reference: str = "") -> list:
+        """The failed subjects whose failures all lie in images aligned to a reference
+        T1w, without those images (run again, they publish everything else); the failed
+        images and reasons go to ``image_errors``."""
+        retry = []
+        for subject in subjects:
+            failed = self.failed_images.get(subject.subject, {})
+            if not failed or subject.subject in self.shared_failures:
+                continue
+            references = {str(s.reference.path) for s in subject.sessions(reference)}
+            if references & set(failed):
+                continue
+            kept = [i for i in subject.images if str(i.path) not in failed]
+            errors = {**subject.image_errors, **failed}
+            retry.append(replace(subject, images=kept, image_errors=errors))
+        return retry
 
 
 def run_participant(
@@ -134,6 +164,77 @@ def run_participant(
         if subject.error:
             log.error("sub-%s: %s", subject.subject, subject.error)
 
+    workflow, recorder = _run_graph(
+        runnable, subjects, config, bids_dir, out_dir, work_dir, run_id, crash_dir
+    )
+    retry = recorder.without_failed_contrasts(runnable, config.coregistration.reference)
+    if retry and not config.execution.stop_on_first_crash:
+        # an image aligned to a reference failed: the subject's other images are
+        # done (cached); run those subjects again without it, so they are published
+        for subject in retry:
+            log.error(
+                "sub-%s: running again without %s", subject.subject, ", ".join(subject.image_errors)
+            )
+        _, again = _run_graph(
+            retry, subjects, config, bids_dir, out_dir, work_dir, run_id, crash_dir
+        )
+        for subject in retry:
+            recorder.failures.pop(subject.subject, None)
+            if subject.subject in again.failures:
+                recorder.failures[subject.subject] = again.failures[subject.subject]
+        retried = {s.subject: s for s in retry}
+        subjects = [retried.get(s.subject, s) for s in subjects]
+
+    layout = DerivativesLayout(out_dir)
+    outcomes = []
+    for subject in subjects:
+        label = subject.subject
+        record = layout.status(label) or {}
+        if subject.error:
+            outcomes.append(SubjectOutcome(label, False, subject.error))
+        elif record.get("run_id") == run_id and record.get("status") == "ok":
+            outcomes.append(SubjectOutcome(label, True, left_out=dict(subject.image_errors)))
+        elif label in recorder.failures:
+            outcomes.append(SubjectOutcome(label, False, recorder.failures[label]))
+        else:
+            reason = f"did not complete (run stopped early; crash files in {crash_dir})"
+            outcomes.append(SubjectOutcome(label, False, reason))
+    for outcome in outcomes:
+        if not outcome.ok:
+            write_status(out_dir, outcome.subject, ok=False, run_id=run_id, reason=outcome.reason)
+        elif outcome.left_out:
+            # published without these images: the group level may use the subject
+            reason = "left out: " + "; ".join(outcome.left_out.values())
+            write_status(out_dir, outcome.subject, ok=True, run_id=run_id, reason=reason)
+
+    elapsed = time.monotonic() - started
+    _write_summary(out_dir, run_id, outcomes, elapsed, crash_dir)
+    # Reports of successful subjects were made when they were published; failed
+    # ones get a report that shows their error, and the run gets its workflow graph.
+    from mriflow.reports import write_participant_reports
+
+    write_participant_reports(
+        out_dir,
+        [o.subject for o in outcomes if not o.ok],
+        work_dir=work_dir,
+        workflow=workflow,
+        errors={o.subject: o.reason for o in outcomes if not o.ok},
+    )
+    print(format_summary(outcomes, elapsed))
+    return EXIT_OK if all(o.ok and not o.left_out for o in outcomes) else EXIT_FAILED
+
+
+def _run_graph(
+    runnable: list,
+    subjects: list,
+    config: Config,
+    bids_dir: Path,
+    out_dir: Path,
+    work_dir: Path,
+    run_id: str,
+    crash_dir: Path,
+):
+    """Build and run the Nipype graph of ``runnable``; the workflow and its failures."""
     workflow_name = "mriflow_wf"
     workflow = None
     recorder = FailureRecorder({}, subjects)
@@ -194,39 +295,7 @@ def run_participant(
                 out_dir, [s.subject for s in runnable], run_id, crash_dir, recorder
             )
 
-    layout = DerivativesLayout(out_dir)
-    outcomes = []
-    for subject in subjects:
-        label = subject.subject
-        record = layout.status(label) or {}
-        if subject.error:
-            outcomes.append(SubjectOutcome(label, False, subject.error))
-        elif record.get("run_id") == run_id and record.get("status") == "ok":
-            outcomes.append(SubjectOutcome(label, True))
-        elif label in recorder.failures:
-            outcomes.append(SubjectOutcome(label, False, recorder.failures[label]))
-        else:
-            reason = f"did not complete (run stopped early; crash files in {crash_dir})"
-            outcomes.append(SubjectOutcome(label, False, reason))
-    for outcome in outcomes:
-        if not outcome.ok:
-            write_status(out_dir, outcome.subject, ok=False, run_id=run_id, reason=outcome.reason)
-
-    elapsed = time.monotonic() - started
-    _write_summary(out_dir, run_id, outcomes, elapsed, crash_dir)
-    # Reports of successful subjects were made when they were published; failed
-    # ones get a report that shows their error, and the run gets its workflow graph.
-    from mriflow.reports import write_participant_reports
-
-    write_participant_reports(
-        out_dir,
-        [o.subject for o in outcomes if not o.ok],
-        work_dir=work_dir,
-        workflow=workflow,
-        errors={o.subject: o.reason for o in outcomes if not o.ok},
-    )
-    print(format_summary(outcomes, elapsed))
-    return EXIT_OK if all(o.ok for o in outcomes) else EXIT_FAILED
+    return workflow, recorder
 
 
 def _wait_for_graph_jobs(
@@ -271,11 +340,15 @@ def _wait_for_graph_jobs(
             time.sleep(poll)
 
 
-def _name_raw_image(reason: str, fullname: str, subject: str, subjects: list) -> str:
-    """``"<raw image>: <problem>"`` for a failure inside an image's chain of steps."""
+def _image_of_node(fullname: str, subject: str, subjects: list):
+    """The raw image (AnatInput) whose chain of steps (``anat_<key>_wf``) holds a node."""
     keys = [p[len("anat_") : -len("_wf")] for p in fullname.split(".") if p.startswith("anat_")]
     inputs = next((s for s in subjects if s.subject == subject), None)
-    image = next((i for i in inputs.images if i.key in keys), None) if inputs and keys else None
+    return next((i for i in inputs.images if i.key in keys), None) if inputs and keys else None
+
+
+def _name_raw_image(reason: str, image) -> str:
+    """``"<raw image>: <problem>"`` for a failure inside an image's chain of steps."""
     if image is None or str(image.path) in reason:
         return reason
     named, sep, problem = reason.partition(": ")
@@ -305,6 +378,8 @@ def format_summary(outcomes: list[SubjectOutcome], elapsed: float) -> str:
     for outcome in outcomes:
         status = "ok" if outcome.ok else f"FAILED  {outcome.reason}"
         lines.append(f"  sub-{outcome.subject}  {status}")
+        for reason in outcome.left_out.values():
+            lines.append(f"  sub-{outcome.subject}  LEFT OUT  {reason}")
     return "\n".join(lines)
 
 

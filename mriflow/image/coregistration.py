@@ -39,6 +39,7 @@ __all__ = [
     "read_itk_affine",
     "write_itk_affine",
     "rms_deviation",
+    "mask_on_moving_grid",
 ]
 
 CoregistrationType = Literal["rigid", "affine"]
@@ -327,3 +328,54 @@ def rms_deviation(a: np.ndarray, b: np.ndarray, mask: nib.spatialimages.SpatialI
     pa = xyz @ np.asarray(a)[:3, :3].T + np.asarray(a)[:3, 3]
     pb = xyz @ np.asarray(b)[:3, :3].T + np.asarray(b)[:3, 3]
     return float(np.sqrt(np.mean(np.sum((pa - pb) ** 2, axis=1))))
+
+
+def mask_on_moving_grid(
+    mask: nib.spatialimages.SpatialImage,
+    moving: nib.spatialimages.SpatialImage,
+    fixed_to_moving: np.ndarray,
+    *,
+    dilation_mm: float = 0.0,
+) -> nib.Nifti1Image:
+    """The reference's brain mask brought back onto another contrast's own grid.
+
+    Parameters
+    ----------
+    mask : nibabel image
+        Brain mask on the fixed (reference) grid.
+    moving : nibabel image
+        The image whose grid the mask is wanted on.
+    fixed_to_moving : (4, 4) array
+        The transform :func:`coregister` estimated (fixed world point -> moving world point).
+    dilation_mm : float
+        Grow the mask by about this much (N4 fits better with a rim of head around
+        the brain than with a mask that clips its edge).
+
+    Returns
+    -------
+    nibabel image (uint8)
+        Nearest-neighbour resampling: each voxel of ``moving`` takes the mask value
+        at its position mapped back onto the reference.
+    """
+    moving_to_fixed_vox = (
+        np.linalg.inv(mask.affine) @ np.linalg.inv(fixed_to_moving) @ moving.affine
+    )
+    data = (np.asarray(mask.dataobj) > 0).astype(np.uint8)
+    out = ndi.affine_transform(
+        data,
+        moving_to_fixed_vox[:3, :3],
+        offset=moving_to_fixed_vox[:3, 3],
+        output_shape=moving.shape[:3],
+        order=0,
+        mode="constant",
+        cval=0,
+    )
+    if dilation_mm > 0:
+        voxel = float(np.min(moving.header.get_zooms()[:3]))
+        out = ndi.binary_dilation(out, iterations=max(1, round(dilation_mm / voxel)))
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.uint8)
+    img = nib.Nifti1Image(out.astype(np.uint8), moving.affine, header)
+    img.set_qform(moving.affine, code=1)
+    img.set_sform(moving.affine, code=1)
+    return img

@@ -7,6 +7,7 @@ Each writes dataset-level files into OUT_DIR atomically (names from
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import nibabel as nib
@@ -37,6 +38,9 @@ __all__ = [
     "SelectSubjects",
     "WriteManifest",
 ]
+
+
+log = logging.getLogger("mriflow")
 
 
 class _PublishGroupFileInputSpec(BaseInterfaceInputSpec):
@@ -206,6 +210,7 @@ class _WriteManifestInputSpec(BaseInterfaceInputSpec):
     splits_file = File(exists=True, mandatory=True)
     seed = traits.Int(mandatory=True)
     space = traits.Str(mandatory=True)
+    channels = traits.List(traits.Str, desc="channels besides the reference (default: common)")
 
 
 class _WriteManifestOutputSpec(TraitedSpec):
@@ -224,6 +229,7 @@ class WriteManifest(MriflowInterface):
         from mriflow.ml.manifest import (
             ManifestEntry,
             build_manifest,
+            select_channels,
             write_manifest,
             write_slices_manifest,
         )
@@ -234,13 +240,26 @@ class WriteManifest(MriflowInterface):
         entries = [ManifestEntry(**entry) for entry in self.inputs.entries]
         if not entries:
             return runtime
-        rows = build_manifest(entries, read_splits(self.inputs.splits_file), out_dir)
+        wanted = self.inputs.channels if isdefined(self.inputs.channels) else []
+        kept, channels, notes = select_channels(entries, wanted)
+        for note in notes:
+            log.warning("multi-channel manifest: %s (left out)", note)
+        if not kept:
+            raise ValueError(f"no session has every channel of {wanted}: {'; '.join(notes)}")
+        left_out = {e.participant_id for e in entries} - {e.participant_id for e in kept}
+        rows = build_manifest(
+            kept, read_splits(self.inputs.splits_file), out_dir, left_out=sorted(left_out)
+        )
         csv_path, _ = write_manifest(
             rows,
             out_dir,
             csv_name=GROUP_OUTPUTS["manifest"],
             json_name=GROUP_OUTPUTS["manifest_json"],
-            metadata={"seed": self.inputs.seed, "space": self.inputs.space},
+            metadata={
+                "seed": self.inputs.seed,
+                "space": self.inputs.space,
+                "Channels": ["image", *(f"image_{name}" for name in channels)],
+            },
         )
         self._results["manifest"] = str(csv_path)
         self._results["n_rows"] = len(rows)

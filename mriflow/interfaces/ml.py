@@ -84,6 +84,8 @@ class _ExportSlicesInputSpec(BaseInterfaceInputSpec):
     min_brain_fraction = traits.Float(0.05, usedefault=True)
     fmt = traits.Enum("stack", "png", "npy", usedefault=True)
     png_bit_depth = traits.Enum(16, 8, usedefault=True)
+    channel_files = traits.List(File(exists=True), desc="other contrasts on the same grid")
+    channel_names = traits.List(traits.Str, desc="their channel names, in the same order")
 
 
 class _ExportSlicesOutputSpec(TraitedSpec):
@@ -105,6 +107,10 @@ class ExportSlices(MriflowInterface):
         out_dir = Path(runtime.cwd) / STAGING_DIRNAME / folder
         mask = load_image(self.inputs.mask_file) if isdefined(self.inputs.mask_file) else None
         dseg = load_image(self.inputs.dseg_file) if isdefined(self.inputs.dseg_file) else None
+        files = self.inputs.channel_files if isdefined(self.inputs.channel_files) else []
+        names = self.inputs.channel_names if isdefined(self.inputs.channel_names) else []
+        if len(files) != len(names):
+            raise ValueError(f"{len(files)} channel files for {len(names)} channel names")
         export = export_slices(
             load_image(self.inputs.in_file),
             out_dir,
@@ -119,6 +125,7 @@ class ExportSlices(MriflowInterface):
             fmt=self.inputs.fmt,
             png_bit_depth=self.inputs.png_bit_depth,
             suffix=suffix,
+            channels={name: load_image(path) for name, path in zip(names, files, strict=True)},
         )
         self._results["index_file"] = str(export.index_file)
         self._results["staged"] = [
@@ -132,6 +139,7 @@ class ExportSlices(MriflowInterface):
                 "format": self.inputs.fmt,
                 "space": self.inputs.space,
                 "n_slices": len(export.rows),
+                "channels": [suffix, *names],
             },
             ["Pillow"] if self.inputs.fmt == "png" else ["numpy"],
         )

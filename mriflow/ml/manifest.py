@@ -23,6 +23,7 @@ memory-mappable ``.npy`` arrays for quick experiments.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -59,6 +60,7 @@ __all__ = [
     "write_manifest",
     "load_manifest",
     "select",
+    "select_channels",
     "write_slices_manifest",
     "write_split_bundles",
 ]
@@ -95,7 +97,55 @@ class ManifestEntry:
     mask: str | Path | None = None
     dseg: str | Path | None = None
     slices: str | Path | None = None
+    channels: dict[str, str | Path] = field(default_factory=dict)
+    """Other contrasts on the image's grid: channel name -> model-ready volume (the
+    ``image_<name>`` columns, in this order)."""
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def select_channels(
+    entries: Sequence[ManifestEntry], wanted: Sequence[str] = ()
+) -> tuple[list[ManifestEntry], list[str], list[str]]:
+    """Apply the missing-channel rule of the multi-channel export.
+
+    A data loader needs the same channels, in the same order, in every row, so a
+    channel is never filled in or shifted: with ``wanted`` (names of the channels
+    besides the reference ``image``, e.g. ``["T2w", "FLAIR"]``), entries lacking one
+    of them are dropped; without it, the channels are those every entry has, and
+    channels only some entries have are left out.
+
+    Returns
+    -------
+    kept : list of ManifestEntry
+        With ``channels`` restricted to the chosen ones, in order.
+    channels : list of str
+        The chosen channel names.
+    notes : list of str
+        ``"sub-01 ses-a: no FLAIR"`` for every dropped entry; without ``wanted``,
+        ``"FLAIR: only 3 of 5 entries have it"`` for every left-out channel.
+    """
+    notes: list[str] = []
+    channels = list(wanted)
+    if not wanted:
+        counts: dict[str, int] = {}
+        for entry in entries:
+            for name in entry.channels:
+                counts[name] = counts.get(name, 0) + 1
+        channels = [name for name, n in counts.items() if n == len(entries)]
+        notes += [
+            f"{name}: only {n} of {len(entries)} entries have it"
+            for name, n in counts.items()
+            if n < len(entries)
+        ]
+    kept = []
+    for entry in entries:
+        missing = [name for name in channels if name not in entry.channels]
+        if missing:
+            where = f"{entry.participant_id} {entry.session_id}".strip()
+            notes.append(f"{where}: no {', '.join(missing)}")
+            continue
+        kept.append(dataclasses.replace(entry, channels={n: entry.channels[n] for n in channels}))
+    return kept, channels, notes
 
 
 def _relative(path: str | Path, root: Path, what: str) -> str:
@@ -151,6 +201,7 @@ def build_manifest(
     *,
     participants: ParticipantsTable | None = None,
     columns: Sequence[str] = (),
+    left_out: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Join files and splits into the manifest rows (sorted by subject and session).
 
@@ -165,6 +216,9 @@ def build_manifest(
         The derivatives root; all paths in the rows are relative to it.
     participants, columns
         Copy these participants.tsv columns (e.g. a diagnosis as a target) into each row.
+    left_out : sequence of str
+        Participant ids in the splits left out of this manifest on purpose (a missing
+        channel, :func:`select_channels`).
 
     Returns
     -------
@@ -202,6 +256,8 @@ def build_manifest(
             value = getattr(entry, key)
             if value is not None:
                 row[key] = _relative(value, root, f"{pid} {ses} {key}".replace("  ", " "))
+        for name, value in entry.channels.items():
+            row[f"image_{name}"] = _relative(value, root, f"{pid} {ses} {name}".strip())
         for column in columns:
             row[column] = participants.column(column, [pid])[pid]
         for key, value in entry.extra.items():
@@ -211,7 +267,8 @@ def build_manifest(
         rows.append(row)
     if not rows:
         raise ManifestError("no subjects with model-ready files to list in the manifest")
-    without_files = sorted(set(split) - {pid for pid, _ in seen})
+    left = {normalize_participant_id(p) for p in left_out}
+    without_files = sorted(set(split) - {pid for pid, _ in seen} - left)
     if without_files:
         raise ManifestError(
             f"{len(without_files)} subject(s) in the splits have no model-ready files: "
@@ -265,7 +322,7 @@ def write_manifest(
         "GeneratedBy": {"Name": "mriflow", "Version": __version__},
         "PathsRelativeTo": "the folder of this file (the derivatives root)",
         **(dict(metadata) if metadata else {}),
-        "Keys": {k: KEY_DESCRIPTIONS.get(k, "participants.tsv column") for k in columns},
+        "Keys": {k: _key_description(k) for k in columns},
         "numTraining": len(listed["training"]),
         "numValidation": len(listed["validation"]),
         "numTest": len(listed["test"]),
@@ -273,6 +330,14 @@ def write_manifest(
     }
     json_path = atomic_write_json(root / json_name, payload)
     return csv_path, json_path
+
+
+def _key_description(key: str) -> str:
+    if key in KEY_DESCRIPTIONS:
+        return KEY_DESCRIPTIONS[key]
+    if key.startswith("image_"):
+        return f"model-ready {key[len('image_') :]} aligned to the image (same grid and mask)"
+    return "participants.tsv column"
 
 
 def load_manifest(path: str | Path, split: str | None = None) -> list[dict[str, Any]]:

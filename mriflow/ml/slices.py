@@ -177,6 +177,7 @@ def export_slices(
     png_bit_depth: Literal[8, 16] = 16,
     value_range: tuple[float, float] | None = None,
     suffix: str = "T1w",
+    channels: Mapping[str, nib.spatialimages.SpatialImage] | None = None,
 ) -> SliceExport:
     """Write 2D slices of ``image`` (and ``mask``/``dseg``) with a CSV index.
 
@@ -214,6 +215,10 @@ def export_slices(
         Default: the volume's min..max (nothing clipped).
     suffix : str
         Suffix of the image slice files (the image's BIDS suffix).
+    channels : mapping, optional
+        Other contrasts on the image's grid (``channel name -> image``, e.g. ``"T2w"``),
+        sliced at the same positions: each gets the column ``file_<name>`` (and, for
+        PNG, its own ``value_offset_<name>``/``value_scale_<name>``) in the same row.
 
     Returns
     -------
@@ -262,10 +267,21 @@ def export_slices(
     mask_data = _same_grid(image, mask, "mask") if mask is not None else None
     dseg_data = _same_grid(image, dseg, "dseg") if dseg is not None else None
     dseg_type = label_dtype(dseg_data) if dseg_data is not None else None
+    channel_data = {
+        name: _same_grid(image, img, f"channel {name}") for name, img in (channels or {}).items()
+    }
+    for name in channel_data:
+        if name in (suffix, "mask", "dseg"):
+            raise SliceExportError(f"channel name {name!r} clashes with the image's own files")
 
     scaling: LinearScaling | None = None
+    channel_scaling: dict[str, LinearScaling] = {}
     if fmt == "png":
         scaling = linear_scaling(data, png_bit_depth, value_range)
+        channel_scaling = {
+            name: linear_scaling(values, png_bit_depth, value_range)
+            for name, values in channel_data.items()
+        }
     width = max(3, len(str(max(data.shape) - 1)))
 
     rows: list[dict[str, Any]] = []
@@ -334,9 +350,24 @@ def export_slices(
                 dseg_plane = extract_slice(dseg_data, layout, index).astype(dseg_type)
                 row["dseg_file"] = put(planes, axis, index, "dseg", dseg_plane, dseg_plane)
                 written.add(row["dseg_file"])
+            for name, values in channel_data.items():
+                plane = extract_slice(values, layout, index)
+                channel = channel_scaling.get(name)
+                row[f"file_{name}"] = put(
+                    planes,
+                    axis,
+                    index,
+                    name,
+                    plane.astype(np.float32),
+                    channel.to_stored(plane) if channel else None,
+                )
+                written.add(row[f"file_{name}"])
+                if channel:
+                    row[f"value_offset_{name}"] = repr(channel.offset)
+                    row[f"value_scale_{name}"] = repr(channel.scale)
             rows.append(row)
         if stacked:
-            kinds = [(suffix, np.float32)]
+            kinds = [(suffix, np.float32), *((name, np.float32) for name in channel_data)]
             if mask_data is not None:
                 kinds.append(("mask", np.uint8))
             if dseg_data is not None:
@@ -404,9 +435,19 @@ def export_slices(
             },
             "NSlices": len(rows),
             "IndexFile": index_file.name,
+            "Channels": [suffix, *channel_data],
         },
     )
-    atomic_write_table(index_file, rows, SLICE_INDEX_COLUMNS)
+    channel_columns = [
+        column
+        for name in channel_data
+        for column in (
+            (f"file_{name}", f"value_offset_{name}", f"value_scale_{name}")
+            if fmt == "png"
+            else (f"file_{name}",)
+        )
+    ]
+    atomic_write_table(index_file, rows, [*SLICE_INDEX_COLUMNS, *channel_columns])
     return SliceExport(index_file=index_file, json_file=json_file, rows=rows, stacks=stacks)
 
 

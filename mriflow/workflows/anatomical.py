@@ -30,6 +30,7 @@ T1W_FIELDS = (
     "preproc",
     "preproc_metadata",
     "bias_field",
+    "brain",
     "brain_mask",
     "dseg",
     "probseg_csf",
@@ -93,6 +94,8 @@ def init_anat_preproc_wf(
         Sidecar fields that depend on the data (``SkullStripped``).
     bias_field
         The N4 multiplicative field (for the report).
+    brain
+        The N4-corrected brain, before denoising (what other contrasts are aligned to).
     brain_mask, dseg, probseg_{csf,gm,wm}, norm
         Native-space brain mask, tissue labels (1=GM 2=WM 3=CSF), probabilities,
         intensity-normalized image (T1w only).
@@ -213,7 +216,7 @@ def init_anat_preproc_wf(
         (n4, skullstrip, [("out_file", "in_file")]),
         (skullstrip, preproc_meta, [("skull_stripped", "skull_stripped")]),
         (preproc_meta, outputnode, [("meta", "preproc_metadata")]),
-        (skullstrip, outputnode, [("out_mask", "brain_mask")]),
+        (skullstrip, outputnode, [("out_mask", "brain_mask"), ("out_file", "brain")]),
     ])  # fmt:skip
     if config.deface.enabled:
         # before anything is resampled from it, so the template-space head and the
@@ -372,15 +375,7 @@ def init_anat_preproc_wf(
 
 def _init_export(workflow, config, inputnode, outputnode, steps, image, mask, dseg) -> None:
     """Fixed-shape model-ready volume (+ mask, labels) and its 2D slices."""
-    export = config.export
-    space = TEMPLATE_SPACE if config.registration.enabled else "T1w"
-    model = pe.Node(
-        ModelReady(
-            target_shape=export.target_shape, margin_mm=export.crop_margin_mm, fit=export.fit
-        ),
-        name="model_ready",
-        mem_gb=1.0,
-    )
+    model = _model_ready_node(config)
     steps.append(model)
     workflow.connect([
         (image[0], model, [(image[1], "in_file")]),
@@ -391,14 +386,39 @@ def _init_export(workflow, config, inputnode, outputnode, steps, image, mask, ds
     ])  # fmt:skip
     if dseg:
         workflow.connect(dseg[0], dseg[1], model, "dseg_file")
-    if not export.slices:
+    if not config.export.slices:
         return
+    slices = _slices_node(config)
+    steps.append(slices)
+    workflow.connect([
+        (inputnode, slices, [("in_file", "source_file")]),
+        (model, slices, [("out_file", "in_file"), ("out_mask", "mask_file")]),
+        (slices, outputnode, [("staged", "slices_staged")]),
+    ])  # fmt:skip
+    if dseg:
+        workflow.connect(model, "out_dseg", slices, "dseg_file")
+
+
+def _model_ready_node(config: Config) -> pe.Node:
+    export = config.export
+    return pe.Node(
+        ModelReady(
+            target_shape=export.target_shape, margin_mm=export.crop_margin_mm, fit=export.fit
+        ),
+        name="model_ready",
+        mem_gb=1.0,
+    )
+
+
+def _slices_node(config: Config) -> pe.Node:
+    """2D slices of the model-ready volume, named after the raw image (``source_file``)."""
+    export = config.export
     entities = {"desc": "model"}
     if config.registration.enabled:
         entities["space"] = TEMPLATE_SPACE
-    slices = pe.Node(
+    return pe.Node(
         ExportSlices(
-            space=space,
+            space=TEMPLATE_SPACE if config.registration.enabled else "T1w",
             entities=entities,
             axes=export.slice_axes,
             min_brain_fraction=export.min_brain_fraction,
@@ -408,14 +428,6 @@ def _init_export(workflow, config, inputnode, outputnode, steps, image, mask, ds
         name="slices",
         mem_gb=1.0,
     )
-    steps.append(slices)
-    workflow.connect([
-        (inputnode, slices, [("in_file", "source_file")]),
-        (model, slices, [("out_file", "in_file"), ("out_mask", "mask_file")]),
-        (slices, outputnode, [("staged", "slices_staged")]),
-    ])  # fmt:skip
-    if dseg:
-        workflow.connect(model, "out_dseg", slices, "dseg_file")
 
 
 def _apply(config: Config, name: str, interpolation: str) -> pe.Node:

@@ -7,11 +7,12 @@ from pathlib import Path
 
 from nipype.pipeline import engine as pe
 
-from mriflow.bids.discovery import AnatInput, SubjectInputs
-from mriflow.bids.outputs import anat_derivatives, derivative_relpath
+from mriflow.bids.discovery import AnatInput, SessionInputs, SubjectInputs
+from mriflow.bids.outputs import anat_derivatives, channel_names, derivative_relpath
+from mriflow.bids.paths import bids_uri
 from mriflow.config import Config
 from mriflow.interfaces.bids import PublishSubject
-from mriflow.workflows.anatomical import init_anat_preproc_wf
+from mriflow.workflows.session import init_session_wf, session_output_field
 
 __all__ = [
     "init_mriflow_wf",
@@ -60,11 +61,26 @@ def _field(image: AnatInput, output: str) -> str:
     return f"{image.key}__{output}"
 
 
-def publish_plan(image: AnatInput, config: Config) -> tuple[list[dict], list[str]]:
+def publish_plan(
+    image: AnatInput, config: Config, reference: AnatInput | None = None
+) -> tuple[list[dict], list[str]]:
     """What the publishing node writes for ``image``: one dict per derivative, and the
-    ``outputnode`` fields of its chain that the node needs."""
-    specs = anat_derivatives(image.suffix, config)
+    ``outputnode`` fields of its chain that the node needs.
+
+    ``reference``: the session's reference T1w when ``image`` is another contrast
+    aligned to it (its derivatives are then on the reference's grids).
+    """
+    specs = anat_derivatives(image.suffix, config, reference=reference is None)
     relpaths = {s.output: derivative_relpath(image.entities, image.suffix, s) for s in specs}
+    spatial_reference = {}
+    if reference is not None:
+        reference_spec = anat_derivatives(reference.suffix, config)[0]  # its preproc
+        spatial_reference = {
+            "SpatialReference": bids_uri(
+                derivative_relpath(reference.entities, reference.suffix, reference_spec),
+                dataset="",
+            )
+        }
     plan = []
     outputs = {"steps", "bias_field"}
     for spec in specs:
@@ -73,7 +89,7 @@ def publish_plan(image: AnatInput, config: Config) -> tuple[list[dict], list[str
                 "field": _field(image, spec.output),
                 "relpath": relpaths[spec.output],
                 "raw_relpath": image.relpath,
-                "metadata": dict(spec.metadata),
+                "metadata": {**spec.metadata, **spatial_reference},
                 "step_names": list(spec.steps),
                 "derived_from": [relpaths[o] for o in spec.derived_from if o in relpaths],
                 "data_dtype": spec.data_dtype,
@@ -86,9 +102,18 @@ def publish_plan(image: AnatInput, config: Config) -> tuple[list[dict], list[str
         outputs.add(spec.output)
         if spec.dynamic_metadata:
             outputs.add(spec.dynamic_metadata)
-    if image.suffix == "T1w" and config.export.slices:
+    if config.export.slices and reference is None:  # the reference's slices hold every channel
         outputs.add("slices_staged")
     return plan, sorted(outputs)
+
+
+def session_channel_names(session: SessionInputs) -> dict[str, str]:
+    """``image key -> channel name`` of a session's other images (:func:`channel_names`)."""
+    names = channel_names(
+        (session.reference.entities, session.reference.suffix),
+        [(image.entities, image.suffix) for image in session.others],
+    )
+    return {image.key: name for image, name in zip(session.others, names, strict=True)}
 
 
 def init_single_subject_wf(
@@ -103,6 +128,9 @@ def init_single_subject_wf(
 ) -> pe.Workflow:
     """Preprocess every anatomical image of one subject and publish it in one step.
 
+    Each session is a :func:`~mriflow.workflows.session.init_session_wf`: its
+    reference T1w, and every other image aligned to it.
+
     One :class:`~mriflow.interfaces.bids.PublishSubject` node takes every output of
     the subject's chains once they all exist, writes them under their BIDS names,
     draws the QC report from them (with the N4 fields and the run times of the
@@ -113,18 +141,28 @@ def init_single_subject_wf(
     plan: list[dict] = []
     staged_fields: list[str] = []
     bias_fields: dict[str, str] = {}
-    for image in subject.images:
-        anat_wf = init_anat_preproc_wf(
-            config=config, contrast=image.suffix, name=f"anat_{image.key}_wf"
+    for session in subject.sessions(config.coregistration.reference):
+        reference = session.reference
+        session_wf = init_session_wf(
+            config=config,
+            contrasts={image.key: image.suffix for image in session.others},
+            reference_key=reference.key,
+            channel_names=session_channel_names(session),
+            name=f"{session.key}_wf",
         )
-        anat_wf.inputs.inputnode.in_file = str(image.path)
-        image_plan, outputs = publish_plan(image, config)
-        plan += image_plan
-        for output in outputs:
-            wiring.append((anat_wf, f"outputnode.{output}", _field(image, output)))
-        if "slices_staged" in outputs:
-            staged_fields.append(_field(image, "slices_staged"))
-        bias_fields[image.relpath] = _field(image, "bias_field")
+        session_wf.inputs.inputnode.t1w = str(reference.path)
+        for image in session.others:
+            setattr(session_wf.inputs.inputnode, image.key, str(image.path))
+        for image in (reference, *session.others):
+            is_reference = image is reference
+            image_plan, outputs = publish_plan(image, config, None if is_reference else reference)
+            plan += image_plan
+            for output in outputs:
+                source = output if is_reference else session_output_field(image.key, output)
+                wiring.append((session_wf, f"outputnode.{source}", _field(image, output)))
+            if "slices_staged" in outputs:
+                staged_fields.append(_field(image, "slices_staged"))
+            bias_fields[image.relpath] = _field(image, "bias_field")
 
     publish = pe.Node(
         PublishSubject(

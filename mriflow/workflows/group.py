@@ -98,6 +98,7 @@ def init_group_wf(
             entries=model_ready,
             seed=config.seed,
             space=config.registration.template,
+            channels=list(config.coregistration.channels),
         ),
         name="manifest",
     )

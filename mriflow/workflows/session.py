@@ -1,0 +1,333 @@
+"""A session's package of sequences: every contrast aligned to the reference T1w (wiring only).
+
+The reference T1w runs the anatomical chain (:func:`init_anat_preproc_wf`). Every other
+image of the session (T2w, FLAIR, PD, a contrast-enhanced or second T1w) runs
+:func:`init_contrast_wf`: denoising and N4 on its own grid, a rigid co-registration to
+the reference's N4-corrected brain, then one interpolation from its raw grid to each
+output grid (the reference T1w grid; the template through the composed transforms).
+The reference's brain mask is every contrast's brain mask, so the model-ready volumes
+of all contrasts share one crop box and their 2D slices one index.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from mriflow.bids.outputs import contrast_normalization
+from mriflow.config import Config
+from mriflow.image.intensity import method_parameters
+from mriflow.interfaces.anatomical import (
+    ApplyTransforms,
+    Denoise,
+    N4BiasFieldCorrection,
+    RemoveBiasField,
+)
+from mriflow.interfaces.coregistration import Coregister, MaskOnMovingGrid
+from mriflow.interfaces.intensity import Normalize
+from mriflow.workflows.anatomical import (
+    _apply,
+    _collect_steps,
+    _model_ready_node,
+    _slices_node,
+    anat_output_fields,
+    init_anat_preproc_wf,
+)
+
+__all__ = ["CONTRAST_FIELDS", "init_contrast_wf", "init_session_wf", "session_output_field"]
+
+#: Outputs of :func:`init_contrast_wf` (besides ``steps``).
+CONTRAST_FIELDS = (
+    "preproc",
+    "preproc_metadata",
+    "bias_field",
+    "xfm_coreg",
+    "std_preproc",
+    "norm",
+    "std_norm",
+    "model",
+)
+
+# N4 on a contrast fits inside the reference brain mask brought back onto its grid,
+# grown by this much: a rim of tissue steadies the fit at the brain's edge.
+N4_MASK_DILATION_MM = 4.0
+
+
+def session_output_field(key: str, field: str) -> str:
+    """The session workflow's ``outputnode`` field of output ``field`` of contrast ``key``."""
+    return f"{key}__{field}"
+
+
+def init_session_wf(
+    *,
+    config: Config | None = None,
+    contrasts: Mapping[str, str] | None = None,
+    reference_key: str = "T1w",
+    channel_names: Mapping[str, str] | None = None,
+    name: str = "session_wf",
+) -> pe.Workflow:
+    """Preprocess one session: the reference T1w, and every other contrast aligned to it.
+
+    Parameters
+    ----------
+    config : Config
+    contrasts : mapping
+        ``key -> BIDS suffix`` of the session's other images (e.g. ``{"T2w": "T2w",
+        "ceT1w": "T1w"}``); keys must be valid Python identifiers.
+    reference_key : str
+        Names the reference chain (``anat_<reference_key>_wf``).
+    channel_names : mapping, optional
+        ``key -> channel name`` in the 2D slices' index (``file_<name>`` columns;
+        default: the key).
+    name : str
+
+    Inputs
+    ------
+    t1w
+        The reference T1w (raw).
+    <key>
+        Each other contrast (raw), one field per key of ``contrasts``.
+
+    Outputs
+    -------
+    <field>
+        The reference chain's outputs (:func:`init_anat_preproc_wf`), and ``steps``.
+    <key>__<field>
+        Each contrast's outputs (:data:`CONTRAST_FIELDS`) and ``steps``
+        (:func:`session_output_field`).
+    """
+    config = config or Config()
+    contrasts = dict(contrasts or {})
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(fields=["t1w", *contrasts]), name="inputnode")
+    reference_fields = [*anat_output_fields("T1w"), "steps"]
+    contrast_fields = [
+        session_output_field(key, field)
+        for key in contrasts
+        for field in (*CONTRAST_FIELDS, "steps")
+    ]
+    outputnode = pe.Node(
+        niu.IdentityInterface(fields=[*reference_fields, *contrast_fields]), name="outputnode"
+    )
+    # with other contrasts, the reference's 2D slices are cut here, after every
+    # contrast's model-ready volume exists (one index, one column per channel)
+    slice_here = bool(contrasts) and config.export.slices
+    anat_config = copy.deepcopy(config)
+    if slice_here:
+        anat_config.set("export.slices", False)
+    anat_wf = init_anat_preproc_wf(config=anat_config, name=f"anat_{reference_key}_wf")
+    workflow.connect(inputnode, "t1w", anat_wf, "inputnode.in_file")
+    for field in reference_fields:
+        if field != "slices_staged" or not slice_here:
+            workflow.connect(anat_wf, f"outputnode.{field}", outputnode, field)
+    from_reference = ("brain", "brain_mask")
+    if config.registration.enabled:
+        from_reference += ("xfm_fwd", "std_mask")
+    for key, contrast in contrasts.items():
+        contrast_wf = init_contrast_wf(config=config, contrast=contrast, name=f"anat_{key}_wf")
+        workflow.connect(inputnode, key, contrast_wf, "inputnode.in_file")
+        for field in from_reference:
+            workflow.connect(anat_wf, f"outputnode.{field}", contrast_wf, f"inputnode.{field}")
+        for field in (*CONTRAST_FIELDS, "steps"):
+            workflow.connect(
+                contrast_wf, f"outputnode.{field}", outputnode, session_output_field(key, field)
+            )
+    if slice_here:
+        names = channel_names or {}
+        slices = _slices_node(config)
+        slices.inputs.channel_names = [names.get(key, key) for key in contrasts]
+        models = pe.Node(niu.Merge(len(contrasts)), name="channel_models")
+        for position, key in enumerate(contrasts, start=1):
+            contrast_wf = workflow.get_node(f"anat_{key}_wf")
+            workflow.connect(contrast_wf, "outputnode.model", models, f"in{position}")
+        workflow.connect([
+            (inputnode, slices, [("t1w", "source_file")]),
+            (anat_wf, slices, [
+                ("outputnode.model", "in_file"), ("outputnode.model_mask", "mask_file"),
+            ]),
+            (models, slices, [("out", "channel_files")]),
+            (slices, outputnode, [("staged", "slices_staged")]),
+        ])  # fmt:skip
+        if config.segmentation.method != "none":
+            workflow.connect(anat_wf, "outputnode.model_dseg", slices, "dseg_file")
+    return workflow
+
+
+def init_contrast_wf(
+    *, config: Config | None = None, contrast: str = "T2w", name: str = "contrast_wf"
+) -> pe.Workflow:
+    """Align one contrast of a session to its reference T1w and export it like the T1w.
+
+    denoise (raw grid) and N4 (raw grid, head mask) -> rigid co-registration to the
+    reference brain -> N4 again inside the reference brain mask brought back -> one
+    interpolation to the reference grid (``preproc``) and, through the composed
+    transforms, one to the template (``std_preproc``) -> normalization in the
+    reference brain mask -> model-ready volume on the reference's crop box and its
+    slices.
+
+    Inputs
+    ------
+    in_file
+        The contrast's raw image.
+    brain, brain_mask
+        The reference T1w's N4-corrected brain and brain mask (its ``outputnode``).
+    xfm_fwd, std_mask
+        The reference's transform to the template and template-space brain mask
+        (when registration is enabled).
+
+    Outputs
+    -------
+    See :data:`CONTRAST_FIELDS`; ``xfm_coreg`` is the ITK text transform
+    (reference -> contrast points), ``steps`` the step records in chain order.
+    """
+    config = config or Config()
+    threads = max(1, config.execution.omp_nthreads)
+    registered = config.registration.enabled
+    workflow = pe.Workflow(name=name)
+    workflow.__desc__ = (
+        f"The {contrast} image was denoised ({config.denoise.method}) and corrected for "
+        "intensity non-uniformity (N4) on its own grid, aligned to the reference T1w "
+        f"with a {config.coregistration.transform} registration (antsRegistration, "
+        "Mattes mutual information inside the T1w brain mask), and resampled once to "
+        "each output grid through the composed transforms."
+    )
+    inputnode = pe.Node(
+        niu.IdentityInterface(fields=["in_file", "brain", "brain_mask", "xfm_fwd", "std_mask"]),
+        name="inputnode",
+    )
+    outputnode = pe.Node(
+        niu.IdentityInterface(fields=[*CONTRAST_FIELDS, "steps"]), name="outputnode"
+    )
+    outputnode.inputs.preproc_metadata = {"SkullStripped": False}
+
+    def n4_node(node_name: str) -> pe.Node:
+        return pe.Node(
+            N4BiasFieldCorrection(
+                shrink_factor=config.n4.shrink_factor,
+                iterations=config.n4.iterations,
+                convergence_threshold=config.n4.convergence_threshold,
+                spline_distance_mm=config.n4.spline_distance_mm,
+                num_threads=threads,
+            ),
+            name=node_name,
+            n_procs=threads,
+            mem_gb=1.0,
+        )
+
+    denoise = pe.Node(
+        Denoise(
+            method=config.denoise.method,
+            noise_model=config.denoise.noise_model,
+            patch_radius=config.denoise.patch_radius,
+            search_radius=config.denoise.search_radius,
+            h_factor=config.denoise.h_factor,
+            num_threads=threads,
+        ),
+        name="denoise",
+        n_procs=threads,
+        mem_gb=1.0,
+    )
+    n4_head = n4_node("n4_head")
+    coregister = pe.Node(
+        Coregister(
+            transform=config.coregistration.transform,
+            initialisation=config.coregistration.initialisation,
+            random_seed=config.seed,
+            num_threads=threads,
+        ),
+        name="coregister",
+        n_procs=threads,
+        mem_gb=1.5,
+    )
+    brain_mask_here = pe.Node(
+        MaskOnMovingGrid(dilation_mm=N4_MASK_DILATION_MM), name="brain_mask_native", mem_gb=1.0
+    )
+    n4 = n4_node("n4")
+    to_t1w = pe.Node(
+        ApplyTransforms(interpolation="linear", num_threads=threads, step_name="to_t1w"),
+        name="to_t1w",
+        mem_gb=1.0,
+    )
+    workflow.connect([
+        (inputnode, n4_head, [("in_file", "in_file")]),
+        (n4_head, coregister, [("out_file", "moving_file")]),
+        (inputnode, coregister, [("brain", "fixed_file"), ("brain_mask", "fixed_mask_file")]),
+        (inputnode, brain_mask_here, [("brain_mask", "mask_file"), ("in_file", "moving_file")]),
+        (coregister, brain_mask_here, [("transform_file", "transform_file")]),
+        (inputnode, n4, [("in_file", "in_file")]),
+        (brain_mask_here, n4, [("out_file", "mask_file")]),
+        (n4, outputnode, [("bias_field", "bias_field")]),
+        (coregister, outputnode, [("transform_file", "xfm_coreg")]),
+        (coregister, to_t1w, [("transform_file", "transforms")]),
+        (inputnode, to_t1w, [("brain_mask", "reference_file")]),
+        (to_t1w, outputnode, [("out_file", "preproc")]),
+    ])  # fmt:skip
+    if config.denoise.order == "before_n4":
+        remove_bias = pe.Node(RemoveBiasField(), name="remove_bias_field", mem_gb=1.0)
+        workflow.connect([
+            (inputnode, denoise, [("in_file", "in_file")]),
+            (denoise, remove_bias, [("out_file", "in_file")]),
+            (n4, remove_bias, [("bias_field", "bias_field")]),
+        ])  # fmt:skip
+        native = (remove_bias, "out_file")
+        steps = [denoise, coregister, n4, to_t1w]
+    else:
+        workflow.connect(n4, "out_file", denoise, "in_file")
+        native = (denoise, "out_file")
+        steps = [coregister, n4, denoise, to_t1w]
+    workflow.connect(native[0], native[1], to_t1w, "in_file")
+
+    export_image, export_mask = (to_t1w, "out_file"), (inputnode, "brain_mask")
+    if registered:
+        # reference -> template, then contrast -> reference (ANTs applies the last first)
+        compose = pe.Node(niu.Merge(2), name="compose_to_template", run_without_submitting=True)
+        std_preproc = _apply(config, "std_preproc", "linear")
+        steps.append(std_preproc)
+        workflow.connect([
+            (inputnode, compose, [("xfm_fwd", "in1")]),
+            (coregister, compose, [("transform_file", "in2")]),
+            (native[0], std_preproc, [(native[1], "in_file")]),
+            (compose, std_preproc, [("out", "transforms")]),
+            (std_preproc, outputnode, [("out_file", "std_preproc")]),
+        ])  # fmt:skip
+        export_image, export_mask = (std_preproc, "out_file"), (inputnode, "std_mask")
+
+    method = contrast_normalization(config)
+    if method != "none":
+        parameters = method_parameters(method, config.section_dict("intensity"))
+        normalize = pe.Node(
+            Normalize(method=method, parameters=parameters), name="normalize", mem_gb=1.0
+        )
+        steps.append(normalize)
+        workflow.connect([
+            (to_t1w, normalize, [("out_file", "in_file")]),
+            (inputnode, normalize, [("brain_mask", "mask_file")]),
+            (normalize, outputnode, [("out_file", "norm")]),
+        ])  # fmt:skip
+        export_image = (normalize, "out_file")
+        if registered:
+            # normalized in template space, from the once-interpolated image: the
+            # same voxelwise mapping as in T1w space, without resampling a resample
+            std_normalize = pe.Node(
+                Normalize(method=method, parameters=parameters),
+                name="std_normalize",
+                mem_gb=1.0,
+            )
+            workflow.connect([
+                (std_preproc, std_normalize, [("out_file", "in_file")]),
+                (inputnode, std_normalize, [("std_mask", "mask_file")]),
+                (std_normalize, outputnode, [("out_file", "std_norm")]),
+            ])  # fmt:skip
+            export_image = (std_normalize, "out_file")
+
+    model = _model_ready_node(config)
+    steps.append(model)
+    workflow.connect([
+        (export_image[0], model, [(export_image[1], "in_file")]),
+        (export_mask[0], model, [(export_mask[1], "mask_file")]),
+        (model, outputnode, [("out_file", "model")]),
+    ])  # fmt:skip
+    return _collect_steps(workflow, steps, outputnode)
