@@ -75,6 +75,7 @@ class _MaskOnMovingGridInputSpec(BaseInterfaceInputSpec):
     moving_file = File(exists=True, mandatory=True, desc="image whose grid the mask goes to")
     transform_file = File(exists=True, mandatory=True, desc="Coregister's transform")
     dilation_mm = traits.Float(0.0, usedefault=True)
+    allow_empty = traits.Bool(False, usedefault=True, desc="an empty result is not an error")
 
 
 class _MaskOnMovingGridOutputSpec(TraitedSpec):
@@ -82,7 +83,7 @@ class _MaskOnMovingGridOutputSpec(TraitedSpec):
 
 
 class MaskOnMovingGrid(MriflowInterface):
-    """The reference's mask on a contrast's own grid (for N4 there, or defacing)."""
+    """The reference's mask on a contrast's own grid (N4's fit mask there, the face to remove)."""
 
     input_spec = _MaskOnMovingGridInputSpec
     output_spec = _MaskOnMovingGridOutputSpec
@@ -97,7 +98,7 @@ class MaskOnMovingGrid(MriflowInterface):
             read_itk_affine(inputs.transform_file),
             dilation_mm=inputs.dilation_mm,
         )
-        if not np.any(np.asarray(mask.dataobj)):
+        if not inputs.allow_empty and not np.any(np.asarray(mask.dataobj)):
             raise ValueError(
                 f"{inputs.moving_file}: the reference brain mask falls outside this image "
                 "after co-registration (wrong image, or registration failed)"

@@ -19,7 +19,7 @@ from mriflow.image.io import load_image
 from mriflow.interfaces.anatomical import _save, _stem
 from mriflow.interfaces.base import MriflowInterface, step_record
 
-__all__ = ["Deface"]
+__all__ = ["ApplyFaceMask", "Deface"]
 
 
 class _DefaceInputSpec(BaseInterfaceInputSpec):
@@ -86,4 +86,37 @@ class Deface(MriflowInterface):
             "removed_voxels": int(np.count_nonzero(np.asarray(result.face_mask.dataobj))),
         }
         self._results["step"] = step_record("deface", parameters, ["scipy"])
+        return runtime
+
+
+class _ApplyFaceMaskInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="head image")
+    face_mask = File(exists=True, mandatory=True, desc="voxels to remove, on the same grid")
+
+
+class _ApplyFaceMaskOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="the head with those voxels set to 0")
+    step = traits.Dict(desc="step record for the sidecar")
+
+
+class ApplyFaceMask(MriflowInterface):
+    """Remove the reference T1w's face from another contrast of the session (the face
+    mask brought onto that contrast's grid), before anything is resampled from it."""
+
+    input_spec = _ApplyFaceMaskInputSpec
+    output_spec = _ApplyFaceMaskOutputSpec
+
+    def _run_interface(self, runtime):
+        from mriflow.image.deface import apply_face_mask
+
+        head = load_image(self.inputs.in_file)
+        remove = np.asarray(load_image(self.inputs.face_mask).dataobj) > 0
+        self._results["out_file"] = _save(
+            apply_face_mask(head, remove), runtime.cwd, self.inputs.in_file, "defaced"
+        )
+        parameters = {
+            "face_mask": "the reference T1w's, co-registered",
+            "removed_voxels": int(remove.sum()),
+        }
+        self._results["step"] = step_record("deface", parameters, ["nibabel"])
         return runtime

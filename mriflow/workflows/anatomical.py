@@ -32,6 +32,7 @@ T1W_FIELDS = (
     "bias_field",
     "brain",
     "brain_mask",
+    "face_mask",
     "dseg",
     "probseg_csf",
     "probseg_gm",
@@ -96,6 +97,8 @@ def init_anat_preproc_wf(
         The N4 multiplicative field (for the report).
     brain
         The N4-corrected brain, before denoising (what other contrasts are aligned to).
+    face_mask
+        The voxels defacing removed (with ``deface.enabled``).
     brain_mask, dseg, probseg_{csf,gm,wm}, norm
         Native-space brain mask, tissue labels (1=GM 2=WM 3=CSF), probabilities,
         intensity-normalized image (T1w only).
@@ -234,6 +237,7 @@ def init_anat_preproc_wf(
             (preproc_source[0], deface, [(preproc_source[1], "in_file")]),
             (skullstrip, deface, [("out_mask", "mask_file")]),
         ])  # fmt:skip
+        workflow.connect(deface, "face_mask", outputnode, "face_mask")
         preproc_source = (deface, "out_file")
     workflow.connect(preproc_source[0], preproc_source[1], outputnode, "preproc")
 

@@ -27,6 +27,7 @@ from mriflow.interfaces.anatomical import (
     RemoveBiasField,
 )
 from mriflow.interfaces.coregistration import Coregister, MaskOnMovingGrid
+from mriflow.interfaces.deface import ApplyFaceMask
 from mriflow.interfaces.intensity import Normalize
 from mriflow.workflows.anatomical import (
     _apply,
@@ -126,6 +127,8 @@ def init_session_wf(
     from_reference = ("brain", "brain_mask")
     if config.registration.enabled:
         from_reference += ("xfm_fwd", "std_mask")
+    if config.deface.enabled:
+        from_reference += ("face_mask",)
     for key, contrast in contrasts.items():
         contrast_wf = init_contrast_wf(config=config, contrast=contrast, name=f"anat_{key}_wf")
         workflow.connect(inputnode, key, contrast_wf, "inputnode.in_file")
@@ -195,7 +198,9 @@ def init_contrast_wf(
         "each output grid through the composed transforms."
     )
     inputnode = pe.Node(
-        niu.IdentityInterface(fields=["in_file", "brain", "brain_mask", "xfm_fwd", "std_mask"]),
+        niu.IdentityInterface(
+            fields=["in_file", "brain", "brain_mask", "xfm_fwd", "std_mask", "face_mask"]
+        ),
         name="inputnode",
     )
     outputnode = pe.Node(
@@ -278,6 +283,21 @@ def init_contrast_wf(
         workflow.connect(n4, "out_file", denoise, "in_file")
         native = (denoise, "out_file")
         steps = [coregister, n4, denoise, to_t1w]
+    if config.deface.enabled:
+        # the reference's face, brought onto this grid (grown a little: a coarser grid
+        # samples it sparsely), removed before any resampling, so no output shows it
+        face_here = pe.Node(
+            MaskOnMovingGrid(dilation_mm=2.0, allow_empty=True), name="face_mask_native"
+        )
+        deface = pe.Node(ApplyFaceMask(), name="deface", mem_gb=1.0)
+        steps.append(deface)
+        workflow.connect([
+            (inputnode, face_here, [("face_mask", "mask_file"), ("in_file", "moving_file")]),
+            (coregister, face_here, [("transform_file", "transform_file")]),
+            (native[0], deface, [(native[1], "in_file")]),
+            (face_here, deface, [("out_file", "face_mask")]),
+        ])  # fmt:skip
+        native = (deface, "out_file")
     workflow.connect(native[0], native[1], to_t1w, "in_file")
 
     export_image, export_mask = (to_t1w, "out_file"), (inputnode, "brain_mask")

@@ -1,0 +1,255 @@
+"""Multi-contrast sessions: the reference rule, every contrast aligned to the T1w, one
+mask, a multi-channel export that TorchIO and MONAI load, and failures that stay local."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from mriflow.bids.discovery import collect_inputs
+from mriflow.bids.outputs import channel_names
+from mriflow.cli.run import main
+from mriflow.config import Config
+from mriflow.ml.manifest import ManifestEntry, select_channels
+from mriflow.image.slices import extract_slice, slice_layout
+from mriflow.ml.slices import export_slices
+from mriflow.workflows.session import init_session_wf
+from tests.helpers import make_bids_dataset, write_phantom_t1w
+
+QUICK = [
+    "--set", "registration.enabled=false",
+    "--set", "denoise.method=none",
+    "--set", "segmentation.method=gmm",
+]  # fmt: skip
+
+
+def _session_dataset(root: Path, subjects=("01", "02")) -> Path:
+    """Sessions of T1w + ce-T1w + T2w + FLAIR built from one phantom head per subject:
+    the T2w has the inverted contrast and a coarser, shifted grid."""
+    make_bids_dataset(root, {s: ["ses-a"] for s in subjects})
+    for subject in subjects:
+        anat = root / f"sub-{subject}/ses-a/anat"
+        t1 = anat / f"sub-{subject}_ses-a_T1w.nii.gz"
+        shutil.copy(t1, anat / f"sub-{subject}_ses-a_ce-gadolinium_T1w.nii.gz")
+        img = nib.load(t1)
+        data = np.asarray(img.dataobj).astype(np.float32)
+        t2 = np.where(data > 80, 50.0, np.where(data > 30, 120.0, data))
+        nib.save(nib.Nifti1Image(t2.astype(np.int16), img.affine), anat / f"{t1.name[:-10]}T2w.nii.gz")
+        flair = (0.5 * data).astype(np.int16)
+        nib.save(nib.Nifti1Image(flair, img.affine), anat / f"{t1.name[:-10]}FLAIR.nii.gz")
+    return root
+
+
+# ------------------------------------------------------------------ reference rule
+def test_reference_is_the_non_contrast_t1w_with_the_finest_voxels(tmp_path):
+    root = make_bids_dataset(tmp_path / "raw", {"01": ["ses-a"]})
+    anat = root / "sub-01/ses-a/anat"
+    (anat / "sub-01_ses-a_T1w.nii.gz").unlink()
+    write_phantom_t1w(anat / "sub-01_ses-a_run-1_T1w.nii.gz", zooms=(2.0, 2.0, 2.0))
+    write_phantom_t1w(anat / "sub-01_ses-a_run-2_T1w.nii.gz", zooms=(1.5, 1.5, 1.5))
+    write_phantom_t1w(anat / "sub-01_ses-a_ce-gad_run-3_T1w.nii.gz", zooms=(1.0, 1.0, 1.0))
+    write_phantom_t1w(anat / "sub-01_ses-a_T2w.nii.gz")
+    (subject,) = collect_inputs(root)
+    (session,) = subject.sessions()
+    assert session.reference.path.name == "sub-01_ses-a_run-2_T1w.nii.gz"
+    assert {i.path.name for i in session.others} == {
+        "sub-01_ses-a_run-1_T1w.nii.gz",
+        "sub-01_ses-a_ce-gad_run-3_T1w.nii.gz",
+        "sub-01_ses-a_T2w.nii.gz",
+    }
+    # the rule can be overridden by entities
+    (chosen,) = subject.sessions("run-1")
+    assert chosen.reference.path.name == "sub-01_ses-a_run-1_T1w.nii.gz"
+
+
+def test_session_without_a_t1w_fails_its_subject_only_naming_the_files(tmp_path):
+    root = make_bids_dataset(tmp_path / "raw", {"01": ["ses-a", "ses-b"], "02": [""]})
+    ses_b = root / "sub-01/ses-b/anat"
+    (ses_b / "sub-01_ses-b_T1w.nii.gz").rename(ses_b / "sub-01_ses-b_T2w.nii.gz")
+    subjects = {s.subject: s for s in collect_inputs(root)}
+    assert subjects["02"].error is None
+    error = subjects["01"].error
+    assert "sub-01/ses-b/anat/sub-01_ses-b_T2w.nii.gz" in error and "no T1w" in error
+
+
+def test_unreadable_contrast_is_left_out_and_named_the_t1w_still_runs(tmp_path):
+    root = _session_dataset(tmp_path / "raw", subjects=("01",))
+    broken = root / "sub-01/ses-a/anat/sub-01_ses-a_FLAIR.nii.gz"
+    broken.write_bytes(b"not an image")
+    (subject,) = collect_inputs(root)
+    assert subject.error is None
+    assert str(broken) in subject.image_errors and "not a readable image" in (
+        subject.image_errors[str(broken)]
+    )
+    assert broken not in [i.path for i in subject.images]
+
+
+def test_channel_names_are_the_same_in_every_subject_and_never_clash():
+    reference = ({"subject": "01", "run": "1"}, "T1w")
+    others = [
+        ({"subject": "01", "ceagent": "gad"}, "T1w"),
+        ({"subject": "01", "run": "2"}, "T1w"),
+        ({"subject": "01", "acquisition": "ax", "run": "1"}, "T2w"),
+        ({"subject": "01", "acquisition": "sag", "run": "2"}, "T2w"),
+        ({"subject": "01"}, "FLAIR"),
+    ]
+    assert channel_names(reference, others) == [
+        "ce-gad_T1w",
+        "run-2_T1w",
+        "acq-ax_run-1_T2w",
+        "acq-sag_run-2_T2w",
+        "FLAIR",
+    ]
+
+
+def test_missing_channels_drop_the_session_never_shift_the_channels():
+    def entry(pid, *names):
+        return ManifestEntry(pid, image=f"{pid}.nii.gz", channels={n: f"{pid}_{n}" for n in names})
+
+    entries = [entry("sub-01", "T2w", "FLAIR"), entry("sub-02", "FLAIR", "T2w"), entry("sub-03", "T2w")]
+    kept, channels, notes = select_channels(entries)  # default: channels everyone has
+    assert channels == ["T2w"] and len(kept) == 3
+    assert notes == ["FLAIR: only 2 of 3 entries have it"]
+    kept, channels, notes = select_channels(entries, ["FLAIR", "T2w"])  # asked for both
+    assert channels == ["FLAIR", "T2w"]
+    assert [e.participant_id for e in kept] == ["sub-01", "sub-02"]
+    assert [list(e.channels) for e in kept] == [["FLAIR", "T2w"], ["FLAIR", "T2w"]]
+    assert notes == ["sub-03: no FLAIR"]
+
+
+def test_slices_of_every_channel_share_one_index(tmp_path):
+    shape, affine = (20, 24, 20), np.eye(4)
+    rng = np.random.default_rng(0)
+    t1 = nib.Nifti1Image(rng.random(shape, dtype=np.float32), affine)
+    t2 = nib.Nifti1Image(rng.random(shape, dtype=np.float32) + 5, affine)
+    mask = np.zeros(shape, np.uint8)
+    mask[4:16, 4:20, 6:14] = 1
+    export = export_slices(
+        t1, tmp_path, "sub-01_desc-model", subject="01", space="T1w",
+        mask=nib.Nifti1Image(mask, affine), fmt="stack", channels={"T2w": t2},
+    )  # fmt: skip
+    rows = list(csv.DictReader(open(export.index_file)))
+    assert len(rows) == 8 and all(r["file_T2w"] for r in rows)
+    stack_t1 = np.load(tmp_path / rows[0]["file"])
+    stack_t2 = np.load(tmp_path / rows[0]["file_T2w"])
+    assert stack_t1.shape == stack_t2.shape
+    layout = slice_layout(affine, "axial")
+    for row in rows:  # the same slice position in both channels
+        k, z = int(row["stack_index"]), int(row["index"])
+        np.testing.assert_array_equal(stack_t2[k], extract_slice(t2.get_fdata(), layout, z))
+        np.testing.assert_array_equal(stack_t1[k], extract_slice(t1.get_fdata(), layout, z))
+    assert json.loads(export.json_file.read_text())["Channels"] == ["T1w", "T2w"]
+
+
+def test_session_workflow_composes_in_a_user_workflow():
+    config = Config()
+    config.set("registration.enabled", False)
+    session = init_session_wf(config=config, contrasts={"T2w": "T2w", "FLAIR": "FLAIR"})
+    user = pe.Workflow(name="user_wf")
+    sink = pe.Node(niu.IdentityInterface(fields=["t2w", "flair", "mask"]), name="mine")
+    user.connect([
+        (session, sink, [
+            ("outputnode.T2w__preproc", "t2w"),
+            ("outputnode.FLAIR__model", "flair"),
+            ("outputnode.brain_mask", "mask"),
+        ]),
+    ])  # fmt: skip
+    user._generate_flatgraph()  # a DAG, every connection valid
+    names = {node.fullname for node in user._graph.nodes()}
+    assert "user_wf.session_wf.anat_T2w_wf.coregister" in names
+    assert "user_wf.session_wf.slices" in names  # one slice export for all channels
+
+
+# ------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def session_run(tmp_path_factory):
+    """Two subjects of T1w + ce-T1w + T2w + FLAIR; sub-02's T2w is truncated (readable
+    header, broken data), so it fails while sub-02's other images are published."""
+    tmp = tmp_path_factory.mktemp("session")
+    root = _session_dataset(tmp / "raw")
+    t2w = root / "sub-02/ses-a/anat/sub-02_ses-a_T2w.nii.gz"
+    raw = gzip.decompress(t2w.read_bytes())
+    t2w.write_bytes(gzip.compress(raw)[: len(gzip.compress(raw)) // 2])
+    out, work = tmp / "out", tmp / "work"
+    common = ["-w", str(work), *QUICK, "--set", "coregistration.initialisation=header"]
+    code = main([str(root), str(out), "participant", "--nprocs", "2", *common])
+    group = main([str(root), str(out), "group", *common])
+    return root, out, code, group, t2w
+
+
+@pytest.mark.slow
+def test_every_contrast_is_on_the_reference_grid_with_its_transform(session_run):
+    _, out, _, _, _ = session_run
+    anat = out / "sub-01/ses-a/anat"
+    reference = nib.load(anat / "sub-01_ses-a_desc-preproc_T1w.nii.gz")
+    mask = nib.load(anat / "sub-01_ses-a_desc-brain_mask.nii.gz").get_fdata() > 0
+    for name in ("ce-gadolinium_desc-preproc_T1w", "desc-preproc_T2w", "desc-preproc_FLAIR"):
+        image = nib.load(anat / f"sub-01_ses-a_{name}.nii.gz")
+        assert image.shape == reference.shape
+        np.testing.assert_allclose(image.affine, reference.affine, atol=1e-4)
+        sidecar = json.loads((anat / f"sub-01_ses-a_{name}.json").read_text())
+        assert sidecar["SpatialReference"] == (
+            "bids::sub-01/ses-a/anat/sub-01_ses-a_desc-preproc_T1w.nii.gz"
+        )
+        assert [s["Name"] for s in sidecar["Steps"]][-2:] == ["n4", "to_t1w"]
+        assert "coregistration" in [s["Name"] for s in sidecar["Steps"]]
+        # the same head: a copy of the T1w lands on the T1w itself
+        if name.startswith("ce-"):
+            r = np.corrcoef(image.get_fdata()[mask], reference.get_fdata()[mask])[0, 1]
+            assert r > 0.98
+    for contrast in ("T2w", "FLAIR"):
+        xfm = anat / f"sub-01_ses-a_from-{contrast}_to-T1w_mode-image_xfm.txt"
+        assert xfm.read_text().startswith("#Insight Transform File V1.0")
+
+
+@pytest.mark.slow
+def test_four_channel_export_loads_in_torchio_and_monai(session_run):
+    tio = pytest.importorskip("torchio")
+    pytest.importorskip("monai")
+    from monai.data import DataLoader, Dataset
+    from monai.transforms import Compose, ConcatItemsd, EnsureChannelFirstd, LoadImaged
+
+    _, out, _, group, _ = session_run
+    rows = list(csv.DictReader(open(out / "dataset.csv")))
+    # sub-02 lacks the T2w: left out of the 4-channel manifest, never shifted
+    assert [r["participant_id"] for r in rows] == ["sub-01"]
+    channels = ["image", "image_ce-gadolinium_T1w", "image_T2w", "image_FLAIR"]
+    assert json.loads((out / "dataset.json").read_text())["Channels"] == channels
+    keys = sorted(channels)  # any order: the manifest names each channel
+    rows = rows * 2  # a batch of two
+    subjects = [tio.Subject({k: tio.ScalarImage(out / r[k]) for k in keys}) for r in rows]
+    batch = next(iter(tio.SubjectsLoader(tio.SubjectsDataset(subjects), batch_size=2)))
+    shapes = {tuple(batch[k][tio.DATA].shape) for k in keys}
+    assert len(shapes) == 1 and next(iter(shapes))[:2] == (2, 1)
+    data = [{k: str(out / r[k]) for k in channels} for r in rows]
+    transform = Compose(
+        [LoadImaged(keys=channels), EnsureChannelFirstd(keys=channels),
+         ConcatItemsd(keys=channels, name="x")]
+    )  # fmt: skip
+    x = next(iter(DataLoader(Dataset(data, transform=transform), batch_size=2)))["x"]
+    assert tuple(x.shape[:2]) == (2, 4)
+    slices = list(csv.DictReader(open(out / "sub-01/ses-a/slices/sub-01_ses-a_desc-model_slices.csv")))
+    assert {"file", "file_ce-gadolinium_T1w", "file_T2w", "file_FLAIR"} <= set(slices[0])
+
+
+@pytest.mark.slow
+def test_a_broken_contrast_fails_alone_named_and_the_t1w_is_published(session_run):
+    _, out, code, _, t2w = session_run
+    assert code == 1
+    anat = out / "sub-02/ses-a/anat"
+    assert (anat / "sub-02_ses-a_desc-preproc_T1w.nii.gz").is_file()
+    assert (anat / "sub-02_ses-a_desc-preproc_FLAIR.nii.gz").is_file()
+    assert not list(anat.glob("*T2w*"))
+    status = json.loads((out / "logs/sub-02_status.json").read_text())
+    assert status["status"] == "ok" and str(t2w) in status["reason"]
+    summary = sorted((out / "logs").glob("run-*_summary.json"))[-1]
+    assert json.loads(summary.read_text())["Subjects"][1]["status"] == "ok"
