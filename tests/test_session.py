@@ -43,7 +43,9 @@ def _session_dataset(root: Path, subjects=("01", "02")) -> Path:
         img = nib.load(t1)
         data = np.asarray(img.dataobj).astype(np.float32)
         t2 = np.where(data > 80, 50.0, np.where(data > 30, 120.0, data))
-        nib.save(nib.Nifti1Image(t2.astype(np.int16), img.affine), anat / f"{t1.name[:-10]}T2w.nii.gz")
+        nib.save(
+            nib.Nifti1Image(t2.astype(np.int16), img.affine), anat / f"{t1.name[:-10]}T2w.nii.gz"
+        )
         flair = (0.5 * data).astype(np.int16)
         nib.save(nib.Nifti1Image(flair, img.affine), anat / f"{t1.name[:-10]}FLAIR.nii.gz")
     return root
@@ -87,8 +89,9 @@ def test_unreadable_contrast_is_left_out_and_named_the_t1w_still_runs(tmp_path):
     broken.write_bytes(b"not an image")
     (subject,) = collect_inputs(root)
     assert subject.error is None
-    assert str(broken) in subject.image_errors and "not a readable image" in (
-        subject.image_errors[str(broken)]
+    assert (
+        str(broken) in subject.image_errors
+        and "not a readable image" in (subject.image_errors[str(broken)])
     )
     assert broken not in [i.path for i in subject.images]
 
@@ -115,7 +118,11 @@ def test_missing_channels_drop_the_session_never_shift_the_channels():
     def entry(pid, *names):
         return ManifestEntry(pid, image=f"{pid}.nii.gz", channels={n: f"{pid}_{n}" for n in names})
 
-    entries = [entry("sub-01", "T2w", "FLAIR"), entry("sub-02", "FLAIR", "T2w"), entry("sub-03", "T2w")]
+    entries = [
+        entry("sub-01", "T2w", "FLAIR"),
+        entry("sub-02", "FLAIR", "T2w"),
+        entry("sub-03", "T2w"),
+    ]
     kept, channels, notes = select_channels(entries)  # default: channels everyone has
     assert channels == ["T2w"] and len(kept) == 3
     assert notes == ["FLAIR: only 2 of 3 entries have it"]
@@ -182,7 +189,10 @@ def session_run(tmp_path_factory):
     out, work = tmp / "out", tmp / "work"
     common = ["-w", str(work), *QUICK, "--set", "coregistration.initialisation=header"]
     code = main([str(root), str(out), "participant", "--nprocs", "2", *common])
-    group = main([str(root), str(out), "group", *common])
+    channels = '["ce-gadolinium_T1w","T2w","FLAIR"]'
+    group = main(
+        [str(root), str(out), "group", *common, "--set", f"coregistration.channels={channels}"]
+    )
     return root, out, code, group, t2w
 
 
@@ -220,7 +230,7 @@ def test_four_channel_export_loads_in_torchio_and_monai(session_run):
 
     _, out, _, group, _ = session_run
     rows = list(csv.DictReader(open(out / "dataset.csv")))
-    # sub-02 lacks the T2w: left out of the 4-channel manifest, never shifted
+    # sub-02 lacks the T2w asked for: left out of the 4-channel manifest, never shifted
     assert [r["participant_id"] for r in rows] == ["sub-01"]
     channels = ["image", "image_ce-gadolinium_T1w", "image_T2w", "image_FLAIR"]
     assert json.loads((out / "dataset.json").read_text())["Channels"] == channels
@@ -237,7 +247,9 @@ def test_four_channel_export_loads_in_torchio_and_monai(session_run):
     )  # fmt: skip
     x = next(iter(DataLoader(Dataset(data, transform=transform), batch_size=2)))["x"]
     assert tuple(x.shape[:2]) == (2, 4)
-    slices = list(csv.DictReader(open(out / "sub-01/ses-a/slices/sub-01_ses-a_desc-model_slices.csv")))
+    slices = list(
+        csv.DictReader(open(out / "sub-01/ses-a/slices/sub-01_ses-a_desc-model_slices.csv"))
+    )
     assert {"file", "file_ce-gadolinium_T1w", "file_T2w", "file_FLAIR"} <= set(slices[0])
 
 
