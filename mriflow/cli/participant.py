@@ -19,7 +19,13 @@ from mriflow.config import Config
 
 log = logging.getLogger("mriflow")
 
-__all__ = ["FailureRecorder", "SubjectOutcome", "run_participant", "plugin_settings"]
+__all__ = [
+    "FailureRecorder",
+    "SubjectOutcome",
+    "plugin_settings",
+    "rebuild_reports",
+    "run_participant",
+]
 
 
 @dataclass
@@ -98,7 +104,16 @@ def run_participant(
     session_labels: list[str] | None = None,
     database_dir: Path | None = None,
     bids_filter_file: Path | None = None,
+    build_only: str | None = None,
+    show_progress: bool = True,
 ) -> int:
+    """Run the participant level; exit code 0 (all ok), 1 (some failed) or 2 (usage).
+
+    ``build_only`` (``"boilerplate"`` or ``"graph"``) builds the workflow of the run,
+    writes its methods text (``logs/CITATION.md``, ``.bib``) or its graph
+    (``provenance/workflow.dot``) into OUT_DIR and returns without running it.
+    ``show_progress`` shows the progress line on stderr (:mod:`mriflow.cli.progress`).
+    """
     from mriflow.bids.discovery import DiscoveryError, collect_inputs, load_bids_filters
 
     started = time.monotonic()
@@ -113,6 +128,8 @@ def run_participant(
         )
     except DiscoveryError as err:
         raise UsageError(str(err)) from None
+    if build_only:
+        return _build_only(build_only, subjects, config, bids_dir, out_dir, work_dir)
     from mriflow.cli.preflight import check_free_space
 
     runnable_images = [(i.path, i.suffix) for s in subjects if not s.error for i in s.images]
@@ -170,18 +187,33 @@ def run_participant(
             plugin_args,
             work_dir,
         )
-        recorder = FailureRecorder(
-            {f"{workflow_name}.{subject_workflow_name(s.subject)}": s.subject for s in runnable},
-            subjects,
-        )
+        from mriflow.reports.boilerplate import write_boilerplate
+
+        write_boilerplate(workflow, out_dir)  # the methods text of what is about to run
+        prefixes = {
+            f"{workflow_name}.{subject_workflow_name(s.subject)}": s.subject for s in runnable
+        }
+        recorder = FailureRecorder(prefixes, subjects)
+        progress = None
         if not plugin.endswith("Graph"):  # graph plugins cannot call back
-            plugin_args = {**plugin_args, "status_callback": recorder}
+            callback = recorder
+            if show_progress:
+                from mriflow.cli.progress import Progress
+
+                failed_early = [s.subject for s in subjects if s.error]
+                progress = Progress(prefixes, len(subjects), failed=failed_early)
+                callback = _Callbacks(recorder, progress)
+            plugin_args = {**plugin_args, "status_callback": callback}
         from mriflow.execution import run_workflow
 
         # failed nodes are reported, not raised; tracebacks go to the log file
-        graph_run = run_workflow(
-            workflow, plugin, plugin_args, log_file=out_dir / "logs" / f"run-{run_id}.log"
-        )
+        try:
+            graph_run = run_workflow(
+                workflow, plugin, plugin_args, log_file=out_dir / "logs" / f"run-{run_id}.log"
+            )
+        finally:
+            if progress is not None:
+                progress.close()
         # nodes whose result could not even be written (a full work disk) never
         # reach the callback: the watched plugin kept their reasons
         for fullname, reason in graph_run.failures.items():
@@ -227,6 +259,111 @@ def run_participant(
     )
     print(format_summary(outcomes, elapsed))
     return EXIT_OK if all(o.ok for o in outcomes) else EXIT_FAILED
+
+
+class _Callbacks:
+    """Several Nipype status callbacks as one (failures first: the progress reads none)."""
+
+    def __init__(self, *callbacks) -> None:
+        self.callbacks = callbacks
+
+    def __call__(self, node, status: str) -> None:
+        for callback in self.callbacks:
+            callback(node, status)
+
+
+def _build_only(
+    what: str, subjects: list, config: Config, bids_dir: Path, out_dir: Path, work_dir: Path
+) -> int:
+    """``--boilerplate`` / ``--write-graph``: build the run's workflow, write it, run nothing."""
+    from mriflow.workflows.base import init_mriflow_wf
+
+    runnable = [s for s in subjects if not s.error]
+    for subject in subjects:
+        if subject.error:
+            log.warning("sub-%s: not in the workflow: %s", subject.subject, subject.error)
+    if not runnable:
+        raise UsageError(f"BIDS_DIR {bids_dir}: no subject with usable inputs to build a workflow")
+    workflow = init_mriflow_wf(
+        runnable, config=config, bids_dir=bids_dir, out_dir=out_dir, work_dir=work_dir
+    )
+    if what == "boilerplate":
+        from mriflow.reports.boilerplate import write_boilerplate
+
+        written = write_boilerplate(workflow, out_dir)
+    else:
+        from mriflow.reports.provenance import write_workflow_graph
+
+        written = write_workflow_graph(workflow, out_dir)
+    for path in written:
+        print(f"mriflow: wrote {path}")
+    return EXIT_OK
+
+
+def rebuild_reports(
+    out_dir: Path, work_dir: Path, participant_labels: list[str] | None = None
+) -> int:
+    """``--reports-only``: QC reports, IQMs and provenance of OUT_DIR's published subjects.
+
+    No Nipype node runs: the reports are drawn from the published files, as the
+    publishing node draws them from the staged ones. The work dir of the run, when it
+    is still there, gives the run time of each step and the N4 bias fields (INU
+    metrics); the publishing node's saved inputs say which field belongs to which image.
+    """
+    from mriflow.bids.paths import subject_label
+    from mriflow.reports import write_subject_qc
+
+    layout = DerivativesLayout(out_dir)
+    published = [s for s, r in layout.statuses().items() if r.get("status") == "ok"]
+    published = sorted(set(published) & set(layout.subjects()))
+    if participant_labels:
+        wanted = [subject_label(label) for label in participant_labels]
+        unknown = [label for label in wanted if label not in published]
+        if unknown:
+            raise UsageError(
+                f"--participant-label {' '.join(unknown)}: no published subject in OUT_DIR "
+                f"{out_dir} (it has {', '.join(published) or 'none'})"
+            )
+        published = sorted(set(wanted))
+    if not published:
+        raise UsageError(f"OUT_DIR {out_dir}: no published subject to report on")
+    from mriflow.workflows.base import subject_workflow_name
+
+    failed = []
+    for label in published:
+        subject_work = work_dir / "mriflow_wf" / subject_workflow_name(label)
+        try:
+            write_subject_qc(
+                out_dir,
+                label,
+                work_dir=subject_work if subject_work.is_dir() else None,
+                bias_fields=_saved_bias_fields(subject_work),
+            )
+        except Exception as err:  # one subject's report must not stop the others
+            log.error("sub-%s: report not rebuilt: %s", label, err)
+            failed.append(label)
+    print(
+        f"mriflow participant --reports-only: {len(published) - len(failed)} of "
+        f"{len(published)} report(s) rebuilt in {out_dir}"
+    )
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _saved_bias_fields(subject_work: Path) -> dict[str, str]:
+    """Raw image -> N4 field, from the publishing node's result in the work dir ({} if gone)."""
+    from nipype.utils.filemanip import loadpkl
+
+    result_file = subject_work / "publish" / "result_publish.pklz"
+    if not result_file.is_file():
+        return {}
+    try:
+        inputs = loadpkl(str(result_file)).inputs
+    except Exception as err:  # a foreign or stale pickle: report without INU metrics
+        log.warning("%s: unreadable (%s); no INU metrics", result_file, err)
+        return {}
+    fields = inputs.get("bias_fields") or {}
+    found = {raw: inputs.get(name) for raw, name in fields.items()}
+    return {raw: path for raw, path in found.items() if path and Path(path).is_file()}
 
 
 def _wait_for_graph_jobs(
