@@ -19,6 +19,9 @@ from mriflow.config import Config
 
 log = logging.getLogger("mriflow")
 
+#: The top workflow of a participant run (its folder in the work dir).
+WORKFLOW_NAME = "mriflow_wf"
+
 __all__ = [
     "FailureRecorder",
     "SubjectOutcome",
@@ -151,7 +154,7 @@ def run_participant(
         if subject.error:
             log.error("sub-%s: %s", subject.subject, subject.error)
 
-    workflow_name = "mriflow_wf"
+    workflow_name = WORKFLOW_NAME
     workflow = None
     recorder = FailureRecorder({}, subjects)
     if runnable:
@@ -189,7 +192,10 @@ def run_participant(
         )
         from mriflow.reports.boilerplate import write_boilerplate
 
-        write_boilerplate(workflow, out_dir)  # the methods text of what is about to run
+        try:  # the methods text of what is about to run; it must never stop the run
+            write_boilerplate(workflow, out_dir)
+        except Exception as err:
+            log.warning("mriflow: methods boilerplate (logs/CITATION.md) not written: %s", err)
         prefixes = {
             f"{workflow_name}.{subject_workflow_name(s.subject)}": s.subject for s in runnable
         }
@@ -285,7 +291,12 @@ def _build_only(
     if not runnable:
         raise UsageError(f"BIDS_DIR {bids_dir}: no subject with usable inputs to build a workflow")
     workflow = init_mriflow_wf(
-        runnable, config=config, bids_dir=bids_dir, out_dir=out_dir, work_dir=work_dir
+        runnable,
+        config=config,
+        bids_dir=bids_dir,
+        out_dir=out_dir,
+        work_dir=work_dir,
+        name=WORKFLOW_NAME,
     )
     if what == "boilerplate":
         from mriflow.reports.boilerplate import write_boilerplate
@@ -331,7 +342,7 @@ def rebuild_reports(
 
     failed = []
     for label in published:
-        subject_work = work_dir / "mriflow_wf" / subject_workflow_name(label)
+        subject_work = work_dir / WORKFLOW_NAME / subject_workflow_name(label)
         try:
             write_subject_qc(
                 out_dir,

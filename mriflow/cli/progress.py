@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from mriflow.bids.paths import subject_dirname
+
 __all__ = ["Progress", "format_elapsed"]
 
 #: Node names whose end means "the subject is published".
@@ -111,7 +113,7 @@ class Progress:
         if failed:
             text += f", {failed} failed"
         if running:
-            steps = [f"sub-{subject} {step}" for subject, step in running[:SHOWN_STEPS]]
+            steps = [f"{subject_dirname(s)} {step}" for s, step in running[:SHOWN_STEPS]]
             more = f" +{len(running) - SHOWN_STEPS}" if len(running) > SHOWN_STEPS else ""
             text += f" | running: {', '.join(steps)}{more}"
         return f"{text} | {format_elapsed(self.clock() - self.started)}"

@@ -35,10 +35,6 @@ class ValidationIssue:
     location: str
     message: str = ""
 
-    def __str__(self) -> str:
-        where = self.location or "/"
-        return f"{where}: {self.code}" + (f" ({self.message})" if self.message else "")
-
 
 def validator_command() -> list[str] | None:
     """How to start the official validator here, or None when it is not installed.
@@ -61,10 +57,11 @@ def validator_command() -> list[str] | None:
 
 def _selected(location: str, subjects: Sequence[str] | None) -> bool:
     """Whether an issue at ``location`` concerns the run: root files and selected subjects."""
+    from mriflow.bids.paths import parse_subject_dirname
+
     parts = [p for p in location.split("/") if p]
-    if not subjects or not parts or not parts[0].startswith("sub-"):
-        return True
-    return parts[0][4:] in subjects
+    subject = parse_subject_dirname(parts[0]) if parts else None
+    return not subjects or subject is None or subject in subjects
 
 
 def _official(bids_dir: Path, command: list[str], subjects: Sequence[str] | None):
@@ -80,18 +77,15 @@ def _official(bids_dir: Path, command: list[str], subjects: Sequence[str] | None
     except (OSError, subprocess.TimeoutExpired, ValueError, KeyError, TypeError) as err:
         # a validator that cannot run is not the dataset's fault: say so, check with pybids
         return None, f"bids-validator-deno did not give a report ({err}); pybids checks used"
-    messages = report["issues"].get("codeMessages") or {}
     errors = []
     for issue in issues:
         location = issue.get("location") or ""
         if issue.get("severity") != "error" or not _selected(location, subjects):
             continue
-        code = issue.get("code", "ERROR")
-        detail = issue.get("issueMessage") or issue.get("subCode") or ""
-        if not detail:
-            detail = " ".join(str(messages.get(code, "")).split())[:120]
-        errors.append(ValidationIssue(code, location, detail))
-    return errors, None
+        # the code says what is wrong; the validator's general text per code is long
+        detail = " ".join(str(issue.get("issueMessage") or issue.get("subCode") or "").split())
+        errors.append(ValidationIssue(issue.get("code", "ERROR"), location, detail[:120]))
+    return sorted(set(errors), key=lambda e: (e.location, e.code)), None
 
 
 def _pybids(bids_dir: Path, subjects: Sequence[str] | None) -> list[ValidationIssue]:
@@ -106,9 +100,11 @@ def _pybids(bids_dir: Path, subjects: Sequence[str] | None) -> list[ValidationIs
         return [ValidationIssue("DATASET_DESCRIPTION", "/dataset_description.json", str(err))]
     validator = BIDSValidator()
     errors = []
-    folders = sorted(p for p in bids_dir.glob("sub-*") if p.is_dir())
-    for folder in folders:
-        if subjects and folder.name[4:] not in subjects:
+    from mriflow.bids.paths import parse_subject_dirname
+
+    for folder in sorted(p for p in bids_dir.iterdir() if p.is_dir()):
+        subject = parse_subject_dirname(folder.name)
+        if subject is None or (subjects and subject not in subjects):
             continue
         for path in sorted(folder.rglob("*")):
             if path.is_dir():
@@ -117,7 +113,7 @@ def _pybids(bids_dir: Path, subjects: Sequence[str] | None) -> list[ValidationIs
             if not validator.is_bids(location):
                 errors.append(ValidationIssue("NOT_INCLUDED", location, "not a BIDS file name"))
             elif path.stat().st_size == 0:
-                errors.append(ValidationIssue("EMPTY_FILE", location, "0 bytes"))
+                errors.append(ValidationIssue("EMPTY_FILE", location))
     return errors
 
 
@@ -140,7 +136,9 @@ def validate_bids_dir(
         ``"pybids"``, with the reason when the validator could not run) and the errors.
     """
     bids_dir = Path(bids_dir)
-    subjects = [s.removeprefix("sub-") for s in subjects] if subjects else None
+    from mriflow.bids.paths import subject_label
+
+    subjects = [subject_label(s) for s in subjects] if subjects else None
     command = validator_command()
     note = "bids-validator-deno not installed"
     if command is not None:
@@ -151,11 +149,18 @@ def validate_bids_dir(
 
 
 def format_issues(bids_dir: str | os.PathLike[str], checker: str, errors: Sequence) -> str:
-    """The one line that refuses the run: count, the first problems, how to go on."""
-    shown = "; ".join(str(e) for e in errors[:SHOWN])
-    more = f"; and {len(errors) - SHOWN} more" if len(errors) > SHOWN else ""
+    """The one line that refuses the run: counts, the first files and their problems, how
+    to go on."""
+    by_file: dict[str, list[str]] = {}
+    for error in errors:
+        text = error.code + (f" ({error.message})" if error.message else "")
+        by_file.setdefault(error.location or "/", []).append(text)
+    shown = "; ".join(
+        f"{where}: {', '.join(codes)}" for where, codes in list(by_file.items())[:SHOWN]
+    )
+    more = f"; and {len(by_file) - SHOWN} more file(s)" if len(by_file) > SHOWN else ""
     return (
-        f"BIDS_DIR {bids_dir} is not valid BIDS ({len(errors)} error(s) from {checker}): "
-        f"{shown}{more} - fix them, leave those subjects out (--participant-label) "
-        "or run with --skip-bids-validation"
+        f"BIDS_DIR {bids_dir} is not valid BIDS ({len(errors)} error(s) in {len(by_file)} "
+        f"file(s), {checker}): {shown}{more} - fix them, leave those subjects out "
+        "(--participant-label) or run with --skip-bids-validation"
     )

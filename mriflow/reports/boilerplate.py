@@ -387,7 +387,12 @@ def build_boilerplate(workflow) -> Boilerplate:
             if described is None:
                 unknown = unknown or kind not in PLUMBING
                 continue
-            made = described.sentence(node.inputs)
+            try:
+                made = described.sentence(node.inputs)
+            except (AttributeError, KeyError, TypeError, ValueError):
+                # the interface changed under this text: its workflow's own words instead
+                unknown = True
+                continue
             if made is None:
                 continue
             sentence, software, refs = made
