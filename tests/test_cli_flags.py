@@ -247,7 +247,7 @@ def test_reports_only_refuses_unknown_subjects(quick_run, capsys):
     out, work, root, _ = quick_run
     args = [str(root), str(out), "participant", "-w", str(work), "--reports-only"]
     assert main([*args, "--participant-label", "07"]) == 2
-    assert "07: no published subject" in _error_line(capsys)
+    assert "--participant-label 07: not in OUT_DIR" in _error_line(capsys)
 
 
 # ------------------------------------------------------------------- progress display

@@ -26,7 +26,6 @@ __all__ = [
     "FailureRecorder",
     "SubjectOutcome",
     "plugin_settings",
-    "rebuild_reports",
     "run_participant",
 ]
 
@@ -154,21 +153,12 @@ def run_participant(
         if subject.error:
             log.error("sub-%s: %s", subject.subject, subject.error)
 
-    workflow_name = WORKFLOW_NAME
     workflow = None
     recorder = FailureRecorder({}, subjects)
     if runnable:
-        from mriflow.workflows.base import init_mriflow_wf, subject_workflow_name
+        from mriflow.workflows.base import subject_workflow_name
 
-        workflow = init_mriflow_wf(
-            runnable,
-            config=config,
-            bids_dir=bids_dir,
-            out_dir=out_dir,
-            work_dir=work_dir,
-            run_id=run_id,
-            name=workflow_name,
-        )
+        workflow = _init_workflow(runnable, config, bids_dir, out_dir, work_dir, run_id)
         workflow.config["execution"].update(
             {
                 "crashdump_dir": str(crash_dir),
@@ -197,7 +187,7 @@ def run_participant(
         except Exception as err:
             log.warning("mriflow: methods boilerplate (logs/CITATION.md) not written: %s", err)
         prefixes = {
-            f"{workflow_name}.{subject_workflow_name(s.subject)}": s.subject for s in runnable
+            f"{WORKFLOW_NAME}.{subject_workflow_name(s.subject)}": s.subject for s in runnable
         }
         recorder = FailureRecorder(prefixes, subjects)
         progress = None
@@ -267,6 +257,21 @@ def run_participant(
     return EXIT_OK if all(o.ok for o in outcomes) else EXIT_FAILED
 
 
+def _init_workflow(runnable, config, bids_dir, out_dir, work_dir, run_id: str = ""):
+    """The Nipype graph of a participant run (what runs, or what --boilerplate describes)."""
+    from mriflow.workflows.base import init_mriflow_wf
+
+    return init_mriflow_wf(
+        runnable,
+        config=config,
+        bids_dir=bids_dir,
+        out_dir=out_dir,
+        work_dir=work_dir,
+        run_id=run_id,
+        name=WORKFLOW_NAME,
+    )
+
+
 class _Callbacks:
     """Several Nipype status callbacks as one (failures first: the progress reads none)."""
 
@@ -282,22 +287,13 @@ def _build_only(
     what: str, subjects: list, config: Config, bids_dir: Path, out_dir: Path, work_dir: Path
 ) -> int:
     """``--boilerplate`` / ``--write-graph``: build the run's workflow, write it, run nothing."""
-    from mriflow.workflows.base import init_mriflow_wf
-
     runnable = [s for s in subjects if not s.error]
     for subject in subjects:
         if subject.error:
             log.warning("sub-%s: not in the workflow: %s", subject.subject, subject.error)
     if not runnable:
         raise UsageError(f"BIDS_DIR {bids_dir}: no subject with usable inputs to build a workflow")
-    workflow = init_mriflow_wf(
-        runnable,
-        config=config,
-        bids_dir=bids_dir,
-        out_dir=out_dir,
-        work_dir=work_dir,
-        name=WORKFLOW_NAME,
-    )
+    workflow = _init_workflow(runnable, config, bids_dir, out_dir, work_dir)
     if what == "boilerplate":
         from mriflow.reports.boilerplate import write_boilerplate
 
@@ -309,72 +305,6 @@ def _build_only(
     for path in written:
         print(f"mriflow: wrote {path}")
     return EXIT_OK
-
-
-def rebuild_reports(
-    out_dir: Path, work_dir: Path, participant_labels: list[str] | None = None
-) -> int:
-    """``--reports-only``: QC reports, IQMs and provenance of OUT_DIR's published subjects.
-
-    No Nipype node runs: the reports are drawn from the published files, as the
-    publishing node draws them from the staged ones. The work dir of the run, when it
-    is still there, gives the run time of each step and the N4 bias fields (INU
-    metrics); the publishing node's saved inputs say which field belongs to which image.
-    """
-    from mriflow.bids.paths import subject_label
-    from mriflow.reports import write_subject_qc
-
-    layout = DerivativesLayout(out_dir)
-    published = [s for s, r in layout.statuses().items() if r.get("status") == "ok"]
-    published = sorted(set(published) & set(layout.subjects()))
-    if participant_labels:
-        wanted = [subject_label(label) for label in participant_labels]
-        unknown = [label for label in wanted if label not in published]
-        if unknown:
-            raise UsageError(
-                f"--participant-label {' '.join(unknown)}: no published subject in OUT_DIR "
-                f"{out_dir} (it has {', '.join(published) or 'none'})"
-            )
-        published = sorted(set(wanted))
-    if not published:
-        raise UsageError(f"OUT_DIR {out_dir}: no published subject to report on")
-    from mriflow.workflows.base import subject_workflow_name
-
-    failed = []
-    for label in published:
-        subject_work = work_dir / WORKFLOW_NAME / subject_workflow_name(label)
-        try:
-            write_subject_qc(
-                out_dir,
-                label,
-                work_dir=subject_work if subject_work.is_dir() else None,
-                bias_fields=_saved_bias_fields(subject_work),
-            )
-        except Exception as err:  # one subject's report must not stop the others
-            log.error("sub-%s: report not rebuilt: %s", label, err)
-            failed.append(label)
-    print(
-        f"mriflow participant --reports-only: {len(published) - len(failed)} of "
-        f"{len(published)} report(s) rebuilt in {out_dir}"
-    )
-    return EXIT_FAILED if failed else EXIT_OK
-
-
-def _saved_bias_fields(subject_work: Path) -> dict[str, str]:
-    """Raw image -> N4 field, from the publishing node's result in the work dir ({} if gone)."""
-    from nipype.utils.filemanip import loadpkl
-
-    result_file = subject_work / "publish" / "result_publish.pklz"
-    if not result_file.is_file():
-        return {}
-    try:
-        inputs = loadpkl(str(result_file)).inputs
-    except Exception as err:  # a foreign or stale pickle: report without INU metrics
-        log.warning("%s: unreadable (%s); no INU metrics", result_file, err)
-        return {}
-    fields = inputs.get("bias_fields") or {}
-    found = {raw: inputs.get(name) for raw, name in fields.items()}
-    return {raw: path for raw, path in found.items() if path and Path(path).is_file()}
 
 
 def _wait_for_graph_jobs(

@@ -332,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # writable; runs with another config into the same OUT_DIR are refused
         held.enter_context(preflight(out_dir, work_dir, share_key=config_key(config)))
         if args.reports_only:
-            from mriflow.cli.participant import rebuild_reports
+            from mriflow.cli.reports_only import rebuild_reports
 
             return rebuild_reports(out_dir, work_dir, args.participant_label)
         if args.analysis_level == "participant":
