@@ -285,7 +285,8 @@ def test_progress_lines_are_rate_limited_off_a_terminal():
     assert len(lines) == 3
 
 
-def test_progress_rewrites_one_line_on_a_terminal():
+def test_progress_rewrites_one_line_on_a_terminal(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
     progress, stream, clock = _progress(tty=True)
     for t in range(5):
         clock[0] = t
@@ -294,6 +295,10 @@ def test_progress_rewrites_one_line_on_a_terminal():
     text = stream.getvalue()
     assert text.count("\n") == 1 and text.endswith("\n") and text.count("\r") == 6
     assert "running: sub-01 step0, sub-01 step1, sub-01 step2 +2" in text
+    monkeypatch.setenv("COLUMNS", "40")  # a longer line would wrap and break the rewrite
+    progress.show(force=True)
+    last = stream.getvalue().rsplit("\r", 1)[-1]
+    assert last.startswith("mriflow: 0/3 done") and len(last.rstrip()) <= 39
 
 
 def test_elapsed_time_format():

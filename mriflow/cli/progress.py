@@ -13,6 +13,7 @@ fed by Nipype's ``status_callback`` (local plugins; graph plugins cannot call ba
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -137,6 +138,8 @@ class Progress:
             self._pending = True  # printed with the next event after the interval
 
     def _rewrite(self, text: str) -> None:
+        # a line longer than the terminal wraps, and "\r" then rewrites only its last part
+        text = text[: max(20, shutil.get_terminal_size().columns - 1)]
         pad = " " * max(0, self._width - len(text))
         self.stream.write(f"\r{text}{pad}")
         self.stream.flush()
