@@ -342,10 +342,33 @@ def _walk(workflow) -> Iterator[tuple[Any, list[Any]]]:
     from nipype.pipeline.engine import Workflow
 
     nodes = list(nx.topological_sort(workflow._graph))
-    yield workflow, [n for n in nodes if not isinstance(n, Workflow)]
+    yield workflow, _chain_order(workflow, [n for n in nodes if not isinstance(n, Workflow)])
     for node in nodes:
         if isinstance(node, Workflow):
             yield from _walk(node)
+
+
+def _chain_order(workflow, nodes: list[Any]) -> list[Any]:
+    """``nodes`` (topologically sorted) in the order of the chain's step records.
+
+    A chain lists its steps in run order into its ``collect_steps`` node (what the
+    sidecars' ``Steps`` show); a topological order alone may put the resampling before
+    the denoising that ran first. Nodes outside that list follow the listed node that
+    precedes them topologically.
+    """
+    collect = next((n for n in nodes if n.name == "collect_steps"), None)
+    if collect is None:
+        return nodes
+    rank: dict[Any, int] = {}
+    for source, _, data in workflow._graph.in_edges(collect, data=True):
+        for _, field_name in data.get("connect", []):
+            if field_name.startswith("in") and field_name[2:].isdigit():
+                rank[source] = int(field_name[2:])
+    keys, last = {}, 0
+    for position, node in enumerate(nodes):
+        last = rank.get(node, last)
+        keys[node] = (last, node not in rank, position)
+    return sorted(nodes, key=keys.__getitem__)
 
 
 def _contrast(workflow, nodes: list[Any]) -> str:
