@@ -62,6 +62,14 @@ def test_help_shows_the_real_defaults():
         assert found, f"{flag} shows no default: {help_text}"
         assert found.group(1) == str(value), (flag, found.group(1), value)
     assert "-w WORK_DIR, --work-dir WORK_DIR Nipype work dir (default: work)" in text
+    convert = subprocess.run(
+        [*CLI, "convert", "--help"], capture_output=True, text=True, env=_env()
+    )
+    text = " ".join(convert.stdout.split())
+    assert convert.returncode == 0 and "--min-correlation R cross-check" in text
+    for shown in ("(default: None)", "(default: False)", "(default: True)"):
+        assert shown not in text
+    assert "smallest voxel correlation (default: 0.99)" in text
 
 
 # ------------------------------------------------------------------ input validation

@@ -196,7 +196,8 @@ class RealDefaultsHelpFormatter(argparse.HelpFormatter):
         if (
             "default" in text
             or default in (None, False, [], argparse.SUPPRESS)
-            or isinstance(action, argparse._CountAction)
+            # a flag's default is its absence (``--no-verify``: "default: True" misleads)
+            or isinstance(action, (argparse._CountAction, argparse._StoreConstAction))
         ):
             return text
         return f"{text} (default: %(default)s)"
@@ -444,7 +445,7 @@ def _convert(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="mriflow convert",
         description="Convert a folder of DICOM files into a BIDS raw dataset.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=RealDefaultsHelpFormatter,
     )
     add_convert_arguments(parser)
     return run_convert(parser.parse_args(argv))
