@@ -31,6 +31,7 @@ FAST = [
     "--set", "skull_strip.method=none",
     "--set", "export.target_shape=48,56,48",
     "--set", "export.slices=false",
+    "--skip-bids-validation",  # some inputs are broken on purpose: each must fail alone
 ]  # fmt: skip
 
 

@@ -19,7 +19,15 @@ from mriflow.config import Config
 
 log = logging.getLogger("mriflow")
 
-__all__ = ["FailureRecorder", "SubjectOutcome", "run_participant", "plugin_settings"]
+#: The top workflow of a participant run (its folder in the work dir).
+WORKFLOW_NAME = "mriflow_wf"
+
+__all__ = [
+    "FailureRecorder",
+    "SubjectOutcome",
+    "plugin_settings",
+    "run_participant",
+]
 
 
 @dataclass
@@ -128,7 +136,16 @@ def run_participant(
     session_labels: list[str] | None = None,
     database_dir: Path | None = None,
     bids_filter_file: Path | None = None,
+    build_only: str | None = None,
+    show_progress: bool = True,
 ) -> int:
+    """Run the participant level; exit code 0 (all ok), 1 (some failed) or 2 (usage).
+
+    ``build_only`` (``"boilerplate"`` or ``"graph"``) builds the workflow of the run,
+    writes its methods text (``logs/CITATION.md``, ``.bib``) or its graph
+    (``provenance/workflow.dot``) into OUT_DIR and returns without running it.
+    ``show_progress`` shows the progress line on stderr (:mod:`mriflow.cli.progress`).
+    """
     from mriflow.bids.discovery import DiscoveryError, collect_inputs, load_bids_filters
 
     started = time.monotonic()
@@ -143,6 +160,8 @@ def run_participant(
         )
     except DiscoveryError as err:
         raise UsageError(str(err)) from None
+    if build_only:
+        return _build_only(build_only, subjects, config, bids_dir, out_dir, work_dir)
     from mriflow.cli.preflight import check_free_space
 
     runnable_images = [(i.path, i.suffix) for s in subjects if not s.error for i in s.images]
@@ -165,8 +184,9 @@ def run_participant(
             log.error("sub-%s: %s", subject.subject, subject.error)
 
     workflow, recorder = _run_graph(
-        runnable, subjects, config, bids_dir, out_dir, work_dir, run_id, crash_dir
-    )
+        runnable, subjects, config, bids_dir, out_dir, work_dir, run_id, crash_dir,
+        show_progress=show_progress, first=True,
+    )  # fmt: skip
     retry = recorder.without_failed_contrasts(runnable, config.coregistration.reference)
     if retry and not config.execution.stop_on_first_crash:
         # an image aligned to a reference failed: the subject's other images are
@@ -233,23 +253,21 @@ def _run_graph(
     work_dir: Path,
     run_id: str,
     crash_dir: Path,
+    *,
+    show_progress: bool = False,
+    first: bool = False,
 ):
-    """Build and run the Nipype graph of ``runnable``; the workflow and its failures."""
-    workflow_name = "mriflow_wf"
+    """Build and run the Nipype graph of ``runnable``; the workflow and its failures.
+
+    ``first``: the run's first graph (it writes the methods boilerplate); a rerun of
+    subjects without their failed contrasts is not.
+    """
     workflow = None
     recorder = FailureRecorder({}, subjects)
     if runnable:
-        from mriflow.workflows.base import init_mriflow_wf, subject_workflow_name
+        from mriflow.workflows.base import subject_workflow_name
 
-        workflow = init_mriflow_wf(
-            runnable,
-            config=config,
-            bids_dir=bids_dir,
-            out_dir=out_dir,
-            work_dir=work_dir,
-            run_id=run_id,
-            name=workflow_name,
-        )
+        workflow = _init_workflow(runnable, config, bids_dir, out_dir, work_dir, run_id)
         workflow.config["execution"].update(
             {
                 "crashdump_dir": str(crash_dir),
@@ -271,18 +289,37 @@ def _run_graph(
             plugin_args,
             work_dir,
         )
-        recorder = FailureRecorder(
-            {f"{workflow_name}.{subject_workflow_name(s.subject)}": s.subject for s in runnable},
-            subjects,
-        )
+        if first:
+            from mriflow.reports.boilerplate import write_boilerplate
+
+            try:  # the methods text of what is about to run; it must never stop the run
+                write_boilerplate(workflow, out_dir)
+            except Exception as err:
+                log.warning("mriflow: methods boilerplate (logs/CITATION.md) not written: %s", err)
+        prefixes = {
+            f"{WORKFLOW_NAME}.{subject_workflow_name(s.subject)}": s.subject for s in runnable
+        }
+        recorder = FailureRecorder(prefixes, subjects)
+        progress = None
         if not plugin.endswith("Graph"):  # graph plugins cannot call back
-            plugin_args = {**plugin_args, "status_callback": recorder}
+            callback = recorder
+            if show_progress:
+                from mriflow.cli.progress import Progress
+
+                failed_early = [s.subject for s in subjects if s.error]
+                progress = Progress(prefixes, len(subjects), failed=failed_early)
+                callback = _Callbacks(recorder, progress)
+            plugin_args = {**plugin_args, "status_callback": callback}
         from mriflow.execution import run_workflow
 
         # failed nodes are reported, not raised; tracebacks go to the log file
-        graph_run = run_workflow(
-            workflow, plugin, plugin_args, log_file=out_dir / "logs" / f"run-{run_id}.log"
-        )
+        try:
+            graph_run = run_workflow(
+                workflow, plugin, plugin_args, log_file=out_dir / "logs" / f"run-{run_id}.log"
+            )
+        finally:
+            if progress is not None:
+                progress.close()
         # nodes whose result could not even be written (a full work disk) never
         # reach the callback: the watched plugin kept their reasons
         for fullname, reason in graph_run.failures.items():
@@ -296,6 +333,56 @@ def _run_graph(
             )
 
     return workflow, recorder
+
+
+def _init_workflow(runnable, config, bids_dir, out_dir, work_dir, run_id: str = ""):
+    """The Nipype graph of a participant run (what runs, or what --boilerplate describes)."""
+    from mriflow.workflows.base import init_mriflow_wf
+
+    return init_mriflow_wf(
+        runnable,
+        config=config,
+        bids_dir=bids_dir,
+        out_dir=out_dir,
+        work_dir=work_dir,
+        run_id=run_id,
+        name=WORKFLOW_NAME,
+    )
+
+
+class _Callbacks:
+    """Several Nipype status callbacks as one (failures first: the progress reads none)."""
+
+    def __init__(self, *callbacks) -> None:
+        self.callbacks = callbacks
+
+    def __call__(self, node, status: str) -> None:
+        for callback in self.callbacks:
+            callback(node, status)
+
+
+def _build_only(
+    what: str, subjects: list, config: Config, bids_dir: Path, out_dir: Path, work_dir: Path
+) -> int:
+    """``--boilerplate`` / ``--write-graph``: build the run's workflow, write it, run nothing."""
+    runnable = [s for s in subjects if not s.error]
+    for subject in subjects:
+        if subject.error:
+            log.warning("sub-%s: not in the workflow: %s", subject.subject, subject.error)
+    if not runnable:
+        raise UsageError(f"BIDS_DIR {bids_dir}: no subject with usable inputs to build a workflow")
+    workflow = _init_workflow(runnable, config, bids_dir, out_dir, work_dir)
+    if what == "boilerplate":
+        from mriflow.reports.boilerplate import write_boilerplate
+
+        written = write_boilerplate(workflow, out_dir)
+    else:
+        from mriflow.reports.provenance import write_workflow_graph
+
+        written = write_workflow_graph(workflow, out_dir)
+    for path in written:
+        print(f"mriflow: wrote {path}")
+    return EXIT_OK
 
 
 def _wait_for_graph_jobs(

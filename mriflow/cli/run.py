@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Fast, offline preprocessing of anatomical brain MRI to ML-ready BIDS derivatives. "
             "DICOM conversion: 'mriflow convert --help'."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=RealDefaultsHelpFormatter,
     )
     parser.add_argument("bids_dir", type=Path, help="the raw BIDS dataset")
     parser.add_argument("output_dir", type=Path, help="where the derivatives are written")
@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-w", "--work-dir", type=Path, default=Path("work"), help="Nipype work dir")
     run.add_argument("--nprocs", "--nthreads", type=int, help="processes (0: all cores)")
     run.add_argument("--omp-nthreads", type=int, help="threads per step (ITK/ANTs/BLAS)")
-    run.add_argument("--mem-gb", type=float, help="memory available to the run (GB)")
+    run.add_argument(
+        "--mem-gb", type=float, help="memory available to the run (GB; 0: let Nipype decide)"
+    )
     run.add_argument("--plugin", help="Nipype plugin: MultiProc, Linear, SLURM, SLURMGraph, ...")
     run.add_argument(
         "--plugin-args",
@@ -132,10 +134,86 @@ def build_parser() -> argparse.ArgumentParser:
         help="set any config value, e.g. --set n4.shrink_factor=2 (repeatable)",
     )
 
+    app = parser.add_argument_group("BIDS-App actions (docs/usage.md)")
+    app.add_argument(
+        "--skip-bids-validation",
+        "--skip_bids_validation",
+        action="store_true",
+        help="do not validate BIDS_DIR (bids-validator-deno, else pybids) before the run",
+    )
+    app.add_argument(
+        "--boilerplate",
+        "--boilerplate-only",
+        "--boilerplate_only",
+        action="store_true",
+        help="write the methods text (OUT_DIR/logs/CITATION.md, .bib) for this configuration "
+        "and exit without processing",
+    )
+    app.add_argument(
+        "--reports-only",
+        "--reports_only",
+        action="store_true",
+        help="rebuild the QC reports (HTML, IQMs, provenance) of OUT_DIR's published "
+        "subjects, run no processing step",
+    )
+    app.add_argument(
+        "--write-graph",
+        "--write_graph",
+        action="store_true",
+        help="write the workflow graph (.dot, and .svg with graphviz) to OUT_DIR/logs and "
+        "exit without processing",
+    )
+
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="count", default=0, help="more output")
     verbosity.add_argument("-q", "--quiet", action="store_true", help="errors and summary only")
+    _show_config_defaults(parser)
     return parser
+
+
+#: Flags whose default is the config's: their argparse default stays None (a flag that
+#: is not given must not override --config), so the help shows the config's value.
+CONFIG_FLAGS = {
+    "voxel_size": "spatial.voxel_size",
+    "seed": "seed",
+    "nprocs": "execution.nprocs",
+    "omp_nthreads": "execution.omp_nthreads",
+    "mem_gb": "execution.mem_gb",
+    "plugin": "execution.plugin",
+}
+
+
+class RealDefaultsHelpFormatter(argparse.HelpFormatter):
+    """Shows ``(default: X)`` only where there is a default worth reading.
+
+    argparse's ``ArgumentDefaultsHelpFormatter`` prints ``(default: None)`` for every
+    option without one, and for flags whose real default lives in the config.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default in (None, False, [], argparse.SUPPRESS)
+            # a flag's default is its absence (``--no-verify``: "default: True" misleads)
+            or isinstance(action, (argparse._CountAction, argparse._StoreConstAction))
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _show_config_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append the config's default value to the help of each :data:`CONFIG_FLAGS` flag."""
+    defaults = Config()
+    for action in parser._actions:
+        key = CONFIG_FLAGS.get(action.dest)
+        if key is None:
+            continue
+        value = defaults
+        for part in key.split("."):
+            value = getattr(value, part)
+        action.help = f"{action.help} (default: {value})"
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
@@ -244,12 +322,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         from mriflow.execution import prepare_batch_environment
 
         prepare_batch_environment(config.execution.plugin)  # $LOGNAME for batch plugins
+        build_only = _check_actions(args)
+        if args.analysis_level == "participant" and not (build_only or args.reports_only):
+            if not args.skip_bids_validation:
+                _validate(bids_dir, args.participant_label)
         if args.submit:
             return _submit(args, bids_dir, out_dir, work_dir, config)
         from mriflow.cli.preflight import config_key, preflight
 
         # writable; runs with another config into the same OUT_DIR are refused
         held.enter_context(preflight(out_dir, work_dir, share_key=config_key(config)))
+        if args.reports_only:
+            from mriflow.cli.reports_only import rebuild_reports
+
+            return rebuild_reports(out_dir, work_dir, args.participant_label)
         if args.analysis_level == "participant":
             from mriflow.cli.participant import run_participant
 
@@ -262,6 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 session_labels=args.session_label,
                 database_dir=args.bids_database_dir,
                 bids_filter_file=args.bids_filter_file,
+                build_only=build_only,
+                show_progress=not args.quiet,
             )
         from mriflow.cli.group import run_group
 
@@ -277,6 +365,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     finally:
         held.close()
+
+
+def _check_actions(args: argparse.Namespace) -> str | None:
+    """The one participant-level action asked for instead of a run, if any."""
+    actions = {
+        "--boilerplate": args.boilerplate,
+        "--write-graph": args.write_graph,
+        "--reports-only": args.reports_only,
+        "--submit": bool(args.submit),
+    }
+    given = [flag for flag, on in actions.items() if on]
+    if len(given) > 1:
+        raise UsageError(f"{' and '.join(given)} cannot be combined: give one of them")
+    if given and args.analysis_level != "participant" and given[0] != "--submit":
+        raise UsageError(f"{given[0]} belongs to the participant level")
+    if args.boilerplate:
+        return "boilerplate"
+    return "graph" if args.write_graph else None
+
+
+def _validate(bids_dir: Path, participant_labels: list[str] | None) -> None:
+    """Refuse an invalid BIDS_DIR in one line (exit 2); only the selected subjects count."""
+    from mriflow.cli.validation import format_issues, validate_bids_dir
+
+    checker, errors = validate_bids_dir(bids_dir, participant_labels)
+    if errors:
+        raise UsageError(format_issues(bids_dir, checker, errors))
+    log.debug("mriflow: BIDS_DIR validated by %s", checker)
 
 
 def _submit(args, bids_dir: Path, out_dir: Path, work_dir: Path, config: Config) -> int:
@@ -329,7 +445,7 @@ def _convert(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="mriflow convert",
         description="Convert a folder of DICOM files into a BIDS raw dataset.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=RealDefaultsHelpFormatter,
     )
     add_convert_arguments(parser)
     return run_convert(parser.parse_args(argv))

@@ -240,6 +240,8 @@ def submit_participant(
 
     python = [sys.executable, "-m", "mriflow.cli.run"]
     common = ["--config", str(config_file), "--bids-database-dir", str(database_dir)]
+    # the dataset was validated once, before this submission: not again in every task
+    common.append("--skip-bids-validation")
     if bids_filter_file:
         common += ["--bids-filter-file", str(Path(bids_filter_file).resolve())]
     participant = [*python, str(bids_dir), str(out_dir), "participant", *common]
