@@ -62,7 +62,8 @@ class CoregistrationResult:
     metric : float
         Final Mattes mutual information (ANTs' sign: lower is better) of the kept result.
     candidates : dict
-        Final metric of every start that was tried.
+        Metric of every start that was tried after the coarse stages (the better one
+        is refined with every voxel).
     """
 
     fixed_to_moving: np.ndarray
@@ -78,10 +79,10 @@ def _stage(kind: str, fixed, moving, fixed_mask, *, refine: bool = False) -> lis
         # every masked voxel, no sampling jitter, small steps: the random 25 %
         # sample's noise alone left 0.4-0.8 mm RMS between repeated solutions
         sampling, step = "None", 0.05
-        schedule = ("[100x50,1e-7,10]", "2x1", "1x0vox")
+        schedule = ("[50x30,1e-6,5]", "2x1", "1x0vox")
     else:
         sampling, step = "Regular,0.25", 0.1
-        schedule = ("[300x200x100x50,1e-7,10]", "4x2x1x1", "2x1x0.5x0vox")
+        schedule = ("[100x50x25,1e-6,10]", "4x2x1", "2x1x0vox")
     return [
         "--transform",
         f"{kind}[{step}]",
@@ -104,10 +105,14 @@ def _run(
     fixed_mask,
     out_prefix: str,
     transform: CoregistrationType,
-    initial: str,
+    initial: str | np.ndarray,
     centre: np.ndarray,
     seed: int,
+    *,
+    refine: bool,
 ) -> np.ndarray:
+    """One antsRegistration: the coarse stages from a start (``"header"``, ``"moments"``),
+    or (``refine``) the full-sampling stage from a matrix the coarse stages found."""
     import ants
     from ants.internal import get_pointer_string as ptr
 
@@ -120,26 +125,29 @@ def _run(
         "--winsorize-image-intensities", "[0.005,0.995]",
         "--random-seed", str(int(seed)),
     ]  # fmt: skip
-    if initial == "moments":
+    if isinstance(initial, str) and initial == "moments":
         args += ["--initial-moving-transform", f"[{ptr(fixed)},{ptr(moving)},1]"]
     else:
-        # the headers' identity, rotating about the brain's centre: about the
-        # world origin (ITK's default centre) a small rotation is a large shift,
-        # and the optimiser stalled there (7 mm RMS left on an 8 degree offset)
-        identity = write_itk_affine(np.eye(4), out_prefix + "identity.txt", centre=centre)
+        # the headers' identity (or the coarse result), rotating about the brain's
+        # centre: about the world origin (ITK's default centre) a small rotation is a
+        # large shift, and the optimiser stalled there (7 mm RMS left on 8 degrees)
+        start = np.eye(4) if isinstance(initial, str) else initial
+        identity = write_itk_affine(start, out_prefix + "initial.txt", centre=centre)
         args += ["--initial-moving-transform", str(identity)]
     kind = "Affine" if transform == "affine" else "Rigid"
-    args += _stage("Rigid", fixed, moving, fixed_mask)
-    if transform == "affine":
-        args += _stage("Affine", fixed, moving, fixed_mask)
-    args += _stage(kind, fixed, moving, fixed_mask, refine=True)
+    if refine:
+        args += _stage(kind, fixed, moving, fixed_mask, refine=True)
+    else:
+        args += _stage("Rigid", fixed, moving, fixed_mask)
+        if transform == "affine":
+            args += _stage("Affine", fixed, moving, fixed_mask)
     status = ants.registration(args, None)
     path = Path(out_prefix + "0GenericAffine.mat")
     if status != 0 or not path.is_file():
         raise RuntimeError(f"antsRegistration (co-registration) failed with status {status}")
     matrix = _ants_affine_to_ras(ants.read_transform(str(path)))
     path.unlink()
-    Path(out_prefix + "identity.txt").unlink(missing_ok=True)
+    Path(out_prefix + "initial.txt").unlink(missing_ok=True)
     return matrix
 
 
@@ -240,6 +248,8 @@ def coregister(
 
     import ants
 
+    fixed, fixed_mask = _registration_grid(fixed, fixed_mask)
+    brain = np.asarray(fixed_mask.dataobj) > 0
     with itk_threads(num_threads):
         a_fixed, a_moving = to_ants(fixed), to_ants(moving)
         dilated = ndi.binary_dilation(brain, iterations=2).astype(np.float32)
@@ -250,16 +260,43 @@ def coregister(
             "unsigned char"
         )
         centre = _centre_of_mass(fixed, brain)
-        results = {
-            start: _run(a_fixed, a_moving, a_mask, prefix, transform, start, centre, random_seed)
+        coarse = {
+            start: _run(
+                a_fixed, a_moving, a_mask, prefix, transform, start, centre, random_seed,
+                refine=False,
+            )
             for start in starts
-        }
+        }  # fmt: skip
         metrics = {
             start: _metric(a_fixed, a_moving, a_mask, matrix, prefix)
-            for start, matrix in results.items()
+            for start, matrix in coarse.items()
         }
-    best = min(starts, key=lambda start: (metrics[start], starts.index(start)))
-    return CoregistrationResult(results[best], best, metrics[best], metrics)
+        # only the better start is refined: the full-sampling stage is most of the cost
+        best = min(starts, key=lambda start: (metrics[start], starts.index(start)))
+        matrix = _run(
+            a_fixed, a_moving, a_mask, prefix, transform, coarse[best], centre, random_seed,
+            refine=True,
+        )  # fmt: skip
+        final = _metric(a_fixed, a_moving, a_mask, matrix, prefix)
+    return CoregistrationResult(matrix, best, final, metrics)
+
+
+#: The reference is matched on a grid no finer than this (mm): eight times fewer samples
+#: than at 1 mm for the full-sampling stage, and, on the shared T1_head/T2w pair, the
+#: same answer (0.22 mm RMS between moved and unmoved inputs, 0.17 at 1.6 mm).
+REGISTRATION_VOXEL_MM = 2.0
+
+
+def _registration_grid(fixed, fixed_mask):
+    """``fixed`` and its mask on a grid of at least :data:`REGISTRATION_VOXEL_MM` voxels."""
+    from mriflow.image.spatial import resample_to_voxel_size
+
+    if min(fixed.header.get_zooms()[:3]) >= REGISTRATION_VOXEL_MM - 1e-3:
+        return fixed, fixed_mask
+    coarse = resample_to_voxel_size(fixed, REGISTRATION_VOXEL_MM)
+    mask = resample_to_voxel_size(fixed_mask, REGISTRATION_VOXEL_MM, interpolation="nearest")
+    inside = (np.asarray(mask.dataobj) > 0).astype(np.uint8)
+    return coarse, nib.Nifti1Image(inside, mask.affine)
 
 
 def write_itk_affine(
