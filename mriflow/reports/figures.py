@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -205,38 +206,131 @@ def _label_panel(ax, plane: str, index: int) -> None:
         )
 
 
+def _row(volume: np.ndarray, plane: str, indices: Sequence[int], gap: int, fill: float):
+    """The sections of ``volume`` at ``indices`` side by side, ``gap`` columns of ``fill`` apart.
+
+    One image per row of a mosaic: one axes and one artist per row instead of one per
+    panel (matplotlib's cost is per axes and per artist, not per pixel).
+    """
+    sections = [_slice(volume, plane, index) for index in indices]
+    height = sections[0].shape[0]
+    spacer = np.full((height, gap), fill, dtype=np.result_type(sections[0].dtype, type(fill)))
+    parts = []
+    for number, section in enumerate(sections):
+        if number:
+            parts.append(spacer)
+        parts.append(section)
+    return np.concatenate(parts, axis=1)
+
+
+class _Row:
+    """One row of a mosaic: its axes, plane, slice indices and where each panel starts."""
+
+    def __init__(self, ax, plane: str, indices: Sequence[int], width: int, gap: int) -> None:
+        self.ax, self.plane, self.indices, self.gap = ax, plane, list(indices), gap
+        self.width = width
+        self.starts = [n * (width + gap) for n in range(len(self.indices))]
+        self.total_width = len(self.indices) * (width + gap) - gap
+
+    def compose(self, volume: np.ndarray, fill: float = 0) -> np.ndarray:
+        return _row(volume, self.plane, self.indices, self.gap, fill)
+
+
+def _row_axes(fig, title_height: float, row_heights: Sequence[float]):
+    """One axes per mosaic row, stacked, full width, on a black figure."""
+    total = sum(row_heights) + title_height
+    axes, top = [], 1.0 - title_height / total
+    for height in row_heights:
+        bottom = top - height / total
+        ax = fig.add_axes((0.005, bottom + 0.002, 0.99, height / total - 0.004))
+        ax.set_facecolor("black")
+        ax.set_axis_off()
+        axes.append(ax)
+        top = bottom
+    return axes
+
+
+def _label_row(row: _Row, height: int) -> None:
+    for start, index in zip(row.starts, row.indices):
+        row.ax.text(
+            start + 1, height - 1, f"{row.plane[0].upper()} {index}",
+            color="white", fontsize=7, va="top", ha="left",
+        )  # fmt: skip
+        if row.plane != "sagittal":
+            row.ax.text(
+                start + row.width - 2, height - 1, "R",
+                color="white", fontsize=7, va="top", ha="right",
+            )  # fmt: skip
+
+
+@dataclass
+class _Block:
+    """Rows of a mosaic: ``volume`` in grey (its own window) and what is drawn over it."""
+
+    volume: np.ndarray
+    overlay: Callable[[_Row], None] | None = None
+    """Draws on one row; ``row.compose(other_volume)`` gives that row's sections of it."""
+    label: str = ""
+    color: str = "white"
+
+
 def _mosaic(
-    base: nib.Nifti1Image,
+    blocks: Sequence[_Block],
+    zooms: np.ndarray,
     out_path: str | os.PathLike[str],
     title: str,
-    draw_overlay,
     *,
     n_slices: int,
+    reference: np.ndarray,
     planes: Sequence[str] = PLANES,
-    extent_from: np.ndarray | None = None,
+    panel: float = 1.9,
 ) -> Path:
-    data = np.asanyarray(base.dataobj).astype(float)
-    zooms = _zooms(base)
-    vmin, vmax = _window(data)
-    reference = extent_from if extent_from is not None else data
+    """A figure of ``len(planes)`` rows of ``n_slices`` sections per block.
+
+    Slices are spread over the extent of ``reference`` (see :func:`figure_slices`).
+    Each row is one image (the sections side by side, 2 black columns apart) on
+    one axes: matplotlib's cost is per axes and artist, so a row costs what a
+    panel did.
+    """
     if reference.dtype != bool:  # once here, not once per plane
         reference = np.abs(reference) > 0.05 * float(np.abs(reference).max() or 1)
-    fig, axes = _grid_figure(len(planes), n_slices, title)
-    for row, plane in enumerate(planes):
-        for col, index in enumerate(figure_slices(reference, _AXIS[plane], n_slices)):
-            ax = axes[row, col]
+    indices = {plane: figure_slices(reference, _AXIS[plane], n_slices) for plane in planes}
+    gap = 2
+    shapes = {plane: _slice(blocks[0].volume, plane, 0).shape for plane in planes}
+    # each row as wide as n_slices panels of `panel` inches, as high as its sections'
+    # aspect asks: no row wastes space on letterboxing
+    heights = []
+    for _ in blocks:
+        for plane in planes:
+            rows_px, cols_px = shapes[plane]
+            width_px = n_slices * cols_px + (n_slices - 1) * gap
+            heights.append(panel * n_slices * rows_px * _aspect(zooms, plane) / width_px)
+    header = 0.4
+    total = sum(heights) + header
+    fig = plt.figure(figsize=(panel * n_slices, total), dpi=90, facecolor="black")
+    fig.suptitle(title, color="white", fontsize=11, y=1 - 0.06 / total)
+    axes = iter(_row_axes(fig, header, heights))
+    for block in blocks:
+        vmin, vmax = _window(block.volume)
+        for plane in planes:
+            ax = next(axes)
+            row = _Row(ax, plane, indices[plane], shapes[plane][1], gap)
             ax.imshow(
-                _slice(data, plane, index),
-                cmap="gray",
-                vmin=vmin,
-                vmax=vmax,
-                origin="lower",
-                aspect=_aspect(zooms, plane),
-                interpolation="nearest",
-            )
-            draw_overlay(ax, plane, index)
-            _label_panel(ax, plane, index)
+                row.compose(block.volume, np.nan), cmap=_GRAY, vmin=vmin, vmax=vmax,
+                origin="lower", aspect=_aspect(zooms, plane), interpolation="nearest",
+            )  # fmt: skip
+            ax.set_xlim(-0.5, row.total_width - 0.5)
+            ax.set_ylim(-0.5, shapes[plane][0] - 0.5)
+            if block.overlay is not None:
+                block.overlay(row)
+            _label_row(row, shapes[plane][0])
+            if block.label and plane == planes[0]:
+                ax.text(1, 1, block.label, color=block.color, fontsize=7)
     return _save(fig, out_path)
+
+
+#: Grey colour map whose NaNs (the gaps between panels) are black.
+_GRAY = matplotlib.colormaps["gray"].with_extremes(bad="black")
 
 
 def _check_slices(n_slices: int) -> None:
@@ -269,12 +363,13 @@ def plot_mask_contour(
     if not mask_data.any():
         raise ValueError("plot_mask_contour: the mask is empty")
 
-    def overlay(ax, plane, index):
-        section = _slice(mask_data, plane, index).astype(float)
-        if section.any() and not section.all():
-            ax.contour(section, levels=[0.5], colors=[color], linewidths=0.9, origin="lower")
+    def overlay(row: _Row) -> None:
+        _contour(row, mask_data, color, 0.9)
 
-    return _mosaic(base, out_path, title, overlay, n_slices=n_slices, extent_from=mask_data)
+    return _mosaic(
+        [_Block(_grey(base), overlay)], _zooms(base), out_path, title,
+        n_slices=n_slices, reference=mask_data,
+    )  # fmt: skip
 
 
 def plot_segmentation(
@@ -301,25 +396,48 @@ def plot_segmentation(
     colors = ["#00000000"] + [TISSUE_COLORS[k][1] for k in (1, 2, 3)]
     cmap = ListedColormap(colors)
 
-    def overlay(ax, plane, index):
-        section = _slice(labels, plane, index)
+    def overlay(row: _Row) -> None:
+        section = row.compose(labels)
         masked = np.ma.masked_where((section < 1) | (section > 3), section)
-        ax.imshow(
-            masked,
-            cmap=cmap,
-            vmin=0,
-            vmax=3,
-            alpha=alpha,
-            origin="lower",
-            aspect=ax.get_aspect(),
-            interpolation="nearest",
-        )
+        row.ax.imshow(
+            masked, cmap=cmap, vmin=0, vmax=3, alpha=alpha, origin="lower",
+            aspect=row.ax.get_aspect(), interpolation="nearest",
+        )  # fmt: skip
         for label, (_, color) in TISSUE_COLORS.items():
-            region = (section == label).astype(float)
-            if region.any() and not region.all():
-                ax.contour(region, levels=[0.5], colors=[color], linewidths=0.5, origin="lower")
+            _contour(row, labels == label, color, 0.5)
 
-    return _mosaic(base, out_path, title, overlay, n_slices=n_slices, extent_from=labels)
+    return _mosaic(
+        [_Block(_grey(base), overlay)], _zooms(base), out_path, title,
+        n_slices=n_slices, reference=labels > 0,
+    )  # fmt: skip
+
+
+def _grey(img: nib.Nifti1Image) -> np.ndarray:
+    return np.asanyarray(img.dataobj).astype(np.float32)
+
+
+def _contour(row: _Row, mask: np.ndarray, color: str, width: float) -> None:
+    """The outline of ``mask`` on every panel of ``row`` (one contour call per row)."""
+    section = row.compose(mask).astype(np.float32)
+    if section.any() and not section.all():
+        row.ax.contour(section, levels=[0.5], colors=[color], linewidths=width, origin="lower")
+
+
+def _edge_overlay(edges_of: np.ndarray, color: str) -> Callable[[_Row], None]:
+    """Draws the Canny edges of ``edges_of`` (each section's own) in ``color``."""
+    cmap = ListedColormap([color])
+
+    def overlay(row: _Row) -> None:
+        sections = [_edges(_slice(edges_of, row.plane, index)) for index in row.indices]
+        height = sections[0].shape[0]
+        spacer = np.zeros((height, row.gap), bool)
+        edge = np.concatenate([x for part in sections for x in (spacer, part)][1:], axis=1)
+        row.ax.imshow(
+            np.ma.masked_where(~edge, edge), cmap=cmap, origin="lower",
+            aspect=row.ax.get_aspect(), interpolation="nearest",
+        )  # fmt: skip
+
+    return overlay
 
 
 def _edges(section: np.ndarray, sigma: float = 2.0) -> np.ndarray:
@@ -349,42 +467,58 @@ def plot_registration(
     """
     _check_slices(n_slices)
     fixed = _canonical(template, "template")
-    fixed_data = np.asanyarray(fixed.dataobj).astype(float)
-    moving_data = _on_grid(moving, fixed, "moving", order=1).astype(float)
-    zooms = _zooms(fixed)
-    panels = [
-        (fixed_data, moving_data, "#ff3b3b", "template, subject edges"),
-        (moving_data, fixed_data, "#25e0f0", "subject, template edges"),
-    ]
-    support = fixed_data > 0.05 * float(np.abs(fixed_data).max() or 1)
-    fig, axes = _grid_figure(2 * len(PLANES), n_slices, title, panel=1.7)
-    for block, (under, edges_of, color, label) in enumerate(panels):
-        vmin, vmax = _window(under)
-        for p, plane in enumerate(PLANES):
-            row = block * len(PLANES) + p
-            for col, index in enumerate(figure_slices(support, _AXIS[plane], n_slices)):
-                ax = axes[row, col]
-                ax.imshow(
-                    _slice(under, plane, index),
-                    cmap="gray",
-                    vmin=vmin,
-                    vmax=vmax,
-                    origin="lower",
-                    aspect=_aspect(zooms, plane),
-                )
-                edge = _edges(_slice(edges_of, plane, index))
-                ax.imshow(
-                    np.ma.masked_where(~edge, edge),
-                    cmap=ListedColormap([color]),
-                    origin="lower",
-                    aspect=_aspect(zooms, plane),
-                    interpolation="nearest",
-                )
-                _label_panel(ax, plane, index)
-            axes[row, 0].text(
-                0.02, 0.02, label, color=color, fontsize=7, transform=axes[row, 0].transAxes
-            )
-    return _save(fig, out_path)
+    fixed_data = _grey(fixed)
+    moving_data = _on_grid(moving, fixed, "moving", order=1).astype(np.float32)
+    blocks = [
+        _Block(fixed_data, _edge_overlay(moving_data, "#ff3b3b"), "template, subject edges",
+               "#ff3b3b"),
+        _Block(moving_data, _edge_overlay(fixed_data, "#25e0f0"), "subject, template edges",
+               "#25e0f0"),
+    ]  # fmt: skip
+    return _mosaic(
+        blocks, _zooms(fixed), out_path, title, n_slices=n_slices, reference=fixed_data, panel=1.7
+    )
+
+
+def plot_coregistration(
+    contrast: nib.spatialimages.SpatialImage,
+    reference: nib.spatialimages.SpatialImage,
+    out_path: str | os.PathLike[str],
+    *,
+    brain_mask: nib.spatialimages.SpatialImage | None = None,
+    n_slices: int = 5,
+    title: str = "Co-registration to the T1w",
+) -> Path:
+    """Co-registration check of another contrast to its reference T1w (the MNI figure's look).
+
+    ``contrast`` is the co-registered image (resampled onto the reference's grid if
+    needed). Top three rows: the reference with the contrast's edges (red); bottom
+    three: the contrast with the reference's edges (cyan) and, if given, the
+    reference's brain-mask outline (yellow). Look for: ventricles, the brain outline
+    and the major sulci on the same structures in both halves; the mask outline on
+    the contrast's brain surface.
+    """
+    _check_slices(n_slices)
+    fixed = _canonical(reference, "reference")
+    fixed_data = _grey(fixed)
+    moving_data = _on_grid(contrast, fixed, "contrast", order=1).astype(np.float32)
+    mask = _on_grid(brain_mask, fixed, "brain_mask") > 0 if brain_mask is not None else None
+    edges_of_reference = _edge_overlay(fixed_data, "#25e0f0")
+
+    def on_contrast(row: _Row) -> None:
+        edges_of_reference(row)
+        if mask is not None:
+            _contour(row, mask, "#f2c80f", 0.8)
+
+    blocks = [
+        _Block(fixed_data, _edge_overlay(moving_data, "#ff3b3b"), "T1w, contrast edges",
+               "#ff3b3b"),
+        _Block(moving_data, on_contrast, "contrast, T1w edges (brain mask yellow)", "#25e0f0"),
+    ]  # fmt: skip
+    extent = mask if mask is not None and mask.any() else fixed_data
+    return _mosaic(
+        blocks, _zooms(fixed), out_path, title, n_slices=n_slices, reference=extent, panel=1.7
+    )
 
 
 def plot_bias_correction(

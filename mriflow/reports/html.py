@@ -21,7 +21,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from importlib import resources
@@ -40,7 +40,7 @@ from mriflow.bids.layout import (
 )
 from mriflow.bids.outputs import GROUP_OUTPUTS, figure_relpath, figure_relpath_of, report_relpath
 from mriflow.bids.paths import atomic_copy, atomic_write_text
-from mriflow.reports.iqms import IQM_INFO, _tsv, load_template_for, read_iqms
+from mriflow.reports.iqms import IQM_INFO, ImageCache, _tsv, load_template_for, read_iqms
 
 log = logging.getLogger("mriflow")
 
@@ -270,13 +270,15 @@ def make_standard_figures(
     templates: Mapping[str, Any] | None = None,
     fmt: str = "png",
     display_mm: float | None = 2.0,
+    load: Callable[[Path], Any] | None = None,
 ) -> list[ReportSection]:
     """Draw the standard QC figures from the subject's published derivatives.
 
     Images are drawn at ``display_mm`` voxels or finer (every k-th voxel of each
     axis, the affine kept: :func:`mriflow.reports.figures.reduced`): a 1 mm head
     costs an eighth as much to resample and draw, and the panels are thumbnails.
-    ``None`` draws at full resolution.
+    ``None`` draws at full resolution. ``load`` (``path -> image``) reads the files
+    (default: an :class:`~mriflow.reports.iqms.ImageCache` of this call).
 
     Per raw image, whichever inputs exist: raw vs preprocessed (``desc-preproc``),
     brain mask contour (``desc-brain_mask``), tissue segmentation (``dseg``),
@@ -290,13 +292,14 @@ def make_standard_figures(
         raise ValueError(f"fmt must be 'png' or 'svg', got {fmt!r}")
     out_dir = Path(out_dir)
     label = subject[4:] if subject.startswith("sub-") else subject
+    read = load if load is not None else ImageCache()
     sections: list[ReportSection] = []
     for group in find_subject_derivatives(out_dir, label):
         preproc = group.get("preproc")
         if preproc is None:
             continue
         entities = {k: v for k, v in group.entities.items()}
-        load = partial(_load_reduced, display_mm=display_mm)
+        load = partial(_load_reduced, read=read, display_mm=display_mm)
         t1w = load(preproc.path)
         raw_path = group.source_path
         raw = load(raw_path) if raw_path and raw_path.is_file() else None
@@ -332,7 +335,7 @@ def make_standard_figures(
             ))  # fmt: skip
         if std_d is not None:
             space = std_d.entities["space"]
-            std = nib.load(str(std_d.path))
+            std = read(std_d.path)
             found = (templates or {}).get(space) or load_template_for(space, std)
             template = found[0] if isinstance(found, tuple) else found
             if isinstance(template, (str, Path)):
@@ -368,10 +371,10 @@ def make_standard_figures(
     return sections
 
 
-def _load_reduced(path: Path, display_mm: float | None):
+def _load_reduced(path: Path, *, read: Callable[[Path], Any], display_mm: float | None):
     from mriflow.reports.figures import reduced
 
-    return reduced(nib.load(str(path)), display_mm)
+    return reduced(read(path), display_mm)
 
 
 def _histograms(before, after, *, out_path, mask, dseg):
@@ -489,6 +492,7 @@ def write_subject_report(
     warnings: Iterable[str] = (),
     templates: Mapping[str, Any] | None = None,
     fmt: str = "png",
+    load: Callable[[Path], Any] | None = None,
 ) -> Path:
     """Write ``OUT_DIR/sub-<subject>.html`` (figures under ``OUT_DIR/sub-<subject>/figures/``).
 
@@ -512,6 +516,9 @@ def write_subject_report(
         ``space -> image | path | (image, mask)`` for the registration figure; the
         embedded template is used for ``MNI152NLin2009aSym`` by default.
     fmt : {"png", "svg"}
+    load : callable, optional
+        ``path -> image`` for the figures (e.g. the :class:`~mriflow.reports.iqms.ImageCache`
+        the IQMs used).
 
     Returns
     -------
@@ -524,7 +531,9 @@ def write_subject_report(
         out_dir, label, work_dir=work_dir, errors=errors, warnings=warnings
     )
     if make_figures:
-        report.sections.extend(make_standard_figures(out_dir, label, templates=templates, fmt=fmt))
+        report.sections.extend(
+            make_standard_figures(out_dir, label, templates=templates, fmt=fmt, load=load)
+        )
     for section in sections:
         placed = []
         for figure in section.figures:

@@ -11,7 +11,7 @@ import csv
 import io
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ log = logging.getLogger("mriflow")
 
 __all__ = [
     "IQM_INFO",
+    "ImageCache",
     "compute_subject_iqms",
     "load_template_for",
     "read_iqms",
@@ -189,15 +190,43 @@ def _template(resolution: int):
     return template.t1w, template.mask
 
 
-def _load(derivative) -> nib.spatialimages.SpatialImage | None:
-    return nib.load(str(derivative.path)) if derivative is not None else None
+class ImageCache:
+    """Images read from disk once and kept in memory, read-only: ``cache(path) -> image``.
+
+    A subject's report measures (IQMs) and draws (figures) the same files; reading a
+    ``.nii.gz`` is mostly decompression, so each file is read once per report. The
+    arrays are read-only so no consumer can change what another one sees.
+    """
+
+    def __init__(self) -> None:
+        self._images: dict[str, nib.Nifti1Image] = {}
+
+    def __call__(self, path: str | os.PathLike[str]) -> nib.Nifti1Image:
+        key = os.fspath(path)
+        if key not in self._images:
+            img = nib.load(key)
+            data = np.asanyarray(img.dataobj)
+            data.setflags(write=False)
+            self._images[key] = nib.Nifti1Image(data, img.affine, img.header)
+        return self._images[key]
+
+
+def _load_with(load: Callable[[Path], Any] | None):
+    def _load(derivative) -> nib.spatialimages.SpatialImage | None:
+        if derivative is None:
+            return None
+        return load(derivative.path) if load is not None else nib.load(str(derivative.path))
+
+    return _load
 
 
 def _measure(
     group: ImageDerivatives,
     templates: Mapping[str, Any] | None,
     bias_field: str | os.PathLike[str] | None = None,
+    load: Callable[[Path], Any] | None = None,
 ) -> IQMs | None:
+    _load = _load_with(load)
     preproc = group.get("preproc")
     mask = group.get("brain_mask")
     if preproc is None or mask is None:
@@ -239,6 +268,7 @@ def compute_subject_iqms(
     *,
     templates: Mapping[str, Any] | None = None,
     bias_fields: Mapping[str, str | os.PathLike[str]] | None = None,
+    load: Callable[[Path], Any] | None = None,
 ) -> list[Path]:
     """Measure every image of ``subject`` from its published derivatives; write the IQM files.
 
@@ -251,6 +281,8 @@ def compute_subject_iqms(
     ``space-<X>_desc-preproc_<contrast>`` with the template of space ``X``
     (``templates[X]`` as image, path or ``(image, mask)``; the embedded template
     otherwise). Images without a preproc image and brain mask are skipped (logged).
+    ``load`` (``path -> image``, e.g. an :class:`ImageCache` shared with the figures)
+    reads the derivatives; default :func:`nibabel.load`.
 
     Returns
     -------
@@ -261,7 +293,7 @@ def compute_subject_iqms(
     for group in DerivativesLayout(out_dir).find(subject):
         try:
             raw_relpath = parse_bids_uri(group.source)[1]
-            result = _measure(group, templates, (bias_fields or {}).get(raw_relpath))
+            result = _measure(group, templates, (bias_fields or {}).get(raw_relpath), load)
         except (ValueError, OSError) as err:
             log.warning("%s: IQMs not computed: %s", group.source, err)
             continue
