@@ -32,7 +32,11 @@ from mriflow.bids.paths import atomic_write_bytes  # noqa: E402
 
 __all__ = [
     "TISSUE_COLORS",
+    "DefacingSection",
+    "defacing_sections",
     "plot_bias_correction",
+    "plot_coregistration",
+    "plot_defacing",
     "plot_histograms",
     "plot_mask_contour",
     "plot_registration",
@@ -631,4 +635,125 @@ def plot_histograms(
         for spine in ("top", "right", "left"):
             ax.spines[spine].set_visible(False)
     fig.tight_layout()
+    return _save(fig, out_path)
+
+
+# --------------------------------------------------------------------------------------
+# defacing
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DefacingSection:
+    """One panel of the defacing figure, as drawn (rows: superior/anterior up).
+
+    ``image`` is the defaced head, 0 wherever ``removed`` is True (whatever image it
+    was made from); ``brain`` the brain-mask section (or ``None``).
+    """
+
+    title: str
+    image: np.ndarray
+    removed: np.ndarray
+    brain: np.ndarray | None
+    aspect: float
+
+
+def defacing_sections(
+    defaced: nib.spatialimages.SpatialImage,
+    removed: nib.spatialimages.SpatialImage,
+    *,
+    brain_mask: nib.spatialimages.SpatialImage | None = None,
+    lateral_mm: float = 60.0,
+    below_frontal_mm: float = 12.0,
+) -> list[DefacingSection]:
+    """The sections the defacing figure shows: two sagittal, one axial.
+
+    Sagittal through the head's left-right centre (the brain mask's centroid, else
+    the image's) and ``lateral_mm`` to its right (the ear shave); axial
+    ``below_frontal_mm`` under the lowest frontal brain (eye level: the face cut
+    beside the temporal lobes).
+
+    The figure lives in OUT_DIR, which may be shared: the removed voxels are set
+    to 0 here, so even an undefaced head passed by mistake shows no face; only the
+    *mask* of the removed region is drawn.
+    """
+    base = _canonical(defaced, "defaced")
+    data = _grey(base)  # a copy: zeroing it changes nothing of the caller's
+    gone = _on_grid(removed, base, "removed") > 0
+    if not gone.any():
+        raise ValueError("plot_defacing: the mask of removed voxels is empty")
+    data[gone] = 0
+    brain = _on_grid(brain_mask, base, "brain_mask") > 0 if brain_mask is not None else None
+    zooms = _zooms(base)
+    support = brain if brain is not None and brain.any() else data > 0
+    centre = np.argwhere(support).mean(axis=0)
+    x_mid = int(round(centre[0]))
+    x_side = int(np.clip(round(centre[0] + lateral_mm / zooms[0]), 0, data.shape[0] - 1))
+    # eye level: ``below_frontal_mm`` under the frontal lobe's lowest point (the
+    # orbitofrontal cortex sits on the orbits); without a brain mask, the middle
+    # of the removed region's height
+    if brain is not None and brain.any():
+        # the front third of the brain: the brainstem and temporal lobes reach lower
+        front = np.flatnonzero(brain.any(axis=(0, 2)))[-1]
+        frontal = brain[:, int(round(centre[1] + 0.6 * (front - centre[1]))) :, :]
+        bottom = np.flatnonzero(frontal.any(axis=(0, 1)))
+        z_eyes = (bottom[0] if bottom.size else centre[2]) - below_frontal_mm / zooms[2]
+    else:
+        heights = np.flatnonzero(gone.any(axis=(0, 1)))
+        z_eyes = (heights[0] + heights[-1]) / 2
+    z_face = int(np.clip(round(z_eyes), 0, data.shape[2] - 1))
+    sections = []
+    for plane, index in (("sagittal", x_mid), ("sagittal", x_side), ("axial", z_face)):
+        world = base.affine[:3, :3] @ np.eye(3)[_AXIS[plane]] * index + base.affine[:3, 3]
+        sections.append(
+            DefacingSection(
+                title=f"{plane} {'xyz'[_AXIS[plane]]} = {world[_AXIS[plane]]:.0f} mm",
+                image=_slice(data, plane, index),
+                removed=_slice(gone, plane, index),
+                brain=_slice(brain, plane, index) if brain is not None else None,
+                aspect=_aspect(zooms, plane),
+            )
+        )
+    return sections
+
+
+def plot_defacing(
+    defaced: nib.spatialimages.SpatialImage,
+    removed: nib.spatialimages.SpatialImage,
+    out_path: str | os.PathLike[str],
+    *,
+    brain_mask: nib.spatialimages.SpatialImage | None = None,
+    title: str = "Defacing: removed region red, brain mask cyan",
+) -> Path:
+    """The defaced head with the removed region tinted and outlined (see :func:`defacing_sections`).
+
+    Look for: the red region covering the face (nose, mouth, eyes' front) and the
+    ears; a gap between it and the cyan brain outline everywhere (the margin); no
+    facial surface left in grey in front of the brain.
+    """
+    sections = defacing_sections(defaced, removed, brain_mask=brain_mask)
+    vmin, vmax = _window(np.concatenate([s.image[s.image > 0] for s in sections]))
+    widths = [s.image.shape[1] for s in sections]
+    fig, axes = plt.subplots(
+        1, len(sections), figsize=(9.0, 3.4), dpi=90, facecolor="black",
+        gridspec_kw={"width_ratios": widths},
+    )  # fmt: skip
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.84, wspace=0.04)
+    fig.suptitle(title, color="white", fontsize=11)
+    tint = np.zeros(4)
+    tint[:] = (0.95, 0.15, 0.15, 0.4)
+    for ax, section in zip(axes, sections):
+        ax.set_facecolor("black")
+        ax.set_axis_off()
+        ax.imshow(section.image, cmap=_GRAY, vmin=vmin, vmax=vmax, origin="lower",
+                  aspect=section.aspect, interpolation="nearest")  # fmt: skip
+        shade = np.zeros((*section.removed.shape, 4))
+        shade[section.removed] = tint
+        ax.imshow(shade, origin="lower", aspect=section.aspect, interpolation="nearest")
+        for mask, color, width in ((section.removed, "#ff3b3b", 0.9),
+                                   (section.brain, "#25e0f0", 0.7)):  # fmt: skip
+            if mask is not None and mask.any() and not mask.all():
+                ax.contour(mask.astype(np.float32), levels=[0.5], colors=[color],
+                           linewidths=width, origin="lower")  # fmt: skip
+        ax.set_title(section.title, color="white", fontsize=8)
     return _save(fig, out_path)
