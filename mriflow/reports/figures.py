@@ -162,7 +162,12 @@ def _save(fig: plt.Figure, out_path: str | os.PathLike[str]) -> Path:
     buffer = io.BytesIO()
     # metadata without dates keeps reruns byte-identical (publishing skips equal files)
     metadata = {"Date": None} if fmt == "svg" else {"Software": "mriflow (matplotlib)"}
-    fig.savefig(buffer, format=fmt, facecolor=fig.get_facecolor(), dpi=fig.dpi, metadata=metadata)
+    # zlib level 1: half the encoding time of the default 6, files as small (these
+    # figures are mostly flat black and grey)
+    extra = {"pil_kwargs": {"compress_level": 1}} if fmt == "png" else {}
+    fig.savefig(
+        buffer, format=fmt, facecolor=fig.get_facecolor(), dpi=fig.dpi, metadata=metadata, **extra
+    )
     plt.close(fig)
     return atomic_write_bytes(path, buffer.getvalue())
 
@@ -609,6 +614,8 @@ def plot_histograms(
     labels = np.rint(_on_grid(dseg, after_img, "dseg")).astype(int) if dseg is not None else None
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), dpi=90)
+    # fixed margins: tight_layout measured every text twice (a sixth of the figure's time)
+    fig.subplots_adjust(left=0.03, right=0.98, bottom=0.16, top=0.82, wspace=0.08)
     fig.suptitle(title, fontsize=11)
     for ax, (name, data) in zip(axes, (("before", before_data), ("after", after_data))):
         # bins over the 0.1-99.9th percentiles: a few extreme voxels must not squeeze the peaks
@@ -634,7 +641,6 @@ def plot_histograms(
         ax.tick_params(labelsize=7)
         for spine in ("top", "right", "left"):
             ax.spines[spine].set_visible(False)
-    fig.tight_layout()
     return _save(fig, out_path)
 
 
