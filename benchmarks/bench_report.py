@@ -85,7 +85,9 @@ def _export(revision: str, into: Path) -> Path:
 def _measure(pythonpath: Path, out_dir: Path, subject: str, bias: str) -> tuple[float, float]:
     env = {**os.environ, "PYTHONPATH": str(pythonpath)}
     done = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(out_dir), subject, bias],
+        # -P: not the current folder first on sys.path (run from a checkout, it would
+        # shadow the anchor's package with this tree's)
+        [sys.executable, "-P", "-c", _CHILD, str(out_dir), subject, bias],
         env=env,
         check=True,
         capture_output=True,

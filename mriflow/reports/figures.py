@@ -474,18 +474,47 @@ def plot_registration(
     Look for: edges of ventricles, the brain outline and the major sulci landing on
     the same structures in both halves.
     """
+    return _edge_pairs(
+        template, moving, out_path, title, ("template", "subject"), n_slices=n_slices
+    )
+
+
+def _edge_pairs(
+    fixed_img: nib.spatialimages.SpatialImage,
+    moving_img: nib.spatialimages.SpatialImage,
+    out_path: str | os.PathLike[str],
+    title: str,
+    names: tuple[str, str],
+    *,
+    n_slices: int,
+    brain_mask: nib.spatialimages.SpatialImage | None = None,
+) -> Path:
+    """Fixed image with the moving one's edges (red), moving with the fixed one's (cyan).
+
+    ``moving_img`` is resampled onto the fixed grid if needed; a ``brain_mask`` (fixed
+    grid) is outlined in yellow on the moving image and sets the slices' extent.
+    """
     _check_slices(n_slices)
-    fixed = _canonical(template, "template")
+    fixed = _canonical(fixed_img, names[0])
     fixed_data = _grey(fixed)
-    moving_data = _on_grid(moving, fixed, "moving", order=1).astype(np.float32)
+    moving_data = _on_grid(moving_img, fixed, names[1], order=1).astype(np.float32)
+    mask = _on_grid(brain_mask, fixed, "brain_mask") > 0 if brain_mask is not None else None
+    edges_of_fixed = _edge_overlay(fixed_data, "#25e0f0")
+
+    def on_moving(row: _Row) -> None:
+        edges_of_fixed(row)
+        if mask is not None:
+            _contour(row, mask, "#f2c80f", 0.8)
+
+    with_mask = " (brain mask yellow)" if mask is not None else ""
     blocks = [
-        _Block(fixed_data, _edge_overlay(moving_data, "#ff3b3b"), "template, subject edges",
-               "#ff3b3b"),
-        _Block(moving_data, _edge_overlay(fixed_data, "#25e0f0"), "subject, template edges",
-               "#25e0f0"),
+        _Block(fixed_data, _edge_overlay(moving_data, "#ff3b3b"),
+               f"{names[0]}, {names[1]} edges", "#ff3b3b"),
+        _Block(moving_data, on_moving, f"{names[1]}, {names[0]} edges{with_mask}", "#25e0f0"),
     ]  # fmt: skip
+    extent = mask if mask is not None and mask.any() else fixed_data
     return _mosaic(
-        blocks, _zooms(fixed), out_path, title, n_slices=n_slices, reference=fixed_data, panel=1.7
+        blocks, _zooms(fixed), out_path, title, n_slices=n_slices, reference=extent, panel=1.7
     )
 
 
@@ -507,27 +536,10 @@ def plot_coregistration(
     and the major sulci on the same structures in both halves; the mask outline on
     the contrast's brain surface.
     """
-    _check_slices(n_slices)
-    fixed = _canonical(reference, "reference")
-    fixed_data = _grey(fixed)
-    moving_data = _on_grid(contrast, fixed, "contrast", order=1).astype(np.float32)
-    mask = _on_grid(brain_mask, fixed, "brain_mask") > 0 if brain_mask is not None else None
-    edges_of_reference = _edge_overlay(fixed_data, "#25e0f0")
-
-    def on_contrast(row: _Row) -> None:
-        edges_of_reference(row)
-        if mask is not None:
-            _contour(row, mask, "#f2c80f", 0.8)
-
-    blocks = [
-        _Block(fixed_data, _edge_overlay(moving_data, "#ff3b3b"), "T1w, contrast edges",
-               "#ff3b3b"),
-        _Block(moving_data, on_contrast, "contrast, T1w edges (brain mask yellow)", "#25e0f0"),
-    ]  # fmt: skip
-    extent = mask if mask is not None and mask.any() else fixed_data
-    return _mosaic(
-        blocks, _zooms(fixed), out_path, title, n_slices=n_slices, reference=extent, panel=1.7
-    )
+    return _edge_pairs(
+        reference, contrast, out_path, title, ("T1w", "contrast"),
+        n_slices=n_slices, brain_mask=brain_mask,
+    )  # fmt: skip
 
 
 def plot_bias_correction(

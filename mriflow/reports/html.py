@@ -320,9 +320,13 @@ def make_standard_figures(
         raw = load(raw_path) if raw_path and raw_path.is_file() else None
         jobs = []
         removed = None
-        if preproc.sidecar.get("Defaced") and mask_d is not None:
+        if preproc.sidecar.get("Defaced") and mask is not None:
             full_size = int(np.prod(read(preproc.path).shape[:3]))
-            removed, note = _removed_region(t1w, mask, preproc, full_size)
+            try:
+                removed, note = _removed_region(t1w, mask, preproc, full_size)
+            except ValueError as err:  # e.g. an empty mask: no figure, the rest still drawn
+                log.warning("sub-%s: defacing figure of %s left out: %s", label, group.key, err)
+        if removed is not None:
             jobs.append((
                 "Defacing", {**entities, "desc": "deface"}, group.contrast,
                 partial(F.plot_defacing, t1w, removed, brain_mask=mask),
