@@ -299,13 +299,17 @@ def summary_stats(
     values = np.asarray(data, dtype=float)[mask]
     if values.size < 2:
         return None
+    # one median (``mad`` would take it again) and one partition for both percentiles:
+    # the same numbers, two fewer passes over millions of air voxels
+    median = np.median(values)
+    p05, p95 = np.percentile(values, [5, 95])
     return {
         "mean": float(values.mean()),
         "stdv": float(values.std()),
-        "median": float(np.median(values)),
-        "mad": mad(values),
-        "p05": float(np.percentile(values, 5)),
-        "p95": float(np.percentile(values, 95)),
+        "median": float(median),
+        "mad": float(np.median(np.abs(values - median)) / MAD_NORMAL),
+        "p05": float(p05),
+        "p95": float(p95),
         "k": float(sstats.kurtosis(values)),
         "n": float(values.size),
     }
