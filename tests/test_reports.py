@@ -493,3 +493,41 @@ def test_coregistration_reference_from_the_sidecar_or_the_grid(tmp_path):
     sidecar_path.write_text(json.dumps(sidecar))
     groups = {g.contrast: g for g in layout.find("01")}
     assert layout.reference_of(groups["T2w"]).contrast == "T1w"
+
+
+def test_a_defaced_image_s_report_never_draws_the_raw_face(tmp_path, monkeypatch):
+    """Raw vs preprocessed of a defaced image: the raw is drawn only where the defaced is not 0."""
+    from mriflow.image.deface import deface
+    from mriflow.reports.html import make_standard_figures
+
+    raw_dir, out_dir = build_derivatives(tmp_path, {"01": 4.0})
+    anat = out_dir / "sub-01/anat"
+    head = nib.load(str(anat / "sub-01_desc-preproc_T1w.nii.gz"))
+    defaced, removed = deface(head, nib.load(str(anat / "sub-01_desc-brain_mask.nii.gz")))
+    gone = np.asarray(removed.dataobj) > 0
+    assert (np.asarray(nib.load(str(raw_dir / "sub-01/anat/sub-01_T1w.nii.gz")).dataobj)[gone]
+            > 0).any()  # fmt: skip
+    nib.save(defaced, str(anat / "sub-01_desc-preproc_T1w.nii.gz"))
+    sidecar_path = anat / "sub-01_desc-preproc_T1w.json"
+    sidecar = json.loads(sidecar_path.read_text())
+    parameters = {"margin_mm": 5.0, "ear_depth_mm": 45.0, "shave": True,
+                  "template_face_mask": False, "removed_voxels": int(gone.sum())}  # fmt: skip
+    step = {"Name": "deface", "Parameters": parameters}
+    sidecar.update(Defaced=True, Steps=[*sidecar["Steps"], step])
+    sidecar_path.write_text(json.dumps(sidecar))
+
+    drawn = {}
+    real = F.plot_bias_correction
+
+    def spy(raw, corrected, *args, **kwargs):
+        drawn["raw"], drawn["shown"] = raw, corrected
+        return real(raw, corrected, *args, **kwargs)
+
+    monkeypatch.setattr(F, "plot_bias_correction", spy)
+    sections = make_standard_figures(out_dir, "01", templates={SPACE: template_image()})
+    titles = [f.title for s in sections for f in s.figures]
+    assert "Defacing" in titles and "Raw vs preprocessed" in titles
+    raw = np.asarray(drawn["raw"].dataobj)
+    shown = np.asarray(drawn["shown"].dataobj)
+    assert raw.shape == shown.shape and not raw[shown == 0].any()
+    assert raw[shown != 0].any()  # the rest of the raw image is still there
