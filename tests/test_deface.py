@@ -17,13 +17,8 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from mriflow.image.deface import (
-    deface,
-    defacing_view,
-    face_mask,
-    plot_defacing,
-    write_defaced_nifti,
-)
+from mriflow.image.deface import deface, face_mask, write_defaced_nifti
+from mriflow.reports.figures import defacing_sections, plot_defacing
 
 MARGIN = 5.0
 
@@ -160,19 +155,34 @@ def test_write_defaced_nifti_changes_only_the_face_bytes(tmp_path: Path, slope_i
     assert (tmp_path / "defaced2.nii").read_bytes() == out.read_bytes()
 
 
-def test_report_view_shades_the_removed_part(tmp_path: Path) -> None:
+def test_defacing_figure_outlines_the_removed_region_and_never_shows_the_face(
+    tmp_path: Path,
+) -> None:
     ph = phantom_head(voxel=4.0)
-    _, removed = deface(ph["img"], ph["mask"])
-    view = defacing_view(ph["img"], removed)
-    assert view.image.shape == view.removed.shape
-    rows, cols = np.nonzero(view.removed)
-    # Removed part of the midline: in front (right-hand columns) and low (bottom rows).
-    assert cols.mean() > view.image.shape[1] / 2 and rows.mean() > view.image.shape[0] / 2
-    out = plot_defacing(ph["img"], removed, tmp_path / "deface.svg")
+    defaced, removed = deface(ph["img"], ph["mask"])
+    gone = np.asarray(removed.dataobj) > 0
+    assert (np.asarray(ph["img"].dataobj)[gone] > 0).any()  # there was a face to remove
+    # even handed the undefaced head by mistake, the figure shows no removed voxel
+    for head in (ph["img"], defaced):
+        sections = defacing_sections(head, removed, brain_mask=ph["mask"])
+        assert [s.title.split()[0] for s in sections] == ["sagittal", "sagittal", "axial"]
+        for section in sections:
+            assert section.image.shape == section.removed.shape == section.brain.shape
+            assert not section.image[section.removed].any()
+            assert not (section.removed & section.brain).any()
+        assert all(s.removed.any() for s in sections)
+    # midline: the removed part is in front (right-hand columns) and low (origin lower)
+    rows, cols = np.nonzero(sections[0].removed)
+    height, width = sections[0].removed.shape
+    assert cols.mean() > width / 2 and rows.mean() < height / 2
+    out = plot_defacing(defaced, removed, tmp_path / "deface.svg", brain_mask=ph["mask"])
     assert out.stat().st_size > 1000 and b"<svg" in out.read_bytes()[:500]
+    with pytest.raises(ValueError, match="removed voxels is empty"):
+        plot_defacing(defaced, nib.Nifti1Image(np.zeros(gone.shape, np.uint8), defaced.affine),
+                      tmp_path / "none.png")  # fmt: skip
 
 
-def test_deface_workflow_runs_and_reports(tmp_path: Path) -> None:
+def test_deface_workflow_runs(tmp_path: Path) -> None:
     from mriflow.workflows.deface import init_deface_wf
 
     ph = phantom_head(voxel=6.0)
@@ -191,7 +201,6 @@ def test_deface_workflow_runs_and_reports(tmp_path: Path) -> None:
     json.dumps(res.metadata)  # sidecar-ready
     out = np.asarray(nib.load(res.out_file).dataobj)
     assert np.array_equal(out[ph["brain"]], np.asarray(ph["img"].dataobj)[ph["brain"]])
-    assert Path(res.out_report).exists()
 
 
 # --------------------------------------------------------------------------- real heads

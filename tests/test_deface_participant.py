@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from mriflow.cli.run import main
+from mriflow.image.deface import face_mask
 from tests.helpers import make_bids_dataset
 
 FAST = ["--voxel-size", "2", "--set", "denoise.method=none", "--set", "segmentation.method=none"]
@@ -66,3 +67,17 @@ def test_deface_removes_the_face_and_keeps_every_brain_voxel(data_dir, tmp_path)
         assert "deface" in [step["Name"] for step in sidecar["Steps"]]
     plain_sidecar = json.loads((runs["plain"] / "sub-01_desc-preproc_T1w.json").read_text())
     assert "Defaced" not in plain_sidecar
+
+    # the report: a defacing figure in the defaced run only
+    figure = "sub-01/figures/sub-01_desc-deface_T1w.png"
+    reports = {name: (tmp_path / name / "sub-01.html").read_text() for name in runs}
+    assert figure in reports["defaced"] and (tmp_path / "defaced" / figure).stat().st_size > 5000
+    assert "Defacing" not in reports["plain"] and not (tmp_path / "plain" / figure).exists()
+    # what the figure draws is what was removed: the region recomputed from the published
+    # grid and brain mask with the recorded parameters holds every changed voxel, and has
+    # the recorded size
+    native = json.loads((runs["defaced"] / "sub-01_desc-preproc_T1w.json").read_text())
+    (step,) = [s for s in native["Steps"] if s["Name"] == "deface"]
+    region, _ = face_mask(image("defaced", "desc-preproc_T1w"), image("defaced", mask))
+    assert not (removed & ~region).any() and (defaced[region] == 0).all()
+    assert int(region.sum()) == step["Parameters"]["removed_voxels"]

@@ -416,3 +416,118 @@ def test_iqms_measure_inu_from_the_bias_field_the_graph_gives(tmp_path):
     assert "inu" not in payload["Skipped"]
     assert 0.9 < payload["inu_med"] < 1.1
     assert 0.1 < payload["inu_range"] < 0.4  # P95-P5 of the 0.8-1.2 ramp inside the brain
+
+
+# --------------------------------------------------------------------------------------
+# other contrasts co-registered to the T1w (issue 13)
+# --------------------------------------------------------------------------------------
+
+
+def _add_contrast(raw_dir, out_dir, suffix: str, *, on_t1w_grid: bool, **entities) -> str:
+    """A raw ``suffix`` image and its ``desc-preproc`` as the multi-contrast run names it."""
+    from mriflow.bids.paths import atomic_write_json, build_path
+
+    t1w = nib.load(str(out_dir / "sub-01/anat/sub-01_desc-preproc_T1w.nii.gz"))
+    data = np.asarray(t1w.dataobj)
+    contrast = np.where(data > 0, data.max() - data, 0).astype(np.float32)  # T2-like
+    names = {"subject": "01", **entities}
+    raw_rel = build_path(names, suffix=suffix, extension=".nii.gz")
+    affine = t1w.affine.copy()
+    if not on_t1w_grid:  # its own native grid: half a voxel off, as a raw image would be
+        affine[:3, 3] += 1.0
+    nib.save(nib.Nifti1Image(contrast, affine), str(raw_dir / raw_rel))
+    relpath = build_path({**names, "desc": "preproc"}, suffix=suffix, extension=".nii.gz")
+    nib.save(nib.Nifti1Image(contrast, affine), str(out_dir / relpath))
+    sidecar = {"Sources": [f"bids:raw:{raw_rel}"], "SkullStripped": False, "Steps": []}
+    atomic_write_json(out_dir / relpath.replace(".nii.gz", ".json"), sidecar)
+    return relpath
+
+
+def test_contrasts_in_t1w_space_get_a_coregistration_figure_and_iqms(tmp_path):
+    raw_dir, out_dir = build_derivatives(tmp_path, {"01": 4.0})
+    _add_contrast(raw_dir, out_dir, "T2w", on_t1w_grid=True)
+    _add_contrast(raw_dir, out_dir, "T1w", on_t1w_grid=True, ceagent="gadolinium")
+    _add_contrast(raw_dir, out_dir, "FLAIR", on_t1w_grid=False)  # not co-registered
+    templates = {SPACE: template_image()}
+    written = {p.name for p in compute_subject_iqms(out_dir, "01", templates=templates)}
+    report = write_subject_report(out_dir, "01", templates=templates).read_text()
+
+    # each co-registered contrast: its section has the figure, and IQMs measured in the
+    # T1w's brain mask and tissues
+    assert "Co-registration to T1w" in report
+    for metrics in ("sub-01_desc-qcT2w_metrics.json", "sub-01_ce-gadolinium_desc-qc_metrics.json"):
+        payload = json.loads((out_dir / "sub-01/anat" / metrics).read_text())
+        assert payload["Sources"][0].startswith("bids:raw:sub-01/anat/sub-01_")
+        assert isinstance(payload["cnr"], float) and isinstance(payload["snr_wm"], float)
+        assert metrics in written
+    figures = {p.name for p in (out_dir / "sub-01/figures").iterdir()}
+    assert {"sub-01_desc-coreg_T2w.png", "sub-01_ce-gadolinium_desc-coreg_T1w.png",
+            "sub-01_desc-brain_mask.png", "sub-01_desc-brain_T2w.png"} <= figures  # fmt: skip
+    assert len(set(sources := _img_sources(report))) == len(sources)  # no figure drawn over
+    # the reference itself, and a contrast still in its own space, get none
+    assert not any("FLAIR" in name and "coreg" in name for name in figures)
+    assert "sub-01_desc-qcFLAIR_metrics.json" not in written
+    sources = _img_sources(report)
+    assert all((out_dir / src).stat().st_size > 1000 for src in sources)
+
+
+def test_coregistration_reference_from_the_sidecar_or_the_grid(tmp_path):
+    from mriflow.bids.layout import DerivativesLayout
+
+    raw_dir, out_dir = build_derivatives(tmp_path, {"01": 4.0})
+    t2w = _add_contrast(raw_dir, out_dir, "T2w", on_t1w_grid=True)
+    layout = DerivativesLayout(out_dir)
+    groups = {g.contrast: g for g in layout.find("01")}
+    assert layout.reference_of(groups["T1w"]) is None  # it has its own brain mask
+    assert layout.reference_of(groups["T2w"]).contrast == "T1w"
+    # a contrast off the T1w grid is co-registered only if its sidecar says so
+    moved = nib.load(str(out_dir / t2w))
+    affine = moved.affine.copy()
+    affine[0, 3] += 2.0
+    nib.save(nib.Nifti1Image(np.asarray(moved.dataobj), affine), str(out_dir / t2w))
+    groups = {g.contrast: g for g in layout.find("01")}
+    assert layout.reference_of(groups["T2w"]) is None
+    sidecar_path = out_dir / t2w.replace(".nii.gz", ".json")
+    sidecar = json.loads(sidecar_path.read_text())
+    sidecar["SpatialReference"] = "bids::sub-01/anat/sub-01_desc-preproc_T1w.nii.gz"
+    sidecar_path.write_text(json.dumps(sidecar))
+    groups = {g.contrast: g for g in layout.find("01")}
+    assert layout.reference_of(groups["T2w"]).contrast == "T1w"
+
+
+def test_a_defaced_image_s_report_never_draws_the_raw_face(tmp_path, monkeypatch):
+    """Raw vs preprocessed of a defaced image: the raw is drawn only where the defaced is not 0."""
+    from mriflow.image.deface import deface
+    from mriflow.reports.html import make_standard_figures
+
+    raw_dir, out_dir = build_derivatives(tmp_path, {"01": 4.0})
+    anat = out_dir / "sub-01/anat"
+    head = nib.load(str(anat / "sub-01_desc-preproc_T1w.nii.gz"))
+    defaced, removed = deface(head, nib.load(str(anat / "sub-01_desc-brain_mask.nii.gz")))
+    gone = np.asarray(removed.dataobj) > 0
+    assert (np.asarray(nib.load(str(raw_dir / "sub-01/anat/sub-01_T1w.nii.gz")).dataobj)[gone]
+            > 0).any()  # fmt: skip
+    nib.save(defaced, str(anat / "sub-01_desc-preproc_T1w.nii.gz"))
+    sidecar_path = anat / "sub-01_desc-preproc_T1w.json"
+    sidecar = json.loads(sidecar_path.read_text())
+    parameters = {"margin_mm": 5.0, "ear_depth_mm": 45.0, "shave": True,
+                  "template_face_mask": False, "removed_voxels": int(gone.sum())}  # fmt: skip
+    step = {"Name": "deface", "Parameters": parameters}
+    sidecar.update(Defaced=True, Steps=[*sidecar["Steps"], step])
+    sidecar_path.write_text(json.dumps(sidecar))
+
+    drawn = {}
+    real = F.plot_bias_correction
+
+    def spy(raw, corrected, *args, **kwargs):
+        drawn["raw"], drawn["shown"] = raw, corrected
+        return real(raw, corrected, *args, **kwargs)
+
+    monkeypatch.setattr(F, "plot_bias_correction", spy)
+    sections = make_standard_figures(out_dir, "01", templates={SPACE: template_image()})
+    titles = [f.title for s in sections for f in s.figures]
+    assert "Defacing" in titles and "Raw vs preprocessed" in titles
+    raw = np.asarray(drawn["raw"].dataobj)
+    shown = np.asarray(drawn["shown"].dataobj)
+    assert raw.shape == shown.shape and not raw[shown == 0].any()
+    assert raw[shown != 0].any()  # the rest of the raw image is still there

@@ -196,6 +196,20 @@ def _load_sidecar(path: Path) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _same_grid(a: Path, b: Path) -> bool:
+    """Whether two images share shape and affine (headers only: no voxel is read)."""
+    import nibabel as nib
+    import numpy as np
+
+    try:
+        first, second = nib.load(str(a)), nib.load(str(b))
+    except Exception:
+        return False
+    return first.shape[:3] == second.shape[:3] and bool(
+        np.allclose(first.affine, second.affine, atol=1e-4)
+    )
+
+
 def find_subject_derivatives(
     out_dir: str | os.PathLike[str], subject: str
 ) -> list[ImageDerivatives]:
@@ -312,6 +326,40 @@ class DerivativesLayout:
                 )
             )
         return [groups[k] for k in sorted(groups)]
+
+    def reference_of(
+        self, group: ImageDerivatives, groups: list[ImageDerivatives] | None = None
+    ) -> ImageDerivatives | None:
+        """The T1w image ``group``'s contrast was co-registered to, or ``None``.
+
+        A reference is a T1w image with its own brain mask (a non-reference image,
+        e.g. a T2w or a ``ce-`` T1w, is masked by its reference's). ``group`` is
+        co-registered to it when its sidecar's ``SpatialReference`` names a file of the
+        reference, or else when its ``desc-preproc`` lies on the grid (shape and
+        affine) of the reference's brain mask in the same session: derivatives
+        without ``space-`` are in the T1w's space (sMRIPrep's convention). Images in
+        their own native space have no reference.
+        """
+        if group.get("brain_mask") is not None or group.get("preproc") is None:
+            return None
+        groups = self.find(group.entities["subject"]) if groups is None else groups
+        candidates = [
+            g
+            for g in groups
+            if g is not group
+            and g.contrast == "T1w"
+            and g.get("brain_mask") is not None
+            and g.entities.get("session") == group.entities.get("session")
+        ]
+        preproc = group.get("preproc")
+        named = preproc.sidecar.get("SpatialReference")
+        if isinstance(named, str):
+            target = resolve_bids_uri(named, self.root)
+            for candidate in candidates:
+                if target is not None and any(d.path == target for d in candidate.files):
+                    return candidate
+        on_grid = [g for g in candidates if _same_grid(preproc.path, g.get("brain_mask").path)]
+        return on_grid[0] if len(on_grid) == 1 else None
 
     def model_ready(self, subjects: list[str]) -> list[ModelReady]:
         """One entry per T1w image with a model-ready volume (manifest rows), sorted."""

@@ -35,8 +35,8 @@ no transform yet): a brain mask from mriflow's skull stripper, and
 The brain mask's voxels are never removed: the plane lies outside the hull of
 the mask, the shave keeps ``margin_mm`` around it, and :func:`deface` asserts
 it. :func:`template_face_mask` adds pydeface's approach for images that do have
-a kept template transform, and :func:`defacing_view` / :func:`plot_defacing`
-make the report figure (a sagittal view with the removed part shaded).
+a kept template transform. The report's figure (the removed region on the defaced
+head) is drawn by :func:`mriflow.reports.figures.plot_defacing`.
 
 Limits: defacing removes the face surface; it does not anonymise the brain
 itself (its shape and folding can identify a person to someone who has
@@ -61,15 +61,12 @@ from scipy.spatial import ConvexHull
 
 __all__ = [
     "DefaceResult",
-    "DefacingView",
     "brain_pitch",
     "deface",
     "face_mask",
     "template_face_mask",
     "apply_face_mask",
     "write_defaced_nifti",
-    "defacing_view",
-    "plot_defacing",
 ]
 
 # Pitch (degrees, anterior end up) of the long axis of the brain's sagittal
@@ -487,85 +484,3 @@ def write_defaced_nifti(
     data[remove] = _raw_zero(dtype, img.dataobj.slope, img.dataobj.inter)
     raw[offset : offset + n_bytes] = data.tobytes(order="F")
     Path(target).write_bytes(bytes(raw))
-
-
-@dataclass(frozen=True)
-class DefacingView:
-    """A sagittal section for the report: the head and the removed part.
-
-    ``image`` (rows: superior -> inferior, columns: posterior -> anterior) is
-    the original head; ``removed`` is True where defacing zeroed it;
-    ``aspect`` is the pixel height / width ratio to display it undistorted.
-    """
-
-    image: np.ndarray
-    removed: np.ndarray
-    aspect: float
-    x_mm: float
-
-
-def defacing_view(
-    head_img: nib.spatialimages.SpatialImage,
-    face_mask_img: nib.spatialimages.SpatialImage,
-    *,
-    offset_mm: float = 0.0,
-) -> DefacingView:
-    """The sagittal section ``offset_mm`` right of the head's centre, in RAS orientation.
-
-    The centre is the left-right centre of mass of the head (voxels brighter
-    than the image mean), not of the field of view: heads often lie off-centre.
-    """
-    head = nib.as_closest_canonical(head_img)
-    face = nib.as_closest_canonical(face_mask_img)
-    data = np.asarray(head.dataobj, dtype=np.float32)
-    removed = np.asarray(face.dataobj) > 0
-    zooms = np.asarray(head.header.get_zooms()[:3], dtype=float)
-    tissue = data > data.mean()
-    centre = ndi.center_of_mass(tissue)[0] if tissue.any() else data.shape[0] / 2
-    x = int(np.clip(round(centre + offset_mm / zooms[0]), 0, data.shape[0] - 1))
-    x_mm = float((head.affine @ np.array([x, 0, 0, 1]))[0])
-    # (A, S) section -> rows S descending, columns A ascending
-    return DefacingView(
-        image=np.flipud(data[x].T),
-        removed=np.flipud(removed[x].T),
-        aspect=float(zooms[2] / zooms[1]),
-        x_mm=x_mm,
-    )
-
-
-def plot_defacing(
-    head_img: nib.spatialimages.SpatialImage,
-    face_mask_img: nib.spatialimages.SpatialImage,
-    out_path: str | os.PathLike[str],
-    *,
-    offsets_mm: tuple[float, ...] = (0.0, 65.0),
-) -> Path:
-    """Report figure: sagittal sections of the head with the removed part shaded red.
-
-    Written to ``out_path`` (``.png`` or ``.svg``); the midline shows the face
-    cut, the lateral section the ear shave.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out = Path(out_path)
-    if out.suffix not in (".png", ".svg"):
-        raise ValueError(f"{out}: the figure must be .png or .svg")
-    views = [defacing_view(head_img, face_mask_img, offset_mm=o) for o in offsets_mm]
-    fig, axes = plt.subplots(1, len(views), figsize=(3.2 * len(views), 3.6), squeeze=False)
-    for ax, view in zip(axes[0], views, strict=True):
-        inside = view.image[view.image > 0]
-        vmax = float(np.percentile(inside, 99)) if inside.size else 1.0
-        ax.imshow(view.image, cmap="gray", vmin=0, vmax=vmax, aspect=view.aspect)
-        shade = np.zeros((*view.removed.shape, 4), dtype=np.float32)
-        shade[view.removed] = (0.9, 0.1, 0.1, 0.45)
-        ax.imshow(shade, aspect=view.aspect)
-        ax.set_title(f"x = {view.x_mm:.0f} mm", fontsize=9)
-        ax.set_axis_off()
-    fig.suptitle("Defacing: removed voxels shaded red", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out, format=out.suffix[1:], dpi=100)
-    plt.close(fig)
-    return out

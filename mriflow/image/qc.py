@@ -299,13 +299,17 @@ def summary_stats(
     values = np.asarray(data, dtype=float)[mask]
     if values.size < 2:
         return None
+    # one median (``mad`` would take it again) and one partition for both percentiles:
+    # the same numbers, two fewer passes over millions of air voxels
+    median = np.median(values)
+    p05, p95 = np.percentile(values, [5, 95])
     return {
         "mean": float(values.mean()),
         "stdv": float(values.std()),
-        "median": float(np.median(values)),
-        "mad": mad(values),
-        "p05": float(np.percentile(values, 5)),
-        "p95": float(np.percentile(values, 95)),
+        "median": float(median),
+        "mad": float(np.median(np.abs(values - median)) / MAD_NORMAL),
+        "p05": float(p05),
+        "p95": float(p95),
         "k": float(sstats.kurtosis(values)),
         "n": float(values.size),
     }
@@ -475,6 +479,19 @@ class IQMs:
         }
 
 
+def _finite_float(arr: np.ndarray) -> np.ndarray:
+    """A float64 copy with NaN -> 0 and +-inf -> the largest finite values (``nan_to_num``).
+
+    The copy is converted in place and only when needed: ``nan_to_num`` on every
+    image copied it twice more and tested each voxel three times (a third of a
+    second per 1 mm image).
+    """
+    out = arr.astype(float)
+    if not np.isfinite(out).all():
+        np.nan_to_num(out, copy=False)
+    return out
+
+
 def _array(value: Any, name: str) -> np.ndarray:
     if isinstance(value, nib.spatialimages.SpatialImage):
         value = np.asanyarray(value.dataobj)
@@ -578,7 +595,7 @@ def compute_iqms(
     result = IQMs()
     metrics, skipped, warnings = result.metrics, result.skipped, result.warnings
 
-    data = np.nan_to_num(_array(t1w, "t1w").astype(float))
+    data = _finite_float(_array(t1w, "t1w"))
     data[data < 0] = 0
     if not np.any(data > 1e-5):
         raise ValueError("compute_iqms: the image is empty (all values ~0)")
@@ -738,8 +755,8 @@ def _registration_metrics(
 ) -> None:
     from skimage.filters import threshold_otsu
 
-    moving = np.nan_to_num(_array(registered, "registered").astype(float))
-    fixed = np.nan_to_num(_array(template, "template").astype(float))
+    moving = _finite_float(_array(registered, "registered"))
+    fixed = _finite_float(_array(template, "template"))
     if moving.shape != fixed.shape:
         raise ValueError(
             f"compute_iqms: registered image {moving.shape} is not on the template grid "

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
@@ -14,9 +12,8 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from mriflow.bids.paths import work_filename
 from mriflow.image.io import load_image
-from mriflow.interfaces.anatomical import _save, _stem
+from mriflow.interfaces.anatomical import _save
 from mriflow.interfaces.base import MriflowInterface, step_record
 
 __all__ = ["ApplyFaceMask", "Deface"]
@@ -32,13 +29,15 @@ class _DefaceInputSpec(BaseInterfaceInputSpec):
         File(exists=True), desc="kept template -> subject transform (adds a template face mask)"
     )
     num_threads = traits.Int(1, usedefault=True, desc="ITK threads (template face mask)")
-    figure = traits.Bool(True, usedefault=True, desc="write the report figure")
 
 
 class _DefaceOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="defaced head (input's data type and scaling)")
     face_mask = File(exists=True, desc="uint8 mask of the removed voxels")
-    out_report = File(desc="sagittal figure with the removed part shaded (.svg)")
+    out_report = File(
+        desc="never set: the report draws the defacing figure from the published images "
+        "(mriflow.reports.figures.plot_defacing); kept until init_deface_wf stops connecting it"
+    )
     metadata = traits.Dict(desc="sidecar fields: Defaced, DefacingMethod")
     step = traits.Dict(desc="step record for the sidecar")
 
@@ -50,7 +49,7 @@ class Deface(MriflowInterface):
     output_spec = _DefaceOutputSpec
 
     def _run_interface(self, runtime):
-        from mriflow.image.deface import deface, plot_defacing
+        from mriflow.image.deface import deface
 
         inputs = self.inputs
         head = load_image(inputs.in_file)
@@ -71,12 +70,6 @@ class Deface(MriflowInterface):
         self._results["face_mask"] = _save(
             result.face_mask, runtime.cwd, inputs.in_file, "facemask"
         )
-        if inputs.figure:
-            figure = Path(runtime.cwd) / work_filename(
-                _stem(inputs.in_file), suffix="deface", extension=".svg"
-            )
-            plot_defacing(head, result.face_mask, figure)
-            self._results["out_report"] = str(figure)
         self._results["metadata"] = {"Defaced": True, "DefacingMethod": result.description}
         parameters = {
             "margin_mm": inputs.margin_mm,

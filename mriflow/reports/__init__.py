@@ -44,11 +44,12 @@ def write_subject_qc(
     """
     from mriflow.bids.outputs import report_relpath
     from mriflow.reports.html import write_subject_report
-    from mriflow.reports.iqms import compute_subject_iqms
+    from mriflow.reports.iqms import ImageCache, compute_subject_iqms
     from mriflow.reports.provenance import write_provenance
 
-    compute_subject_iqms(out_dir, subject, templates=templates, bias_fields=bias_fields)
-    write_subject_report(out_dir, subject, work_dir=work_dir, templates=templates)
+    load = ImageCache()  # the IQMs and the figures read each file once between them
+    compute_subject_iqms(out_dir, subject, templates=templates, bias_fields=bias_fields, load=load)
+    write_subject_report(out_dir, subject, work_dir=work_dir, templates=templates, load=load)
     write_provenance(out_dir, subject)
     return report_relpath(subject)
 

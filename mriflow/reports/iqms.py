@@ -11,7 +11,7 @@ import csv
 import io
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ log = logging.getLogger("mriflow")
 
 __all__ = [
     "IQM_INFO",
+    "ImageCache",
     "compute_subject_iqms",
     "load_template_for",
     "read_iqms",
@@ -189,34 +190,73 @@ def _template(resolution: int):
     return template.t1w, template.mask
 
 
-def _load(derivative) -> nib.spatialimages.SpatialImage | None:
-    return nib.load(str(derivative.path)) if derivative is not None else None
+class ImageCache:
+    """Images read from disk once and kept in memory, read-only: ``cache(path) -> image``.
+
+    A subject's report measures (IQMs) and draws (figures) the same files; reading a
+    ``.nii.gz`` is mostly decompression, so each file is read once per report. The
+    arrays are read-only so no consumer can change what another one sees.
+    """
+
+    def __init__(self) -> None:
+        self._images: dict[str, nib.Nifti1Image] = {}
+
+    def __call__(self, path: str | os.PathLike[str]) -> nib.Nifti1Image:
+        key = os.fspath(path)
+        if key not in self._images:
+            img = nib.load(key)
+            data = np.asanyarray(img.dataobj)
+            data.setflags(write=False)
+            self._images[key] = nib.Nifti1Image(data, img.affine, img.header)
+        return self._images[key]
+
+
+def _load_with(load: Callable[[Path], Any] | None):
+    def _load(derivative) -> nib.spatialimages.SpatialImage | None:
+        if derivative is None:
+            return None
+        return load(derivative.path) if load is not None else nib.load(str(derivative.path))
+
+    return _load
 
 
 def _measure(
     group: ImageDerivatives,
     templates: Mapping[str, Any] | None,
     bias_field: str | os.PathLike[str] | None = None,
+    load: Callable[[Path], Any] | None = None,
+    reference: ImageDerivatives | None = None,
 ) -> IQMs | None:
+    _load = _load_with(load)
     preproc = group.get("preproc")
-    mask = group.get("brain_mask")
+    # a contrast co-registered to a T1w is measured in the T1w's masks and tissues
+    # (same grid): it has none of its own
+    masks_from = group if group.get("brain_mask") is not None or reference is None else reference
+    mask = masks_from.get("brain_mask")
     if preproc is None or mask is None:
         return None
     img = _load(preproc)
-    dseg = _load(group.get("dseg"))
-    probs = {d.entities["label"].lower(): _load(d) for d in group.all("probseg_")}
+    dseg = _load(masks_from.get("dseg"))
+    probs = {d.entities["label"].lower(): _load(d) for d in masks_from.all("probseg_")}
     tissue_probs = probs if {"gm", "wm", "csf"} <= set(probs) else None
     registered = template = template_mask = registered_mask = None
     std = group.get("std_preproc")
-    if std is not None:
+    # the template is a T1w: its correlation with another contrast measures nothing
+    if std is not None and group.contrast == "T1w":
         registered = _load(std)
         space = std.entities["space"]
         found = (templates or {}).get(space) or load_template_for(space, registered)
         if found is not None:
             template, template_mask = found if isinstance(found, tuple) else (found, None)
             template = template if not isinstance(template, (str, Path)) else nib.load(template)
-        std_mask = group.get("std_mask")
+        std_mask = group.get("std_mask") or (
+            reference.get("std_mask") if reference is not None else None
+        )
         registered_mask = _load(std_mask)
+    field = nib.load(os.fspath(bias_field)) if bias_field else None
+    field_elsewhere = field is not None and (
+        field.shape[:3] != img.shape[:3] or not np.allclose(field.affine, img.affine, atol=1e-3)
+    )
     skull_stripped = preproc.sidecar.get("SkullStripped")
     result = compute_iqms(
         img,
@@ -227,9 +267,13 @@ def _measure(
         template=template,
         template_mask=template_mask,
         registered_mask=registered_mask,
-        bias_field=nib.load(os.fspath(bias_field)) if bias_field else None,
+        bias_field=None if field_elsewhere else field,
         skull_stripped=bool(skull_stripped) if skull_stripped is not None else None,
     )
+    if field_elsewhere:
+        result.skipped["inu"] = "the N4 bias field is not on the grid of the measured image"
+    if std is not None and group.contrast != "T1w":
+        result.skipped["reg"] = f"the template is a T1w: not comparable with a {group.contrast}"
     return result
 
 
@@ -239,6 +283,7 @@ def compute_subject_iqms(
     *,
     templates: Mapping[str, Any] | None = None,
     bias_fields: Mapping[str, str | os.PathLike[str]] | None = None,
+    load: Callable[[Path], Any] | None = None,
 ) -> list[Path]:
     """Measure every image of ``subject`` from its published derivatives; write the IQM files.
 
@@ -250,7 +295,13 @@ def compute_subject_iqms(
     ``dseg`` or ``label-{GM,WM,CSF}_probseg`` when present, and
     ``space-<X>_desc-preproc_<contrast>`` with the template of space ``X``
     (``templates[X]`` as image, path or ``(image, mask)``; the embedded template
-    otherwise). Images without a preproc image and brain mask are skipped (logged).
+    otherwise). A contrast co-registered to a T1w (in its space, without a brain mask
+    of its own: :meth:`~mriflow.bids.layout.DerivativesLayout.reference_of`) is
+    measured in that T1w's brain mask and tissue classes; the registration metrics
+    (a T1w template) are for T1w images only. Images without a preproc image and
+    brain mask are skipped (logged).
+    ``load`` (``path -> image``, e.g. an :class:`ImageCache` shared with the figures)
+    reads the derivatives; default :func:`nibabel.load`.
 
     Returns
     -------
@@ -258,10 +309,14 @@ def compute_subject_iqms(
         The JSON and TSV files written.
     """
     written: list[Path] = []
-    for group in DerivativesLayout(out_dir).find(subject):
+    layout = DerivativesLayout(out_dir)
+    groups = layout.find(subject)
+    for group in groups:
         try:
             raw_relpath = parse_bids_uri(group.source)[1]
-            result = _measure(group, templates, (bias_fields or {}).get(raw_relpath))
+            field = (bias_fields or {}).get(raw_relpath)
+            reference = layout.reference_of(group, groups)
+            result = _measure(group, templates, field, load, reference)
         except (ValueError, OSError) as err:
             log.warning("%s: IQMs not computed: %s", group.source, err)
             continue

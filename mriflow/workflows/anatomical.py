@@ -227,8 +227,7 @@ def init_anat_preproc_wf(
         # and brain voxels are never changed, so masks, tissues and intensities are
         # those of a run without defacing
         deface = pe.Node(
-            # the report does not show it yet: no figure
-            Deface(margin_mm=config.deface.margin_mm, num_threads=threads, figure=False),
+            Deface(margin_mm=config.deface.margin_mm, num_threads=threads),
             name="deface",
             mem_gb=1.0,
         )
