@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mriflow.bids.paths import build_filename, build_path, subject_dirname
-from mriflow.config import Config
+from mriflow.config import Config, OutputSpace
 from mriflow.image.template import TEMPLATE_SPACE
 
 __all__ = [
@@ -83,8 +83,10 @@ def anat_derivatives(contrast: str, config: Config | None = None) -> list[Deriva
     ]
     if contrast != "T1w":
         return specs
-    registered = config.registration.enabled
-    space = {"space": TEMPLATE_SPACE} if registered else {}
+    spaces = config.registration.template_spaces()
+    registered = bool(spaces)
+    # the first template space is the model-ready grid (and the one without a suffix)
+    space = _space_entities(spaces[0]) if registered else {}
     segmentation = config.segmentation.method != "none"
     normalized = config.intensity.method != "none"
     norm_steps = ("intensity_normalization",) if normalized else ()
@@ -101,6 +103,8 @@ def anat_derivatives(contrast: str, config: Config | None = None) -> list[Deriva
     )
     if registered:
         specs += _template_space_specs(space)
+        for index, extra in enumerate(spaces[1:], start=2):
+            specs += _extra_space_specs(extra, index, config)
     image_source = (
         ("std_norm" if normalized else "std_preproc")
         if registered
@@ -126,6 +130,7 @@ def anat_derivatives(contrast: str, config: Config | None = None) -> list[Deriva
             derived_from=(mask_source,),
         ),
     ]
+
     if normalized:
         specs.append(
             DerivativeSpec(
@@ -188,7 +193,69 @@ def anat_derivatives(contrast: str, config: Config | None = None) -> list[Deriva
                     derived_from=("dseg", "xfm_fwd"),
                 )
             )
+    specs = [_with_resolution(spec, config) for spec in specs]
     return _defaced(specs) if config.deface.enabled else specs
+
+
+def space_output(output: str, index: int) -> str:
+    """``outputnode`` field of ``output`` (``std_preproc``, ...) in the ``index``-th
+    template space (1: the first, which keeps the plain name; 2: ``std_preproc_space2``)."""
+    return output if index == 1 else f"{output}_space{index}"
+
+
+#: Template-space outputs written once per requested space and resolution.
+SPACE_OUTPUTS = ("std_preproc", "std_mask", "std_norm", "std_dseg")
+
+
+def _space_entities(space: OutputSpace) -> dict[str, str]:
+    return space.entities
+
+
+def _with_resolution(spec: DerivativeSpec, config: Config) -> DerivativeSpec:
+    """``Resolution`` in the sidecar of a derivative named with ``res-`` (BIDS requires it)."""
+    from dataclasses import replace
+
+    res = spec.entities.get("resolution")
+    if res is None:
+        return spec
+    space = spec.entities["space"]
+    text = f"{res} mm isotropic grid of {space} (mriflow's embedded template, block means)"
+    return replace(spec, metadata={**spec.metadata, "Resolution": text})
+
+
+def _extra_space_specs(space: OutputSpace, index: int, config: Config) -> list[DerivativeSpec]:
+    """The template-space images of a second (third, ...) requested space or resolution:
+    the same transforms, resampled on another grid."""
+    from dataclasses import replace
+
+    first = [s for s in anat_derivatives_first_space(config) if s.output in SPACE_OUTPUTS]
+    out = []
+    for spec in first:
+        steps = tuple(
+            space_output(step, index) if step in SPACE_OUTPUTS else step for step in spec.steps
+        )
+        entities = {k: v for k, v in spec.entities.items() if k not in ("space", "resolution")}
+        metadata = {k: v for k, v in spec.metadata.items() if k != "Resolution"}
+        out.append(
+            replace(
+                spec,
+                output=space_output(spec.output, index),
+                entities={**entities, **_space_entities(space)},
+                metadata=metadata,
+                steps=steps,
+            )
+        )
+    return out
+
+
+def anat_derivatives_first_space(config: Config) -> list[DerivativeSpec]:
+    """The T1w derivatives of ``config`` as if its first template space were the only one."""
+    from copy import deepcopy
+
+    single = deepcopy(config)
+    spaces = config.registration.template_spaces()
+    single.registration.output_spaces = [str(spaces[0])] if spaces else []
+    return anat_derivatives("T1w", single)
 
 
 #: Head images (not brain-only) that ``--deface`` changes.
@@ -209,15 +276,16 @@ def _defaced(specs: list[DerivativeSpec]) -> list[DerivativeSpec]:
 
 def _template_space_specs(space: dict[str, str]) -> list[DerivativeSpec]:
     """Transforms and template-space images (only when registration runs)."""
+    template = space["space"]
     return [
         DerivativeSpec(
             output="xfm_fwd",
             suffix="xfm",
-            entities={"from": "T1w", "to": TEMPLATE_SPACE, "mode": "image"},
+            entities={"from": "T1w", "to": template, "mode": "image"},
             metadata={
                 "Type": "composite ANTs transform (HDF5)",
                 "FromSpace": "T1w",
-                "ToSpace": TEMPLATE_SPACE,
+                "ToSpace": template,
             },
             steps=_REGISTER,
             extension=".h5",
@@ -226,10 +294,10 @@ def _template_space_specs(space: dict[str, str]) -> list[DerivativeSpec]:
         DerivativeSpec(
             output="xfm_rev",
             suffix="xfm",
-            entities={"from": TEMPLATE_SPACE, "to": "T1w", "mode": "image"},
+            entities={"from": template, "to": "T1w", "mode": "image"},
             metadata={
                 "Type": "composite ANTs transform (HDF5)",
-                "FromSpace": TEMPLATE_SPACE,
+                "FromSpace": template,
                 "ToSpace": "T1w",
             },
             steps=_REGISTER,
