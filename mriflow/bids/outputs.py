@@ -212,15 +212,23 @@ def _space_entities(space: OutputSpace) -> dict[str, str]:
 
 
 def _with_resolution(spec: DerivativeSpec, config: Config) -> DerivativeSpec:
-    """``Resolution`` in the sidecar of a derivative named with ``res-`` (BIDS requires it)."""
+    """Sidecar fields BIDS requires of a template-space image: ``Resolution`` when it is
+    named with ``res-``, ``SpatialReference`` (the template's T1w file) when its space is
+    not a standard one (a user template)."""
     from dataclasses import replace
+    from pathlib import Path
 
     res = spec.entities.get("resolution")
-    if res is None:
-        return spec
-    space = spec.entities["space"]
-    text = f"{res} mm isotropic grid of {space} (mriflow's embedded template, block means)"
-    return replace(spec, metadata={**spec.metadata, "Resolution": text})
+    space = spec.entities.get("space")
+    files = config.registration.template_files
+    extra: dict[str, Any] = {}
+    if res is not None:
+        extra["Resolution"] = (
+            f"{res} mm isotropic grid of {space} (mriflow's embedded template, block means)"
+        )
+    if files and space == config.registration.template:
+        extra["SpatialReference"] = Path(files["t1w"]).as_uri()
+    return replace(spec, metadata={**spec.metadata, **extra}) if extra else spec
 
 
 def _extra_space_specs(space: OutputSpace, index: int, config: Config) -> list[DerivativeSpec]:
