@@ -523,7 +523,7 @@ def _check_spaces(reg: RegistrationConfig, source: str) -> None:
             raise ConfigError(
                 f"{source}: 'registration.template' = {reg.template!r}: a template given as "
                 "files needs its own name (letters and digits, not "
-                f"{TEMPLATE_SPACE} or {NATIVE_SPACE}), used as its space- label"
+                f"{TEMPLATE_SPACE} or {NATIVE_SPACE}), used as its space label"
             )
         try:
             check_template_files(reg.template_files)
