@@ -2,7 +2,9 @@
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_spaces.py [--data ../shared/data] [--threads 1]
+    PYTHONPATH=. python benchmarks/bench_spaces.py [--data DIR] [--threads 1]
+
+``--data`` defaults to ``MRIFLOW_TEST_DATA``, else ``../shared/data``.
 
 Input: ``anat/T1_gadolinium.nii.gz`` (a real, already skull-stripped T1w, ~1 mm).
 
@@ -61,7 +63,8 @@ def _moved_1mm(folder: Path) -> dict[str, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    default_data = os.environ.get("MRIFLOW_TEST_DATA") or REPO.parent / "shared" / "data"
+    parser.add_argument("--data", type=Path, default=Path(default_data))
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
