@@ -516,8 +516,21 @@ def _check_registration(key: str, value: Any, source: str) -> Any:
 def _check_spaces(reg: RegistrationConfig, source: str) -> None:
     """The template and output spaces together: anything mriflow cannot honour is refused
     (one line), so no run silently writes another space than the one asked for."""
+    from mriflow.bids.templateflow import templateflow_files
     from mriflow.image.template import TEMPLATE_RESOLUTIONS, TemplateError, check_template_files
 
+    spaces = [parse_output_space(s) for s in reg.output_spaces]
+    named = {s.name for s in spaces if not s.native}
+    if not reg.template_files and reg.template == TEMPLATE_SPACE and len(named) == 1:
+        # ``--output-spaces MNI152NLin2009cAsym``: the one template asked for is the
+        # registration target, when TemplateFlow's cache holds it
+        (other,) = named
+        if other != TEMPLATE_SPACE and templateflow_files(other):
+            reg.template = other
+    if not reg.template_files and reg.template != TEMPLATE_SPACE:
+        # a template already in TemplateFlow's local cache is used as files (never fetched);
+        # the resolved paths are written to mriflow_config.toml, so a rerun uses the same
+        reg.template_files = templateflow_files(reg.template) or {}
     if reg.template_files:
         if not reg.template.isalnum() or reg.template in (TEMPLATE_SPACE, NATIVE_SPACE):
             raise ConfigError(
@@ -532,15 +545,16 @@ def _check_spaces(reg: RegistrationConfig, source: str) -> None:
     elif reg.template != TEMPLATE_SPACE:
         raise ConfigError(
             f"{source}: 'registration.template' = {reg.template!r} is not supported: mriflow "
-            f"registers to its embedded {TEMPLATE_SPACE} or to a template given as files "
-            "(registration.template_files: t1w, mask[, gm, wm, csf]); it never downloads one"
+            f"registers to its embedded {TEMPLATE_SPACE}, to a template given as files "
+            "(registration.template_files: t1w, mask[, gm, wm, csf]) or to one already in "
+            "TemplateFlow's cache (TEMPLATEFLOW_HOME: res-01 T1w and desc-brain_mask not "
+            "found there); it never downloads one"
         )
     if reg.template_resolution not in TEMPLATE_RESOLUTIONS:
         raise ConfigError(
             f"{source}: 'registration.template_resolution' = {reg.template_resolution!r}: "
             f"the embedded {TEMPLATE_SPACE} has {' and '.join(map(str, TEMPLATE_RESOLUTIONS))} mm"
         )
-    spaces = [parse_output_space(s) for s in reg.output_spaces]
     seen: set[tuple[str, int | None]] = set()
     for space in spaces:
         where = f"{source}: output space '{space}'"

@@ -259,3 +259,36 @@ def test_user_template_is_used_end_to_end(tmp_path):
     assert np.allclose(offset[:3, :3], np.eye(3)) and np.allclose(offset[:3, 3] % 1, 0)
     assert not list(anat.glob("*MNI152NLin2009aSym*"))
     _validate_and_index(anat.parents[1], "Moved", None)
+
+
+def test_template_in_templateflow_cache_is_used_offline(tmp_path, monkeypatch):
+    """A template TemplateFlow's local cache already holds is used as files; one whose
+    files are placeholders (not fetched) is refused; nothing is downloaded."""
+    import shutil
+    import sys
+
+    home = tmp_path / "templateflow"
+    folder = home / "tpl-Fake"
+    folder.mkdir(parents=True)
+    files = write_moved_template(tmp_path / "src")
+    names = {"t1w": "T1w", "mask": "desc-brain_mask", "gm": "label-GM_probseg",
+             "wm": "label-WM_probseg"}  # fmt: skip
+    for key, rest in names.items():
+        shutil.copy(files[key], folder / f"tpl-Fake_res-01_{rest}.nii.gz")
+    (home / "tpl-Empty").mkdir()
+    for rest in ("T1w", "desc-brain_mask"):
+        (home / "tpl-Empty" / f"tpl-Empty_res-01_{rest}.nii.gz").touch()  # annex placeholder
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(home))
+
+    config = Config()
+    config.set("registration.output_spaces", ["Fake", "T1w"])
+    assert config.registration.template == "Fake"
+    assert config.registration.template_files["mask"] == str(
+        folder / "tpl-Fake_res-01_desc-brain_mask.nii.gz"
+    )
+    assert set(config.registration.template_files) == {"t1w", "mask", "gm", "wm"}
+    assert _names(config)["std_preproc"].endswith("sub-01_space-Fake_desc-preproc_T1w.nii.gz")
+    with pytest.raises(ConfigError, match="TEMPLATEFLOW_HOME") as info:
+        Config().set("registration.template", "Empty")
+    assert "never downloads" in str(info.value) and "\n" not in str(info.value)
+    assert "templateflow" not in sys.modules
