@@ -80,7 +80,11 @@ def main() -> int:
     from mriflow.image.template import load_template, load_user_template
     from tests.spaces_helpers import MOVE
 
-    img = nib.load(str(args.data / "anat" / "T1_gadolinium.nii.gz"))
+    source = args.data / "anat" / "T1_gadolinium.nii.gz"
+    if not source.is_file():
+        print(f"bench_spaces: {source} not found (set --data or MRIFLOW_TEST_DATA)")
+        return 2
+    img = nib.load(str(source))
     data = img.get_fdata(dtype=np.float32)
     brain = nib.Nifti1Image(data, img.affine)
     mask = nib.Nifti1Image((data > 0).astype(np.uint8), img.affine)
