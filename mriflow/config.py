@@ -547,8 +547,8 @@ def _check_spaces(reg: RegistrationConfig, source: str) -> None:
             f"{source}: 'registration.template' = {reg.template!r} is not supported: mriflow "
             f"registers to its embedded {TEMPLATE_SPACE}, to a template given as files "
             "(registration.template_files: t1w, mask[, gm, wm, csf]) or to one already in "
-            "TemplateFlow's cache (TEMPLATEFLOW_HOME: res-01 T1w and desc-brain_mask not "
-            "found there); it never downloads one"
+            "TemplateFlow's cache (TEMPLATEFLOW_HOME: its res-01 T1w and brain mask are not "
+            "there); it never downloads one"
         )
     if reg.template_resolution not in TEMPLATE_RESOLUTIONS:
         raise ConfigError(

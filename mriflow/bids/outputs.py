@@ -86,7 +86,7 @@ def anat_derivatives(contrast: str, config: Config | None = None) -> list[Deriva
     spaces = config.registration.template_spaces()
     registered = bool(spaces)
     # the first template space is the model-ready grid (and the one without a suffix)
-    space = _space_entities(spaces[0]) if registered else {}
+    space = spaces[0].entities if registered else {}
     segmentation = config.segmentation.method != "none"
     normalized = config.intensity.method != "none"
     norm_steps = ("intensity_normalization",) if normalized else ()
@@ -130,7 +130,6 @@ def anat_derivatives(contrast: str, config: Config | None = None) -> list[Deriva
             derived_from=(mask_source,),
         ),
     ]
-
     if normalized:
         specs.append(
             DerivativeSpec(
@@ -193,7 +192,7 @@ def anat_derivatives(contrast: str, config: Config | None = None) -> list[Deriva
                     derived_from=("dseg", "xfm_fwd"),
                 )
             )
-    specs = [_with_resolution(spec, config) for spec in specs]
+    specs = [_with_space_metadata(spec, config) for spec in specs]
     return _defaced(specs) if config.deface.enabled else specs
 
 
@@ -207,11 +206,7 @@ def space_output(output: str, index: int) -> str:
 SPACE_OUTPUTS = ("std_preproc", "std_mask", "std_norm", "std_dseg")
 
 
-def _space_entities(space: OutputSpace) -> dict[str, str]:
-    return space.entities
-
-
-def _with_resolution(spec: DerivativeSpec, config: Config) -> DerivativeSpec:
+def _with_space_metadata(spec: DerivativeSpec, config: Config) -> DerivativeSpec:
     """Sidecar fields BIDS requires of a template-space image: ``Resolution`` when it is
     named with ``res-``, ``SpatialReference`` (the template's T1w file) when its space is
     not a standard one (a user template)."""
@@ -236,7 +231,7 @@ def _extra_space_specs(space: OutputSpace, index: int, config: Config) -> list[D
     the same transforms, resampled on another grid."""
     from dataclasses import replace
 
-    first = [s for s in anat_derivatives_first_space(config) if s.output in SPACE_OUTPUTS]
+    first = [s for s in _first_space_derivatives(config) if s.output in SPACE_OUTPUTS]
     out = []
     for spec in first:
         steps = tuple(
@@ -248,7 +243,7 @@ def _extra_space_specs(space: OutputSpace, index: int, config: Config) -> list[D
             replace(
                 spec,
                 output=space_output(spec.output, index),
-                entities={**entities, **_space_entities(space)},
+                entities={**entities, **space.entities},
                 metadata=metadata,
                 steps=steps,
             )
@@ -256,7 +251,7 @@ def _extra_space_specs(space: OutputSpace, index: int, config: Config) -> list[D
     return out
 
 
-def anat_derivatives_first_space(config: Config) -> list[DerivativeSpec]:
+def _first_space_derivatives(config: Config) -> list[DerivativeSpec]:
     """The T1w derivatives of ``config`` as if its first template space were the only one."""
     from copy import deepcopy
 

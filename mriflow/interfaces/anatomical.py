@@ -28,6 +28,7 @@ from nipype.interfaces.base import (
 
 from mriflow.bids.paths import entity_tag
 from mriflow.image.io import load_image, load_input_image
+from mriflow.image.template import TEMPLATE_SPACE
 from mriflow.interfaces.base import MriflowInterface, step_record
 
 __all__ = [
@@ -308,7 +309,6 @@ class RegisterToTemplate(MriflowInterface):
 
     def _run_interface(self, runtime):
         from mriflow.image.registration import PRESETS, register_to_template
-        from mriflow.image.template import TEMPLATE_SPACE
 
         inputs = self.inputs
         name = inputs.template_name

@@ -6,7 +6,7 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from mriflow.bids.outputs import SPACE_OUTPUTS, space_output
-from mriflow.config import NATIVE_SPACE, Config
+from mriflow.config import NATIVE_SPACE, Config, OutputSpace
 from mriflow.image.intensity import method_parameters
 from mriflow.interfaces.anatomical import (
     ApplyTransforms,
@@ -474,7 +474,16 @@ def _template_has_priors(config: Config) -> bool:
     return not files or ("gm" in files and "wm" in files)
 
 
-def _resample_into(workflow, config, space, index, register, sources, outputnode, steps) -> None:
+def _resample_into(
+    workflow: pe.Workflow,
+    config: Config,
+    space: OutputSpace,
+    index: int,
+    register: pe.Node,
+    sources: dict[str, tuple[pe.Node, str]],
+    outputnode: pe.Node,
+    steps: list[pe.Node],
+) -> None:
     """The template-space images once more, on the grid of another requested space."""
     interpolation = {"std_mask": "nearest", "std_dseg": "genericLabel"}
     grid = config.registration.space_resolution(space)
