@@ -29,6 +29,9 @@ from mriflow.image.template import TEMPLATE_SPACE
 __all__ = [
     "Config",
     "ConfigError",
+    "NATIVE_SPACE",
+    "OutputSpace",
+    "parse_output_space",
     "load_config",
     "validate_plugin_args",
     "PLUGINS",
@@ -93,15 +96,95 @@ class SkullStripConfig:
     deepbet_n_dilate: int = 0
 
 
+@dataclass(frozen=True)
+class OutputSpace:
+    """One ``--output-spaces`` entry: ``T1w`` (native) or a template, maybe with ``res-``."""
+
+    name: str
+    """``T1w``, ``MNI152NLin2009aSym`` or the name of the user's template."""
+    resolution: int | None = None
+    """The ``res-`` entity (mm for the embedded template); ``None``: no entity, the
+    template's default grid (``registration.template_resolution`` / the user's files)."""
+
+    @property
+    def native(self) -> bool:
+        return self.name == NATIVE_SPACE
+
+    @property
+    def entities(self) -> dict[str, str]:
+        """``{"space": ..., "resolution": ...}`` for the derivatives in this space."""
+        res = {} if self.resolution is None else {"resolution": str(self.resolution)}
+        return {"space": self.name, **res}
+
+    def __str__(self) -> str:
+        return self.name if self.resolution is None else f"{self.name}:res-{self.resolution}"
+
+
+#: The subject's own (native, conformed) space in ``--output-spaces``.
+NATIVE_SPACE = "T1w"
+
+_TEMPLATE_FILE_KEYS = ("t1w", "mask", "gm", "wm", "csf")
+
+
+def parse_output_space(text: str) -> OutputSpace:
+    """``"MNI152NLin2009aSym:res-2"`` -> ``OutputSpace("MNI152NLin2009aSym", 2)`` (fMRIPrep syntax).
+
+    Raises
+    ------
+    ValueError
+        Not ``NAME`` or ``NAME:res-N`` with an alphanumeric name and an integer N.
+    """
+    name, *modifiers = text.strip().split(":")
+    if not name.isalnum():
+        raise ValueError(f"output space {text!r}: the name must be letters and digits")
+    resolution = None
+    for modifier in modifiers:
+        key, sep, value = modifier.partition("-")
+        if key != "res" or not sep or not value.isdigit() or int(value) < 1:
+            raise ValueError(
+                f"output space {text!r}: the only modifier mriflow knows is ':res-N' (N: 1, 2, ...)"
+            )
+        resolution = int(value)
+    if name == NATIVE_SPACE and resolution is not None:
+        raise ValueError(f"output space {text!r}: T1w (native) takes no resolution")
+    return OutputSpace(name, resolution)
+
+
 @dataclass
 class RegistrationConfig:
     enabled: bool = True
     """Register to the template; off: native-space outputs only (no priors, no MNI files)."""
     template: str = TEMPLATE_SPACE
-    """The only accepted value: the embedded template (others are refused)."""
+    """The registration target and ``space-`` name: the embedded ``MNI152NLin2009aSym``,
+    or the name (letters and digits) of a template given by ``template_files``."""
+    template_files: dict[str, str] = field(default_factory=dict)
+    """A user template: ``t1w`` and ``mask`` (required), ``gm``, ``wm`` and ``csf``
+    (optional tissue priors; CSF derived from the mask when GM and WM are given), NIfTI
+    files on one grid. Used for registration, priors and the model-ready grid."""
     preset: Literal["fast", "precise"] = "fast"
     template_resolution: int = 1
-    """Template grid (mm) of the MNI-space outputs: 1 or 2."""
+    """Template grid (mm) of the MNI-space outputs: 1 or 2 (when ``output_spaces`` does
+    not give one)."""
+    output_spaces: list[str] = field(default_factory=list)
+    """``--output-spaces``: ``T1w`` and the template, e.g. ``["MNI152NLin2009aSym:res-2",
+    "T1w"]``. Empty: the template at ``template_resolution`` with no ``res-`` entity in the
+    names (and native outputs). Native outputs are always written; the first template
+    space is the model-ready grid."""
+
+    def template_spaces(self) -> list[OutputSpace]:
+        """The template spaces to write, first the model-ready one (``[]``: no registration)."""
+        if not self.enabled:
+            return []
+        if not self.output_spaces:
+            return [OutputSpace(self.template)]
+        spaces = [parse_output_space(s) for s in self.output_spaces]
+        return [s for s in spaces if not s.native]
+
+    def space_resolution(self, space: OutputSpace) -> int | None:
+        """Grid (mm) of the embedded template for ``space``; ``None`` for a user template."""
+        if self.template_files:
+            return None
+        return space.resolution or self.template_resolution
 
 
 @dataclass
@@ -319,6 +402,8 @@ class Config:
     def update(self, values: dict[str, Any], *, source: str = "config") -> Config:
         """Update in place from a nested mapping, validating every key and value."""
         _update_dataclass(self, values, prefix="", source=source)
+        if "registration" in values:
+            _check_spaces(self.registration, source)
         return self
 
     def set(self, dotted_key: str, value: Any, *, source: str = "command line") -> None:
@@ -423,17 +508,96 @@ def _update_dataclass(obj: Any, values: dict[str, Any], *, prefix: str, source: 
             if isinstance(obj, ExecutionConfig):
                 value = _check_execution(key, value, source)
             if isinstance(obj, RegistrationConfig):
-                _check_registration(key, value, source)
+                value = _check_registration(key, value, source)
             setattr(obj, key, value)
 
 
-def _check_registration(key: str, value: Any, source: str) -> None:
-    # Only the embedded template exists (no output spaces yet): any other name would
-    # silently give MNI152NLin2009aSym outputs, so refuse it.
-    if key == "template" and value != TEMPLATE_SPACE:
+def _check_registration(key: str, value: Any, source: str) -> Any:
+    if key == "template_files":
+        unknown = sorted(set(value) - set(_TEMPLATE_FILE_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"{source}: 'registration.template_files' has unknown key(s) {', '.join(unknown)} "
+                f"(known: {', '.join(_TEMPLATE_FILE_KEYS)})"
+            )
+        # absolute, so the written mriflow_config.toml works from any folder
+        return {k: str(Path(str(v)).expanduser().resolve()) for k, v in value.items()}
+    if key == "output_spaces":
+        for text in value:
+            try:
+                parse_output_space(text)
+            except ValueError as err:
+                raise ConfigError(f"{source}: 'registration.output_spaces': {err}") from None
+    return value
+
+
+def _check_spaces(reg: RegistrationConfig, source: str) -> None:
+    """The template and output spaces together: anything mriflow cannot honour is refused
+    (one line), so no run silently writes another space than the one asked for."""
+    from mriflow.bids.templateflow import templateflow_files
+    from mriflow.image.template import TEMPLATE_RESOLUTIONS, TemplateError, check_template_files
+
+    spaces = [parse_output_space(s) for s in reg.output_spaces]
+    named = {s.name for s in spaces if not s.native}
+    if not reg.template_files and reg.template == TEMPLATE_SPACE and len(named) == 1:
+        # ``--output-spaces MNI152NLin2009cAsym``: the one template asked for is the
+        # registration target, when TemplateFlow's cache holds it
+        (other,) = named
+        if other != TEMPLATE_SPACE and templateflow_files(other):
+            reg.template = other
+    if not reg.template_files and reg.template != TEMPLATE_SPACE:
+        # a template already in TemplateFlow's local cache is used as files (never fetched);
+        # the resolved paths are written to mriflow_config.toml, so a rerun uses the same
+        reg.template_files = templateflow_files(reg.template) or {}
+    if reg.template_files:
+        if not reg.template.isalnum() or reg.template in (TEMPLATE_SPACE, NATIVE_SPACE):
+            raise ConfigError(
+                f"{source}: 'registration.template' = {reg.template!r}: a template given as "
+                "files needs its own name (letters and digits, not "
+                f"{TEMPLATE_SPACE} or {NATIVE_SPACE}), used as its space label"
+            )
+        try:
+            check_template_files(reg.template_files)
+        except TemplateError as err:
+            raise ConfigError(f"{source}: 'registration.template_files': {err}") from None
+    elif reg.template != TEMPLATE_SPACE:
         raise ConfigError(
-            f"{source}: 'registration.template' = {value!r} is not supported: mriflow "
-            f"registers only to its embedded {TEMPLATE_SPACE}"
+            f"{source}: 'registration.template' = {reg.template!r} is not supported: mriflow "
+            f"registers to its embedded {TEMPLATE_SPACE}, to a template given as files "
+            "(registration.template_files: t1w, mask[, gm, wm, csf]) or to one already in "
+            "TemplateFlow's cache (TEMPLATEFLOW_HOME: its res-01 T1w and brain mask are not "
+            "there); it never downloads one"
+        )
+    if reg.template_resolution not in TEMPLATE_RESOLUTIONS:
+        raise ConfigError(
+            f"{source}: 'registration.template_resolution' = {reg.template_resolution!r}: "
+            f"the embedded {TEMPLATE_SPACE} has {' and '.join(map(str, TEMPLATE_RESOLUTIONS))} mm"
+        )
+    seen: set[tuple[str, int | None]] = set()
+    for space in spaces:
+        where = f"{source}: output space '{space}'"
+        if (space.name, space.resolution) in seen:
+            raise ConfigError(f"{where} is given twice")
+        seen.add((space.name, space.resolution))
+        if space.native:
+            continue
+        if space.name != reg.template:
+            raise ConfigError(
+                f"{where}: mriflow registers once, to registration.template = "
+                f"{reg.template!r}; other templates are not available offline"
+                + ("" if reg.template_files else " (give one as registration.template_files)")
+            )
+        if reg.template_files and space.resolution is not None:
+            raise ConfigError(
+                f"{where}: a template given as files has one grid, its own; drop ':res-'"
+            )
+        if not reg.template_files and space.resolution not in (None, *TEMPLATE_RESOLUTIONS):
+            raise ConfigError(
+                f"{where}: the embedded {TEMPLATE_SPACE} has res-1 and res-2 (1 and 2 mm) only"
+            )
+    if spaces and not reg.enabled and any(not s.native for s in spaces):
+        raise ConfigError(
+            f"{source}: template output spaces need registration (registration.enabled = false)"
         )
 
 

@@ -226,3 +226,31 @@ def test_register_validates(moved_template, tmp_path):
         register_to_template(img, tmp_path / "x_", transform="bspline")
     with pytest.raises(ValueError, match="output folder does not exist"):
         register_to_template(img, tmp_path / "no" / "x_")
+
+
+def test_user_template_known_affine_is_recovered(tmp_path):
+    """Registration to a template given as files: the embedded template (as the subject)
+    registered to a copy of itself moved by a known affine recovers that affine, and the
+    warped image lands on the user template's own grid."""
+    from mriflow.image.template import load_user_template
+    from tests.spaces_helpers import MOVE, write_moved_template
+
+    files = write_moved_template(tmp_path / "tpl")
+    user = load_user_template("Moved", files)
+    subject = load_template(2).t1w
+    result = register_to_template(
+        subject, tmp_path / "sub_", transform="affine", preset="fast", random_seed=7,
+        template=user,
+    )  # fmt: skip
+    points = _brain_points(user)
+    # forward maps a user-template point to the subject (= embedded template) point it shows
+    mapped = transform_points(points, result.forward_transforms)
+    expected = nib.affines.apply_affine(MOVE, points)
+    rms = np.sqrt(((mapped - expected) ** 2).sum(axis=1).mean())
+    print(f"user template landmark rms {rms:.3f} mm")
+    assert rms < 1.0, rms
+    assert np.allclose(result.warped.affine, user.t1w.affine)
+    assert result.warped.shape == user.t1w.shape
+    brain = np.asarray(user.mask.dataobj) > 0
+    warped = result.warped.get_fdata()[brain]
+    assert np.corrcoef(warped, np.asarray(user.t1w.dataobj)[brain])[0, 1] > 0.95

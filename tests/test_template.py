@@ -62,3 +62,89 @@ def test_two_mm_grid_keeps_world_positions():
 def test_template_rejects_unknown_resolution():
     with pytest.raises(ValueError, match="resolution must be one of"):
         load_template(3)
+
+
+def _write(img, path, dtype=None):
+    out = nib.Nifti1Image(np.asarray(img.dataobj, dtype=dtype or np.float32), img.affine)
+    nib.save(out, str(path))
+    return str(path)
+
+
+def test_user_template_from_files_matches_the_embedded_maps(tmp_path):
+    """The embedded 1 mm maps given back as user files give the same template, and its
+    2x block-mean grid is the embedded 2 mm one (the grid the fast preset registers on)."""
+    from mriflow.image.template import downsampled, load_user_template
+
+    tpl = load_template(1)
+    files = {
+        "t1w": _write(tpl.t1w, tmp_path / "t1w.nii.gz"),
+        "mask": _write(tpl.mask, tmp_path / "mask.nii.gz", np.uint8),
+        "gm": _write(tpl.gm, tmp_path / "gm.nii.gz"),
+        "wm": _write(tpl.wm, tmp_path / "wm.nii.gz"),
+    }
+    user = load_user_template("Mine", files)
+    assert user.space == "Mine" and user.resolution == pytest.approx(1.0)
+    assert np.array_equal(np.asarray(user.mask.dataobj), np.asarray(tpl.mask.dataobj))
+    # CSF derived exactly as for the embedded template
+    assert np.allclose(np.asarray(user.csf.dataobj), np.asarray(tpl.csf.dataobj), atol=1e-6)
+    # T1w scaled by its 99.9th percentile in the mask: the same image up to one factor
+    a, b = np.asarray(user.t1w.dataobj), np.asarray(tpl.t1w.dataobj)
+    brain = b > 0
+    assert np.corrcoef(a[brain], b[brain])[0, 1] > 0.9999 and a.max() <= 1.0
+    coarse, two = downsampled(user), load_template(2)
+    assert coarse.resolution == pytest.approx(2.0)
+    assert np.allclose(coarse.t1w.affine, two.t1w.affine)
+    assert np.array_equal(np.asarray(coarse.mask.dataobj), np.asarray(two.mask.dataobj))
+    assert np.allclose(np.asarray(coarse.gm.dataobj), np.asarray(two.gm.dataobj), atol=1e-6)
+
+
+def test_user_template_without_priors_says_so(tmp_path):
+    from mriflow.image.template import load_user_template
+
+    tpl = load_template(2)
+    files = {
+        "t1w": _write(tpl.t1w, tmp_path / "t1w.nii.gz"),
+        "mask": _write(tpl.mask, tmp_path / "mask.nii.gz", np.uint8),
+    }
+    user = load_user_template("NoPriors", files)
+    assert not user.has_priors and load_template(2).has_priors
+    with pytest.raises(ValueError, match="without tissue priors"):
+        user.probseg("GM")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("no_mask", "'mask' file is required"),
+        ("missing", "nope.nii.gz: mask file not found"),
+        ("grid", "mask is not on the grid of"),
+        ("gm_only", "gm and wm"),
+        ("4d", "must be a 3D image"),
+        ("text", "is not a NIfTI image"),
+    ],
+)
+def test_bad_user_template_files_are_named(tmp_path, change, message):
+    from mriflow.image.template import TemplateError, check_template_files
+
+    tpl = load_template(2)
+    files = {
+        "t1w": _write(tpl.t1w, tmp_path / "t1w.nii.gz"),
+        "mask": _write(tpl.mask, tmp_path / "mask.nii.gz", np.uint8),
+    }
+    if change == "no_mask":
+        del files["mask"]
+    elif change == "missing":
+        files["mask"] = str(tmp_path / "nope.nii.gz")
+    elif change == "grid":
+        files["mask"] = _write(load_template(1).mask, tmp_path / "mask1.nii.gz", np.uint8)
+    elif change == "gm_only":
+        files["gm"] = files["t1w"]
+    elif change == "4d":
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 2), np.float32), np.eye(4)), tmp_path / "m.nii")
+        files["mask"] = str(tmp_path / "m.nii")
+    elif change == "text":
+        (tmp_path / "m.nii.gz").write_text("not an image")
+        files["mask"] = str(tmp_path / "m.nii.gz")
+    with pytest.raises(TemplateError, match=message) as info:
+        check_template_files(files)
+    assert "\n" not in str(info.value)

@@ -22,6 +22,7 @@ from urllib.parse import unquote, urlparse
 from mriflow.bids.outputs import (
     GROUP_OUTPUTS,
     NYUL_SPEC,
+    TEMPLATE_SPACE,
     all_anat_derivatives,
     channel_names,
     derivative_relpath,
@@ -73,9 +74,23 @@ def _roles(contrast: str) -> dict[tuple, str]:
 
 
 def role_of(contrast: str, entities: dict[str, str], suffix: str, extension: str) -> str:
-    """The output name of a derivative of a ``contrast`` image (``"other"``: not in the table)."""
-    naming = tuple(sorted((k, v) for k, v in entities.items() if k in _NAMING))
+    """The output name of a derivative of a ``contrast`` image (``"other"``: not in the table).
+
+    Any template (``space-``, ``from-``/``to-`` other than ``T1w``: a user template,
+    ``--output-spaces``) plays the role of the table's embedded one; the ``res-`` entity
+    does not name a role (``space-X_res-2_desc-preproc`` is a ``std_preproc`` too).
+    """
+    naming = tuple(
+        sorted(
+            (k, TEMPLATE_SPACE if k in _SPACE_ENTITIES and v != "T1w" else v)
+            for k, v in entities.items()
+            if k in _NAMING
+        )
+    )
     return _roles(contrast).get((suffix, naming, extension), "other")
+
+
+_SPACE_ENTITIES = ("space", "from", "to")
 
 
 @dataclass

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mriflow.bids.paths import build_filename, build_path, entity_tag, subject_dirname
-from mriflow.config import Config
+from mriflow.config import Config, OutputSpace
 from mriflow.image.template import TEMPLATE_SPACE
 
 __all__ = [
@@ -94,8 +94,10 @@ def anat_derivatives(
             dynamic_metadata="preproc_metadata",
         )
     ]
-    registered = config.registration.enabled
-    space = {"space": TEMPLATE_SPACE} if registered else {}
+    spaces = config.registration.template_spaces()
+    registered = bool(spaces)
+    # the first template space is the model-ready grid (and the one without a suffix)
+    space = spaces[0].entities if registered else {}
     segmentation = config.segmentation.method != "none"
     normalized = config.intensity.method != "none"
     norm_steps = ("intensity_normalization",) if normalized else ()
@@ -112,6 +114,8 @@ def anat_derivatives(
     )
     if registered:
         specs += _template_space_specs(space)
+        for index, extra in enumerate(spaces[1:], start=2):
+            specs += _extra_space_specs(extra, index, config)
     image_source = (
         ("std_norm" if normalized else "std_preproc")
         if registered
@@ -199,6 +203,7 @@ def anat_derivatives(
                     derived_from=("dseg", "xfm_fwd"),
                 )
             )
+    specs = [_with_space_metadata(spec, config) for spec in specs]
     return _defaced(specs) if config.deface.enabled else specs
 
 
@@ -213,8 +218,10 @@ def contrast_derivatives(contrast: str, config: Config | None = None) -> list[De
     composed transforms; the reference's brain mask applies to all of them.
     """
     config = config or Config()
-    registered = config.registration.enabled
-    space = {"space": TEMPLATE_SPACE} if registered else {}
+    spaces = config.registration.template_spaces()
+    registered = bool(spaces)
+    # the first template space only: the model-ready grid
+    space = spaces[0].entities if registered else {}
     normalized = contrast_normalization(config) != "none"
     specs = [
         DerivativeSpec(
@@ -282,6 +289,7 @@ def contrast_derivatives(contrast: str, config: Config | None = None) -> list[De
             derived_from=(source,),
         )
     )
+    specs = [_with_space_metadata(spec, config) for spec in specs]
     return _defaced(specs) if config.deface.enabled else specs
 
 
@@ -318,6 +326,71 @@ def contrast_normalization(config: Config) -> str:
     return "none" if method == "nyul" else method
 
 
+def space_output(output: str, index: int) -> str:
+    """``outputnode`` field of ``output`` (``std_preproc``, ...) in the ``index``-th
+    template space (1: the first, which keeps the plain name; 2: ``std_preproc_space2``)."""
+    return output if index == 1 else f"{output}_space{index}"
+
+
+#: Template-space outputs written once per requested space and resolution.
+SPACE_OUTPUTS = ("std_preproc", "std_mask", "std_norm", "std_dseg")
+
+
+def _with_space_metadata(spec: DerivativeSpec, config: Config) -> DerivativeSpec:
+    """Sidecar fields BIDS requires of a template-space image: ``Resolution`` when it is
+    named with ``res-``, ``SpatialReference`` (the template's T1w file) when its space is
+    not a standard one (a user template)."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    res = spec.entities.get("resolution")
+    space = spec.entities.get("space")
+    files = config.registration.template_files
+    extra: dict[str, Any] = {}
+    if res is not None:
+        extra["Resolution"] = (
+            f"{res} mm isotropic grid of {space} (mriflow's embedded template, block means)"
+        )
+    if files and space == config.registration.template:
+        extra["SpatialReference"] = Path(files["t1w"]).as_uri()
+    return replace(spec, metadata={**spec.metadata, **extra}) if extra else spec
+
+
+def _extra_space_specs(space: OutputSpace, index: int, config: Config) -> list[DerivativeSpec]:
+    """The template-space images of a second (third, ...) requested space or resolution:
+    the same transforms, resampled on another grid."""
+    from dataclasses import replace
+
+    first = [s for s in _first_space_derivatives(config) if s.output in SPACE_OUTPUTS]
+    out = []
+    for spec in first:
+        steps = tuple(
+            space_output(step, index) if step in SPACE_OUTPUTS else step for step in spec.steps
+        )
+        entities = {k: v for k, v in spec.entities.items() if k not in ("space", "resolution")}
+        metadata = {k: v for k, v in spec.metadata.items() if k != "Resolution"}
+        out.append(
+            replace(
+                spec,
+                output=space_output(spec.output, index),
+                entities={**entities, **space.entities},
+                metadata=metadata,
+                steps=steps,
+            )
+        )
+    return out
+
+
+def _first_space_derivatives(config: Config) -> list[DerivativeSpec]:
+    """The T1w derivatives of ``config`` as if its first template space were the only one."""
+    from copy import deepcopy
+
+    single = deepcopy(config)
+    spaces = config.registration.template_spaces()
+    single.registration.output_spaces = [str(spaces[0])] if spaces else []
+    return anat_derivatives("T1w", single)
+
+
 #: Head images (not brain-only) that ``--deface`` changes.
 _HEAD_IMAGES = ("preproc", "std_preproc", "model")
 
@@ -336,15 +409,16 @@ def _defaced(specs: list[DerivativeSpec]) -> list[DerivativeSpec]:
 
 def _template_space_specs(space: dict[str, str]) -> list[DerivativeSpec]:
     """Transforms and template-space images (only when registration runs)."""
+    template = space["space"]
     return [
         DerivativeSpec(
             output="xfm_fwd",
             suffix="xfm",
-            entities={"from": "T1w", "to": TEMPLATE_SPACE, "mode": "image"},
+            entities={"from": "T1w", "to": template, "mode": "image"},
             metadata={
                 "Type": "composite ANTs transform (HDF5)",
                 "FromSpace": "T1w",
-                "ToSpace": TEMPLATE_SPACE,
+                "ToSpace": template,
             },
             steps=_REGISTER,
             extension=".h5",
@@ -353,10 +427,10 @@ def _template_space_specs(space: dict[str, str]) -> list[DerivativeSpec]:
         DerivativeSpec(
             output="xfm_rev",
             suffix="xfm",
-            entities={"from": TEMPLATE_SPACE, "to": "T1w", "mode": "image"},
+            entities={"from": template, "to": "T1w", "mode": "image"},
             metadata={
                 "Type": "composite ANTs transform (HDF5)",
-                "FromSpace": TEMPLATE_SPACE,
+                "FromSpace": template,
                 "ToSpace": "T1w",
             },
             steps=_REGISTER,

@@ -121,6 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="remove face and ears from every published head image (deface.enabled)",
     )
     conf.add_argument(
+        "--output-spaces",
+        nargs="+",
+        metavar="SPACE[:res-N]",
+        help="spaces of the outputs, fMRIPrep's syntax: T1w (native, always written), "
+        "MNI152NLin2009aSym[:res-1|:res-2], or the name of a template given as files "
+        "(registration.template_files); the first template space is the model-ready grid "
+        "(registration.output_spaces; default: MNI152NLin2009aSym at "
+        "registration.template_resolution, names without res-)",
+    )
+    conf.add_argument(
         "--nyul-landmarks",
         type=Path,
         help="apply this Nyul standard (nyul_standard.json of a group run) as the normalization",
@@ -224,6 +234,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
             "spatial.voxel_size": args.voxel_size,
             "seed": args.seed,
             "deface.enabled": args.deface,
+            "registration.output_spaces": args.output_spaces,
             "execution.nprocs": args.nprocs,
             "execution.omp_nthreads": args.omp_nthreads,
             "execution.mem_gb": args.mem_gb,

@@ -56,7 +56,7 @@ import numpy as np
 
 from mriflow.image._hdf5 import clear_timestamps
 from mriflow.image._itk import LPS, itk_threads, to_ants
-from mriflow.image.template import load_template
+from mriflow.image.template import Template, downsampled, load_template
 
 __all__ = [
     "PRESETS",
@@ -349,8 +349,10 @@ def register_to_template(
     random_seed: int = 42,
     num_threads: int = 1,
     compute_warped: bool = True,
+    template: Template | None = None,
 ) -> RegistrationResult:
-    """Register a skull-stripped image to the embedded ``MNI152NLin2009aSym`` template.
+    """Register a skull-stripped image to the embedded ``MNI152NLin2009aSym`` template
+    (or to ``template``, a user template of :func:`mriflow.image.template.load_user_template`).
 
     The preset chooses the template grid the metric is computed on (2 mm for
     ``fast``, 1 mm for ``precise``); a finer moving image is registered through a
@@ -362,14 +364,26 @@ def register_to_template(
     use_template_mask : bool
         Restrict the metric to the template brain mask dilated by 2 voxels
         (useful when ``moving`` still has some non-brain tissue).
+    template : Template or None
+        A user template. ``fast`` computes its metric on the 2x block-mean grid
+        when the template's voxels are finer than 1.5 mm (as the embedded 2 mm
+        grid is made from the 1 mm one); ``warped`` is on the template's own grid
+        (``output_resolution`` is ignored).
 
     Other parameters are as in :func:`register`.
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     resolution = PRESETS[preset].template_resolution
-    fixed_tpl = load_template(resolution)
-    out_tpl = load_template(output_resolution)
+    if template is None:
+        fixed_tpl = load_template(resolution)
+        out_tpl = load_template(output_resolution)
+    else:
+        out_tpl = template
+        # the preset's metric grid: 2 mm for fast (coarser grids are kept as they are)
+        coarse = resolution == 2 and template.resolution < 1.5
+        fixed_tpl = downsampled(template) if coarse else template
+        resolution = fixed_tpl.resolution if resolution == 2 else 1
     metric_moving, metric_mask = moving, moving_mask
     if resolution > 1 and float(np.min(moving.header.get_zooms()[:3])) < resolution:
         from mriflow.image.spatial import resample_to_voxel_size

@@ -31,11 +31,21 @@ CSF prior
 
 All arrays are float32 (T1w scaled to [0, 1], probabilities in [0, 1]) except
 the mask (uint8), and are read-only: they are shared by every caller.
+
+A user template (``registration.template_files``) is read by
+:func:`load_user_template` into the same :class:`Template`: its T1w is masked by
+its brain mask (mriflow registers skull-stripped brains to brain-only templates)
+and scaled to [0, 1] by its 99.9th percentile inside the mask; priors are optional
+(CSF derived as above when GM and WM are given). It keeps its own grid, and
+:func:`downsampled` gives the 2x block-mean grid the ``fast`` registration preset
+computes its metric on, exactly as for the embedded 2 mm version.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -48,7 +58,12 @@ __all__ = [
     "TEMPLATE_SPACE",
     "TEMPLATE_RESOLUTIONS",
     "Template",
+    "TemplateError",
+    "check_template_files",
+    "downsampled",
+    "get_template",
     "load_template",
+    "load_user_template",
     "template_files",
 ]
 
@@ -70,32 +85,45 @@ class Template:
     Attributes
     ----------
     space : str
-        BIDS space label, ``"MNI152NLin2009aSym"``.
-    resolution : int
-        Voxel size in mm (1 or 2).
+        BIDS space label, ``"MNI152NLin2009aSym"`` or a user template's name.
+    resolution : float
+        Voxel size in mm (1 or 2 for the embedded template; the mean voxel size of
+        a user template).
     t1w : nibabel.Nifti1Image
         Brain-extracted T1w, float32 in [0, 1].
     mask : nibabel.Nifti1Image
         Brain mask, uint8 {0, 1}.
-    gm, wm, csf : nibabel.Nifti1Image
-        Tissue probability maps, float32 in [0, 1] (CSF derived, see module docs).
+    gm, wm, csf : nibabel.Nifti1Image or None
+        Tissue probability maps, float32 in [0, 1] (CSF derived, see module docs);
+        ``None`` for a user template given without priors.
     """
 
     space: str
-    resolution: int
+    resolution: float
     t1w: nib.Nifti1Image
     mask: nib.Nifti1Image
-    gm: nib.Nifti1Image
-    wm: nib.Nifti1Image
-    csf: nib.Nifti1Image
+    gm: nib.Nifti1Image | None
+    wm: nib.Nifti1Image | None
+    csf: nib.Nifti1Image | None
+
+    @property
+    def has_priors(self) -> bool:
+        return self.gm is not None and self.wm is not None and self.csf is not None
 
     def probseg(self, label: str) -> nib.Nifti1Image:
         """The probability map of ``label`` (``"GM"``, ``"WM"`` or ``"CSF"``)."""
         maps = {"GM": self.gm, "WM": self.wm, "CSF": self.csf}
         try:
-            return maps[label.upper()]
+            found = maps[label.upper()]
         except KeyError:
             raise ValueError(f"label must be one of GM, WM, CSF; got {label!r}") from None
+        if found is None:
+            raise ValueError(f"template {self.space} was given without tissue priors")
+        return found
+
+
+class TemplateError(ValueError):
+    """A user template whose files cannot be used (the message names the file)."""
 
 
 def template_files() -> dict[str, Path]:
@@ -180,35 +208,170 @@ def _block_mean(data: np.ndarray) -> np.ndarray:
 
 
 def _downsample(t1: Template) -> Template:
-    affine = t1.t1w.affine.copy()
-    # The centre of 2 mm voxel (0, 0, 0) is the centre of 1 mm voxels 0 and 1.
+    return downsampled(t1, resolution=2)
+
+
+def downsampled(template: Template, *, resolution: float | None = None) -> Template:
+    """``template`` on a grid twice as coarse: exact 2x2x2 block means, world positions kept.
+
+    The mask is the block mean of the mask thresholded at 0.5; maps a template lacks
+    stay ``None``. ``resolution`` labels the result (default: twice the voxel size).
+    """
+    affine = template.t1w.affine.copy()
+    # The centre of coarse voxel (0, 0, 0) is the centre of fine voxels 0 and 1.
     affine[:3, 3] = affine[:3, 3] + 0.5 * affine[:3, :3].sum(axis=1)
     affine[:3, :3] = affine[:3, :3] * 2.0
     maps = {
-        key: _block_mean(np.asarray(getattr(t1, key).dataobj, dtype=np.float32))
+        key: None
+        if getattr(template, key) is None
+        else _block_mean(np.asarray(getattr(template, key).dataobj, dtype=np.float32))
         for key in ("t1w", "mask", "gm", "wm", "csf")
     }
-    mask = (maps["mask"] >= 0.5).astype(np.uint8)
+    maps["mask"] = (maps["mask"] >= 0.5).astype(np.uint8)
+    for key in ("t1w", "gm", "wm", "csf"):
+        if maps[key] is not None:
+            maps[key] = maps[key].astype(np.float32)
+    label = resolution if resolution is not None else 2 * template.resolution
     return _freeze(
-        2,
+        label,
         affine,
-        maps["t1w"].astype(np.float32),
-        mask,
-        maps["gm"].astype(np.float32),
-        maps["wm"].astype(np.float32),
-        maps["csf"].astype(np.float32),
+        maps["t1w"],
+        maps["mask"],
+        maps["gm"],
+        maps["wm"],
+        maps["csf"],
+        space=template.space,
+        sform_code=int(template.t1w.header["sform_code"]),
     )
 
 
-def _freeze(resolution: int, affine: np.ndarray, *arrays: np.ndarray) -> Template:
+def check_template_files(files: Mapping[str, str | os.PathLike[str]]) -> None:
+    """Check a user template's files from their headers (fast: no voxel data read).
+
+    Raises
+    ------
+    TemplateError
+        One line naming the file and the problem: ``t1w`` or ``mask`` missing, a GM
+        map without a WM map (or the reverse), a file that is absent, not a 3D NIfTI,
+        or on another grid than the T1w.
+    """
+    for key in ("t1w", "mask"):
+        if key not in files:
+            raise TemplateError(f"the '{key}' file is required (t1w, mask[, gm, wm, csf])")
+    if ("gm" in files) != ("wm" in files) or ("csf" in files and "gm" not in files):
+        raise TemplateError("tissue priors come as gm and wm (and optionally csf) together")
+    reference = None
+    for key, path in files.items():
+        try:
+            img = nib.load(os.fspath(path))
+        except FileNotFoundError:
+            raise TemplateError(f"{path}: {key} file not found") from None
+        except Exception as err:  # nibabel raises several types for non-images
+            raise TemplateError(f"{path}: {key} is not a NIfTI image ({err})") from None
+        if len(img.shape) != 3:
+            raise TemplateError(f"{path}: {key} must be a 3D image, got shape {img.shape}")
+        if reference is None:
+            reference = (img.shape, img.affine, path)
+        elif img.shape != reference[0] or not np.allclose(img.affine, reference[1], atol=1e-3):
+            raise TemplateError(f"{path}: {key} is not on the grid of {reference[2]}")
+
+
+def load_user_template(name: str, files: Mapping[str, str | os.PathLike[str]]) -> Template:
+    """A template given as files (``registration.template_files``), named ``name``.
+
+    Read once per process (cached by name, paths and modification times).
+
+    Raises
+    ------
+    TemplateError
+        As :func:`check_template_files`, or an empty mask.
+    """
+    check_template_files(files)
+    key = tuple(sorted((k, os.fspath(v), os.stat(v).st_mtime_ns) for k, v in files.items()))
+    return _load_user(name, key)
+
+
+@lru_cache(maxsize=4)
+def _load_user(name: str, key: tuple) -> Template:
+    paths = {k: path for k, path, _ in key}
+    images = {k: nib.load(p) for k, p in paths.items()}
+    affine = images["t1w"].affine
+    mask = np.asanyarray(images["mask"].dataobj) > 0
+    if not mask.any():
+        raise TemplateError(f"{paths['mask']}: the brain mask is empty")
+    t1w = np.asanyarray(images["t1w"].dataobj).astype(np.float32) * mask
+    top = float(np.percentile(t1w[mask], 99.9))
+    if top <= 0:
+        raise TemplateError(f"{paths['t1w']}: no positive intensity inside the mask")
+    t1w = np.clip(t1w / top, 0.0, 1.0).astype(np.float32)
+    priors: dict[str, np.ndarray | None] = {}
+    for label in ("gm", "wm", "csf"):
+        priors[label] = (
+            np.clip(np.asanyarray(images[label].dataobj).astype(np.float32), 0.0, 1.0)
+            if label in images
+            else None
+        )
+    if priors["csf"] is None and priors["gm"] is not None:
+        priors["csf"] = np.clip(mask - priors["gm"] - priors["wm"], 0.0, 1.0).astype(np.float32)
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    code = int(images["t1w"].header["sform_code"]) or 2  # 2: aligned to some other space
+    return _freeze(
+        float(zooms.mean()),
+        affine,
+        t1w,
+        mask.astype(np.uint8),
+        priors["gm"],
+        priors["wm"],
+        priors["csf"],
+        space=name,
+        sform_code=code,
+    )
+
+
+def get_template(
+    name: str = TEMPLATE_SPACE,
+    resolution: int | None = None,
+    files: Mapping[str, str | os.PathLike[str]] | None = None,
+) -> Template:
+    """The registration template of a run: the user's files when given, else the embedded one.
+
+    Parameters
+    ----------
+    name : str
+        Space label (the user's template name when ``files`` are given).
+    resolution : int or None
+        Grid (mm) of the embedded template (default 1); must be ``None`` with ``files``
+        (a user template has one grid, its own).
+    files : mapping or None
+        ``registration.template_files``.
+    """
+    if files:
+        if resolution is not None:
+            raise ValueError(f"template {name} given as files has one grid: no resolution")
+        return load_user_template(name, files)
+    if name != TEMPLATE_SPACE:
+        raise ValueError(f"template {name!r} is not embedded: give it as files")
+    return load_template(1 if resolution is None else resolution)
+
+
+def _freeze(
+    resolution: float,
+    affine: np.ndarray,
+    *arrays: np.ndarray | None,
+    space: str = TEMPLATE_SPACE,
+    sform_code: int = 4,  # 4: MNI152 space
+) -> Template:
     images = []
     for data in arrays:
+        if data is None:
+            images.append(None)
+            continue
         data = np.ascontiguousarray(data)
         data.setflags(write=False)
         img = nib.Nifti1Image(data, affine)
         img.set_data_dtype(data.dtype)
-        img.set_qform(affine, code=4)  # 4: MNI152 space
-        img.set_sform(affine, code=4)
+        img.set_qform(affine, code=sform_code)
+        img.set_sform(affine, code=sform_code)
         images.append(img)
     t1w, mask, gm, wm, csf = images
-    return Template(TEMPLATE_SPACE, resolution, t1w, mask, gm, wm, csf)
+    return Template(space, resolution, t1w, mask, gm, wm, csf)

@@ -28,6 +28,7 @@ from nipype.interfaces.base import (
 
 from mriflow.bids.paths import entity_tag
 from mriflow.image.io import load_image, load_input_image
+from mriflow.image.template import TEMPLATE_SPACE
 from mriflow.interfaces.base import MriflowInterface, step_record
 
 __all__ = [
@@ -60,6 +61,23 @@ def _save(img: nib.Nifti1Image, cwd: str, in_file: str, suffix: str) -> str:
 
 def _optional_image(value: object) -> nib.Nifti1Image | None:
     return load_image(value) if isdefined(value) and value else None
+
+
+class _TemplateInputSpec(BaseInterfaceInputSpec):
+    """Inputs naming the registration template (the embedded one by default)."""
+
+    template_name = traits.Str("MNI152NLin2009aSym", usedefault=True, desc="template space label")
+    template_files = traits.Dict(
+        traits.Str, traits.Str, desc="user template files (t1w, mask[, gm, wm, csf])"
+    )
+
+
+def _template(inputs, resolution: int | None = None):
+    """The template the inputs name, at ``resolution`` mm when it is the embedded one."""
+    from mriflow.image.template import get_template
+
+    files = inputs.template_files if isdefined(inputs.template_files) else {}
+    return get_template(inputs.template_name, None if files else resolution, files or None)
 
 
 # --------------------------------------------------------------------- Denoise
@@ -258,7 +276,7 @@ class SkullStrip(MriflowInterface):
 
 
 # ------------------------------------------------------- RegisterToTemplate
-class _RegisterInputSpec(BaseInterfaceInputSpec):
+class _RegisterInputSpec(_TemplateInputSpec):
     in_file = File(exists=True, mandatory=True, desc="skull-stripped subject image")
     mask_file = File(exists=True, desc="subject brain mask: restricts the metric")
     preset = traits.Enum("fast", "precise", usedefault=True)
@@ -291,11 +309,12 @@ class RegisterToTemplate(MriflowInterface):
 
     def _run_interface(self, runtime):
         from mriflow.image.registration import PRESETS, register_to_template
-        from mriflow.image.template import TEMPLATE_SPACE
 
         inputs = self.inputs
+        name = inputs.template_name
+        user = isdefined(inputs.template_files) and bool(inputs.template_files)
         img = load_image(inputs.in_file)
-        prefix = Path(runtime.cwd) / f"{_stem(inputs.in_file)}_to-{TEMPLATE_SPACE}_"
+        prefix = Path(runtime.cwd) / f"{_stem(inputs.in_file)}_to-{name}_"
         result = register_to_template(
             img,
             prefix,
@@ -306,17 +325,18 @@ class RegisterToTemplate(MriflowInterface):
             random_seed=inputs.random_seed,
             num_threads=inputs.num_threads,
             compute_warped=inputs.write_warped,
+            template=_template(inputs) if user else None,
         )
         if result.warped is not None:
             self._results["out_file"] = _save(
-                result.warped, runtime.cwd, inputs.in_file, entity_tag(space=TEMPLATE_SPACE)
+                result.warped, runtime.cwd, inputs.in_file, entity_tag(space=name)
             )
         self._results["forward_transforms"] = [str(p) for p in result.forward_transforms]
         self._results["reverse_transforms"] = [str(p) for p in result.reverse_transforms]
-        self._results["template"] = TEMPLATE_SPACE
+        self._results["template"] = name
         spec = PRESETS[inputs.preset]
-        parameters = {
-            "template": TEMPLATE_SPACE,
+        parameters: dict[str, object] = {
+            "template": name,
             "preset": inputs.preset,
             "transform": inputs.transform,
             "registration_template_resolution_mm": spec.template_resolution,
@@ -324,12 +344,24 @@ class RegisterToTemplate(MriflowInterface):
             "metric": "Mattes MI (32 bins)",
             "random_seed": inputs.random_seed,
         }
+        if user:
+            # the user's files, and the grids actually used (not the embedded ones)
+            template = _template(inputs)
+            parameters["template_files"] = dict(inputs.template_files)
+            parameters["registration_template_resolution_mm"] = (
+                round(2 * template.resolution, 3)
+                if spec.template_resolution == 2 and template.resolution < 1.5
+                else round(template.resolution, 3)
+            )
+            parameters["output_resolution_mm"] = round(template.resolution, 3)
+        elif name != TEMPLATE_SPACE:
+            raise ValueError(f"template {name!r} is not embedded and no files were given")
         self._results["step"] = step_record("registration", parameters, ["antspyx"])
         return runtime
 
 
 # ----------------------------------------------------------- ApplyTransforms
-class _ApplyInputSpec(BaseInterfaceInputSpec):
+class _ApplyInputSpec(_TemplateInputSpec):
     in_file = File(exists=True, mandatory=True, desc="image in the transforms' moving space")
     transforms = InputMultiObject(File(exists=True), mandatory=True, desc="ANTs transforms")
     reference_file = File(exists=True, desc="output grid (default: the template)")
@@ -362,7 +394,6 @@ class ApplyTransforms(MriflowInterface):
 
     def _run_interface(self, runtime):
         from mriflow.image.registration import apply_transforms
-        from mriflow.image.template import TEMPLATE_SPACE, load_template
 
         inputs = self.inputs
         img = load_image(inputs.in_file)
@@ -370,8 +401,9 @@ class ApplyTransforms(MriflowInterface):
             reference = load_image(inputs.reference_file)
             target = Path(inputs.reference_file).name
         else:
-            reference = load_template(int(inputs.template_resolution)).t1w
-            target = f"{TEMPLATE_SPACE} {int(inputs.template_resolution)} mm"
+            template = _template(inputs, int(inputs.template_resolution))
+            reference = template.t1w
+            target = f"{template.space} {template.resolution:g} mm"
         out = apply_transforms(
             img,
             list(inputs.transforms),
@@ -390,7 +422,7 @@ class ApplyTransforms(MriflowInterface):
 
 
 # -------------------------------------------------------- TemplateTissuePriors
-class _PriorsInputSpec(BaseInterfaceInputSpec):
+class _PriorsInputSpec(_TemplateInputSpec):
     reverse_transforms = InputMultiObject(
         File(exists=True), mandatory=True, desc="template -> subject transforms"
     )
@@ -413,9 +445,8 @@ class TemplateTissuePriors(MriflowInterface):
 
     def _run_interface(self, runtime):
         from mriflow.image.registration import apply_transforms
-        from mriflow.image.template import TEMPLATE_SPACE, load_template
 
-        template = load_template(1)
+        template = _template(self.inputs, 1)
         reference = load_image(self.inputs.reference_file)
         for label in ("GM", "WM", "CSF"):
             warped = apply_transforms(
@@ -428,12 +459,12 @@ class TemplateTissuePriors(MriflowInterface):
             self._results[f"{label.lower()}_prior"] = _save(
                 warped,
                 runtime.cwd,
-                f"{TEMPLATE_SPACE}.nii.gz",
+                f"{template.space}.nii.gz",
                 entity_tag(suffix="probseg", label=label),
             )
         self._results["step"] = step_record(
             "template_priors",
-            {"template": TEMPLATE_SPACE, "labels": ["GM", "WM", "CSF"], "interpolation": "linear"},
+            {"template": template.space, "labels": ["GM", "WM", "CSF"], "interpolation": "linear"},
             ["antspyx", "nilearn"],
         )
         return runtime

@@ -5,9 +5,9 @@ from __future__ import annotations
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from mriflow.config import Config
+from mriflow.bids.outputs import SPACE_OUTPUTS, space_output
+from mriflow.config import NATIVE_SPACE, Config, OutputSpace
 from mriflow.image.intensity import method_parameters
-from mriflow.image.template import TEMPLATE_SPACE
 from mriflow.interfaces.anatomical import (
     ApplyTransforms,
     Denoise,
@@ -52,11 +52,19 @@ T1W_FIELDS = (
 )
 
 
-def anat_output_fields(contrast: str) -> tuple[str, ...]:
-    """The ``outputnode`` fields of :func:`init_anat_preproc_wf` (besides ``steps``)."""
-    if contrast == "T1w":
+def anat_output_fields(contrast: str, config: Config | None = None) -> tuple[str, ...]:
+    """The ``outputnode`` fields of :func:`init_anat_preproc_wf` (besides ``steps``).
+
+    With ``config``, a T1w's fields include ``std_preproc_space2``, ... for every
+    template space after the first (``--output-spaces``).
+    """
+    if contrast != "T1w":
+        return ("preproc", "preproc_metadata", "bias_field")
+    if config is None:
         return T1W_FIELDS
-    return ("preproc", "preproc_metadata", "bias_field")
+    n_spaces = len(config.registration.template_spaces())
+    extra = [space_output(o, i) for i in range(2, n_spaces + 1) for o in SPACE_OUTPUTS]
+    return (*T1W_FIELDS, *extra)
 
 
 def init_anat_preproc_wf(
@@ -124,7 +132,8 @@ def init_anat_preproc_wf(
     )
     inputnode = pe.Node(niu.IdentityInterface(fields=["in_file"]), name="inputnode")
     outputnode = pe.Node(
-        niu.IdentityInterface(fields=[*anat_output_fields(contrast), "steps"]), name="outputnode"
+        niu.IdentityInterface(fields=[*anat_output_fields(contrast, config), "steps"]),
+        name="outputnode",
     )
 
     def conform_node(name: str) -> pe.Node:
@@ -240,8 +249,10 @@ def init_anat_preproc_wf(
         preproc_source = (deface, "out_file")
     workflow.connect(preproc_source[0], preproc_source[1], outputnode, "preproc")
 
-    registered = config.registration.enabled
+    spaces = config.registration.template_spaces()
+    registered = bool(spaces)
     if registered:
+        # registered once; each requested space/resolution is a resampling of its transform
         register = pe.Node(
             RegisterToTemplate(
                 preset=config.registration.preset,
@@ -249,6 +260,7 @@ def init_anat_preproc_wf(
                 random_seed=config.seed,
                 num_threads=threads,
                 write_warped=False,
+                **_template_inputs(config),
             ),
             name="register",
             n_procs=threads,
@@ -256,8 +268,9 @@ def init_anat_preproc_wf(
         )
         first_fwd = pe.Node(niu.Select(index=[0]), name="first_fwd", run_without_submitting=True)
         first_rev = pe.Node(niu.Select(index=[0]), name="first_rev", run_without_submitting=True)
-        std_preproc = _apply(config, "std_preproc", "linear")
-        std_mask = _apply(config, "std_mask", "nearest")
+        grid = config.registration.space_resolution(spaces[0])
+        std_preproc = _apply(config, "std_preproc", "linear", resolution=grid)
+        std_mask = _apply(config, "std_mask", "nearest", resolution=grid)
         steps += [register, std_preproc, std_mask]
         workflow.connect([
             # the extracted brain is the moving image; a moving-mask metric adds nothing
@@ -302,7 +315,7 @@ def init_anat_preproc_wf(
         ])  # fmt:skip
         export_image = (normalize, "out_file")
         if registered:
-            std_norm = _apply(config, "std_norm", "linear")
+            std_norm = _apply(config, "std_norm", "linear", resolution=grid)
             steps.append(std_norm)
             workflow.connect([
                 (normalize, std_norm, [("out_file", "in_file")]),
@@ -312,13 +325,19 @@ def init_anat_preproc_wf(
             export_image = (std_norm, "out_file")
 
     export_dseg = None
+    # sources of the images resampled into each template space: (node, field) by output
+    space_sources = {"std_preproc": preproc_source, "std_mask": (skullstrip, "out_mask")}
+    if config.intensity.method != "none":
+        space_sources["std_norm"] = (normalize, "out_file")
     if config.segmentation.method != "none":
         seg = config.segmentation
+        # a user template given without tissue maps has no priors to offer
+        use_priors = seg.use_priors and registered and _template_has_priors(config)
         segment = pe.Node(
             TissueSegmentation(
                 method=seg.method,
                 contrast="T1w",
-                use_priors=seg.use_priors and registered,
+                use_priors=use_priors,
                 prior_weight=seg.prior_weight,
                 mrf_beta=seg.mrf_beta,
                 hmrf_iterations=seg.hmrf_iterations,
@@ -347,9 +366,11 @@ def init_anat_preproc_wf(
             ]),
         ])  # fmt:skip
         export_dseg = (segment, "dseg_file")
-        if registered and seg.use_priors:
+        if use_priors:
             priors = pe.Node(
-                TemplateTissuePriors(num_threads=threads), name="template_priors", mem_gb=1.5
+                TemplateTissuePriors(num_threads=threads, **_template_inputs(config)),
+                name="template_priors",
+                mem_gb=1.5,
             )
             steps.append(priors)
             workflow.connect([
@@ -362,7 +383,7 @@ def init_anat_preproc_wf(
             ])  # fmt:skip
         steps.append(segment)
         if registered:
-            std_dseg = _apply(config, "std_dseg", "genericLabel")
+            std_dseg = _apply(config, "std_dseg", "genericLabel", resolution=grid)
             steps.append(std_dseg)
             workflow.connect([
                 (segment, std_dseg, [("dseg_file", "in_file")]),
@@ -370,7 +391,10 @@ def init_anat_preproc_wf(
                 (std_dseg, outputnode, [("out_file", "std_dseg")]),
             ])  # fmt:skip
             export_dseg = (std_dseg, "out_file")
+        space_sources["std_dseg"] = (segment, "dseg_file")
 
+    for index, space in enumerate(spaces[1:], start=2):
+        _resample_into(workflow, config, space, index, register, space_sources, outputnode, steps)
     _init_export(workflow, config, inputnode, outputnode, steps,
                  export_image, export_mask, export_dseg)  # fmt:skip
     return _collect_steps(workflow, steps, outputnode)
@@ -417,11 +441,12 @@ def _slices_node(config: Config) -> pe.Node:
     """2D slices of the model-ready volume, named after the raw image (``source_file``)."""
     export = config.export
     entities = {"desc": "model"}
-    if config.registration.enabled:
-        entities["space"] = TEMPLATE_SPACE
+    spaces = config.registration.template_spaces()
+    if spaces:
+        entities.update(spaces[0].entities)
     return pe.Node(
         ExportSlices(
-            space=TEMPLATE_SPACE if config.registration.enabled else "T1w",
+            space=spaces[0].name if spaces else NATIVE_SPACE,
             entities=entities,
             axes=export.slice_axes,
             min_brain_fraction=export.min_brain_fraction,
@@ -433,17 +458,59 @@ def _slices_node(config: Config) -> pe.Node:
     )
 
 
-def _apply(config: Config, name: str, interpolation: str) -> pe.Node:
+def _apply(
+    config: Config, name: str, interpolation: str, *, resolution: int | None = None
+) -> pe.Node:
+    """An ApplyTransforms node onto the run's template grid (``resolution`` mm when the
+    template is the embedded one; default ``registration.template_resolution``)."""
     return pe.Node(
         ApplyTransforms(
             interpolation=interpolation,
-            template_resolution=config.registration.template_resolution,
+            template_resolution=resolution or config.registration.template_resolution,
             num_threads=max(1, config.execution.omp_nthreads),
             step_name=name,
+            **_template_inputs(config),
         ),
         name=name,
         mem_gb=1.0,
     )
+
+
+def _template_inputs(config: Config) -> dict:
+    """Interface inputs naming a user template; none for the embedded one (its defaults)."""
+    reg = config.registration
+    if not reg.template_files:
+        return {}
+    return {"template_name": reg.template, "template_files": dict(reg.template_files)}
+
+
+def _template_has_priors(config: Config) -> bool:
+    files = config.registration.template_files
+    return not files or ("gm" in files and "wm" in files)
+
+
+def _resample_into(
+    workflow: pe.Workflow,
+    config: Config,
+    space: OutputSpace,
+    index: int,
+    register: pe.Node,
+    sources: dict[str, tuple[pe.Node, str]],
+    outputnode: pe.Node,
+    steps: list[pe.Node],
+) -> None:
+    """The template-space images once more, on the grid of another requested space."""
+    interpolation = {"std_mask": "nearest", "std_dseg": "genericLabel"}
+    grid = config.registration.space_resolution(space)
+    for output, (node, field) in sources.items():
+        name = space_output(output, index)
+        apply = _apply(config, name, interpolation.get(output, "linear"), resolution=grid)
+        steps.append(apply)
+        workflow.connect([
+            (node, apply, [(field, "in_file")]),
+            (register, apply, [("forward_transforms", "transforms")]),
+            (apply, outputnode, [("out_file", name)]),
+        ])  # fmt:skip
 
 
 def _collect_steps(workflow: pe.Workflow, nodes: list[pe.Node], outputnode: pe.Node):

@@ -125,7 +125,7 @@ def init_session_wf(
         if field != "slices_staged" or not slice_here:
             workflow.connect(anat_wf, f"outputnode.{field}", outputnode, field)
     from_reference = ("brain", "brain_mask")
-    if config.registration.enabled:
+    if config.registration.template_spaces():
         from_reference += ("xfm_fwd", "std_mask")
     if config.deface.enabled:
         from_reference += ("face_mask",)
@@ -188,7 +188,8 @@ def init_contrast_wf(
     """
     config = config or Config()
     threads = max(1, config.execution.omp_nthreads)
-    registered = config.registration.enabled
+    spaces = config.registration.template_spaces()
+    registered = bool(spaces)
     workflow = pe.Workflow(name=name)
     workflow.__desc__ = (
         f"The {contrast} image was denoised ({config.denoise.method}) and corrected for "
@@ -304,7 +305,9 @@ def init_contrast_wf(
     if registered:
         # reference -> template, then contrast -> reference (ANTs applies the last first)
         compose = pe.Node(niu.Merge(2), name="compose_to_template", run_without_submitting=True)
-        std_preproc = _apply(config, "std_preproc", "linear")
+        # the first template space (the model-ready grid) only
+        grid = config.registration.space_resolution(spaces[0])
+        std_preproc = _apply(config, "std_preproc", "linear", resolution=grid)
         steps.append(std_preproc)
         workflow.connect([
             (inputnode, compose, [("xfm_fwd", "in1")]),
