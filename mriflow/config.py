@@ -268,6 +268,13 @@ class CoregistrationConfig:
 
 
 @dataclass
+class LongitudinalConfig:
+    align: bool = False
+    """With several sessions: register each later session's reference T1w rigidly to the
+    first session's and publish it on that grid too (``space-longitudinal``)."""
+
+
+@dataclass
 class SplitConfig:
     fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
     n_folds: int = 0
@@ -374,6 +381,7 @@ class Config:
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     deface: DefaceConfig = field(default_factory=DefaceConfig)
     coregistration: CoregistrationConfig = field(default_factory=CoregistrationConfig)
+    longitudinal: LongitudinalConfig = field(default_factory=LongitudinalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)

@@ -266,3 +266,35 @@ def test_a_broken_contrast_fails_alone_named_and_the_t1w_is_published(session_ru
     assert status["status"] == "ok" and str(t2w) in status["reason"]
     summary = sorted((out / "logs").glob("run-*_summary.json"))[-1]
     assert json.loads(summary.read_text())["Subjects"][1]["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_longitudinal_option_puts_later_sessions_on_the_first_sessions_grid(tmp_path):
+    from tests.test_bids_validator import validator_issues
+
+    root = make_bids_dataset(tmp_path / "raw", {"01": ["ses-a", "ses-b"]})
+    # the second visit: the same head, placed 3 mm off by its header
+    later = root / "sub-01/ses-b/anat/sub-01_ses-b_T1w.nii.gz"
+    img = nib.load(later)
+    moved = img.affine.copy()
+    moved[:3, 3] += [3.0, 0.0, 0.0]
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), moved), later)
+    out = tmp_path / "out"
+    args = [str(root), str(out), "participant", "-w", str(tmp_path / "w"), *QUICK]
+    assert main([*args, "--set", "longitudinal.align=true"]) == 0
+    base = nib.load(out / "sub-01/ses-a/anat/sub-01_ses-a_desc-preproc_T1w.nii.gz")
+    anat_b = out / "sub-01/ses-b/anat"
+    aligned = nib.load(anat_b / "sub-01_ses-b_space-longitudinal_desc-preproc_T1w.nii.gz")
+    mask = nib.load(anat_b / "sub-01_ses-b_space-longitudinal_desc-brain_mask.nii.gz")
+    assert aligned.shape == mask.shape == base.shape
+    np.testing.assert_allclose(aligned.affine, base.affine, atol=1e-4)
+    xfm = read_itk_affine(anat_b / "sub-01_ses-b_from-T1w_to-longitudinal_mode-image_xfm.txt")
+    shift = np.eye(4)
+    shift[:3, 3] = [3.0, 0.0, 0.0]  # ses-a points -> ses-b points
+    base_mask = nib.load(out / "sub-01/ses-a/anat/sub-01_ses-a_desc-brain_mask.nii.gz")
+    assert rms_deviation(xfm, shift, base_mask) < 1.0
+    sidecar = json.loads(
+        (anat_b / "sub-01_ses-b_space-longitudinal_desc-preproc_T1w.json").read_text()
+    )
+    assert sidecar["SpatialReference"].endswith("sub-01_ses-a_desc-preproc_T1w.nii.gz")
+    assert [i for i in validator_issues(out) if i.get("severity") == "error"] == []

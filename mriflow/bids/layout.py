@@ -80,6 +80,10 @@ def role_of(contrast: str, entities: dict[str, str], suffix: str, extension: str
     ``--output-spaces``) plays the role of the table's embedded one; the ``res-`` entity
     does not name a role (``space-X_res-2_desc-preproc`` is a ``std_preproc`` too).
     """
+    roles = _roles(contrast)
+    exact = tuple(sorted((k, v) for k, v in entities.items() if k in _NAMING))
+    if (suffix, exact, extension) in roles:  # T1w, longitudinal, from-T2w, the template
+        return roles[(suffix, exact, extension)]
     naming = tuple(
         sorted(
             (k, TEMPLATE_SPACE if k in _SPACE_ENTITIES and v != "T1w" else v)
@@ -87,7 +91,7 @@ def role_of(contrast: str, entities: dict[str, str], suffix: str, extension: str
             if k in _NAMING
         )
     )
-    return _roles(contrast).get((suffix, naming, extension), "other")
+    return roles.get((suffix, naming, extension), "other")
 
 
 _SPACE_ENTITIES = ("space", "from", "to")
@@ -406,17 +410,10 @@ class DerivativesLayout:
         self, reference: ImageDerivatives, groups: list[ImageDerivatives]
     ) -> dict[str, Path]:
         """Model-ready volumes of the images aligned to ``reference``, by channel name."""
-        reference_preproc = reference.get("preproc")
         aligned = [
             group
             for group in groups
-            if group.get("model") is not None
-            and group.get("preproc") is not None
-            and reference_preproc is not None
-            and resolve_bids_uri(
-                str(group.get("preproc").sidecar.get("SpatialReference", "")), self.root
-            )
-            == reference_preproc.path
+            if group.get("model") is not None and self.reference_of(group, groups) is reference
         ]
         names = channel_names(
             (reference.entities, reference.contrast), [(g.entities, g.contrast) for g in aligned]

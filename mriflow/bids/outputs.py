@@ -31,6 +31,8 @@ __all__ = [
     "channel_name",
     "channel_names",
     "contrast_derivatives",
+    "longitudinal_derivatives",
+    "LONGITUDINAL_SPACE",
     "contrast_normalization",
     "derivative_relpath",
     "figure_relpath",
@@ -293,6 +295,47 @@ def contrast_derivatives(contrast: str, config: Config | None = None) -> list[De
     return _defaced(specs) if config.deface.enabled else specs
 
 
+#: The grid of a subject's first session's reference T1w, for the later sessions'
+#: images aligned to it (``longitudinal.align``).
+LONGITUDINAL_SPACE = "longitudinal"
+
+
+def longitudinal_derivatives() -> list[DerivativeSpec]:
+    """A later session's reference T1w on the first session's grid (rigid, one transform)."""
+    space = {"space": LONGITUDINAL_SPACE}
+    return [
+        DerivativeSpec(
+            output="xfm_longitudinal",
+            suffix="xfm",
+            entities={"from": "T1w", "to": LONGITUDINAL_SPACE, "mode": "image"},
+            metadata={
+                "Type": "ITK affine transform (text)",
+                "FromSpace": "T1w",
+                "ToSpace": LONGITUDINAL_SPACE,
+            },
+            steps=("longitudinal_coregistration",),
+            extension=".txt",
+        ),
+        DerivativeSpec(
+            output="longitudinal_preproc",
+            suffix="T1w",
+            entities={**space, "desc": "preproc"},
+            metadata={"SkullStripped": False},
+            steps=("longitudinal_coregistration", "longitudinal_preproc"),
+            derived_from=("xfm_longitudinal",),
+        ),
+        DerivativeSpec(
+            output="longitudinal_mask",
+            suffix="mask",
+            entities={**space, "desc": "brain"},
+            metadata={"Type": "Brain"},
+            steps=("longitudinal_coregistration", "longitudinal_mask"),
+            data_dtype="uint8",
+            derived_from=("xfm_longitudinal",),
+        ),
+    ]
+
+
 def channel_name(entities: Mapping[str, str], suffix: str, *, full: bool = False) -> str:
     """The channel of an image in the multi-channel export: ``T2w``, ``ce-gadolinium_T1w``.
 
@@ -495,6 +538,7 @@ def all_anat_derivatives(contrast: str) -> list[DerivativeSpec]:
         # a T1w is its session's reference, or a ce-/second T1w aligned to it
         specs_of_config = [
             *(anat_derivatives(contrast, config) if contrast == "T1w" else []),
+            *(longitudinal_derivatives() if contrast == "T1w" else []),
             *contrast_derivatives(contrast, config),
             NYUL_SPEC,
         ]

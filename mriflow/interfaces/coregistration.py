@@ -23,6 +23,7 @@ class _CoregisterInputSpec(BaseInterfaceInputSpec):
     initialisation = traits.Enum("auto", "header", "moments", usedefault=True)
     random_seed = traits.Int(42, usedefault=True)
     num_threads = traits.Int(1, usedefault=True, desc="ITK threads")
+    step_name = traits.Str("coregistration", usedefault=True, desc="name in the sidecar chain")
 
 
 class _CoregisterOutputSpec(TraitedSpec):
@@ -66,7 +67,7 @@ class Coregister(MriflowInterface):
             "final_metric": {k: round(float(v), 6) for k, v in result.candidates.items()},
             "random_seed": inputs.random_seed,
         }
-        self._results["step"] = step_record("coregistration", parameters, ["antspyx"])
+        self._results["step"] = step_record(inputs.step_name, parameters, ["antspyx"])
         return runtime
 
 

@@ -258,8 +258,13 @@ def _coregister(i):
         "header": "from the headers",
         "moments": "from aligned centres of mass",
     }[i.initialisation]
+    target = (
+        "the first session's T1w"
+        if i.step_name == "longitudinal_coregistration"
+        else "the session's reference T1w"
+    )
     return (
-        f"was aligned to the session's reference T1w with a {i.transform} registration "
+        f"was aligned to {target} with a {i.transform} registration "
         "(antsRegistration, Mattes mutual information inside the reference brain mask, "
         f"started {start}); every output was resampled from its own grid in one "
         "interpolation through the composed transforms",
@@ -295,7 +300,7 @@ STEP_TEXTS: dict[str, StepText] = {
     "Normalize": StepText(_name("intensity_normalization"), _normalize),
     "ModelReady": StepText(_name("model_ready"), _model_ready),
     "ExportSlices": StepText(_name("slices"), _slices),
-    "Coregister": StepText(_name("coregistration"), _coregister),
+    "Coregister": StepText(lambda i: i.step_name, _coregister),
     "ApplyFaceMask": StepText(_name("deface"), _face_removed),
 }
 

@@ -8,11 +8,21 @@ from pathlib import Path
 from nipype.pipeline import engine as pe
 
 from mriflow.bids.discovery import AnatInput, SessionInputs, SubjectInputs
-from mriflow.bids.outputs import anat_derivatives, channel_names, derivative_relpath
+from mriflow.bids.outputs import (
+    LONGITUDINAL_SPACE,
+    anat_derivatives,
+    channel_names,
+    derivative_relpath,
+    longitudinal_derivatives,
+)
 from mriflow.bids.paths import bids_uri
 from mriflow.config import Config
 from mriflow.interfaces.bids import PublishSubject
-from mriflow.workflows.session import init_session_wf, session_output_field
+from mriflow.workflows.session import (
+    init_longitudinal_wf,
+    init_session_wf,
+    session_output_field,
+)
 
 __all__ = [
     "init_mriflow_wf",
@@ -56,9 +66,10 @@ def init_mriflow_wf(
     return workflow
 
 
-def _field(image: AnatInput, output: str) -> str:
-    """The publishing node's input for ``output`` of ``image``'s chain."""
-    return f"{image.key}__{output}"
+def _field(image: AnatInput, output: str, chain: str = "") -> str:
+    """The publishing node's input for ``output`` of ``image``'s chain (``chain``: another
+    chain of the image, e.g. ``longitudinal``)."""
+    return f"{image.key}{'_' + chain if chain else ''}__{output}"
 
 
 def publish_plan(
@@ -71,29 +82,53 @@ def publish_plan(
     aligned to it (its derivatives are then on the reference's grids).
     """
     specs = anat_derivatives(image.suffix, config, reference=reference is None)
+    plan, outputs = _plan(image, specs, _spatial_reference(reference, config))
+    outputs.add("bias_field")
+    if config.export.slices and reference is None:  # the reference's slices hold every channel
+        outputs.add("slices_staged")
+    return plan, sorted(outputs)
+
+
+def longitudinal_plan(image: AnatInput, base: AnatInput, config: Config) -> tuple[list, list]:
+    """The publishing plan of a later session's reference T1w on the first session's grid."""
+    reference = _spatial_reference(base, config)
+    plan, outputs = _plan(image, longitudinal_derivatives(), reference, chain="longitudinal")
+    return plan, sorted(outputs)
+
+
+def _spatial_reference(reference: AnatInput | None, config: Config) -> dict[str, str]:
+    if reference is None:
+        return {}
+    reference_spec = anat_derivatives(reference.suffix, config)[0]  # its preproc
+    relpath = derivative_relpath(reference.entities, reference.suffix, reference_spec)
+    return {"SpatialReference": bids_uri(relpath, dataset="")}
+
+
+def _plan(
+    image: AnatInput, specs: list, spatial_reference: dict[str, str], chain: str = ""
+) -> tuple[list[dict], set[str]]:
     relpaths = {s.output: derivative_relpath(image.entities, image.suffix, s) for s in specs}
-    spatial_reference = {}
-    if reference is not None:
-        reference_spec = anat_derivatives(reference.suffix, config)[0]  # its preproc
-        spatial_reference = {
-            "SpatialReference": bids_uri(
-                derivative_relpath(reference.entities, reference.suffix, reference_spec),
-                dataset="",
-            )
-        }
     plan = []
-    outputs = {"steps", "bias_field"}
+    outputs = {"steps"}
     for spec in specs:
         plan.append(
             {
-                "field": _field(image, spec.output),
+                "field": _field(image, spec.output, chain),
                 "relpath": relpaths[spec.output],
                 "raw_relpath": image.relpath,
-                "metadata": {**spec.metadata, **spatial_reference},
+                # the reference's grid is the space of the images without a template space-
+                "metadata": {
+                    **spec.metadata,
+                    **(
+                        spatial_reference
+                        if spec.entities.get("space") in (None, LONGITUDINAL_SPACE)
+                        else {}
+                    ),
+                },
                 "step_names": list(spec.steps),
                 "derived_from": [relpaths[o] for o in spec.derived_from if o in relpaths],
                 "data_dtype": spec.data_dtype,
-                "steps_field": _field(image, "steps"),
+                "steps_field": _field(image, "steps", chain),
                 "metadata_field": _field(image, spec.dynamic_metadata)
                 if spec.dynamic_metadata
                 else None,
@@ -102,9 +137,7 @@ def publish_plan(
         outputs.add(spec.output)
         if spec.dynamic_metadata:
             outputs.add(spec.dynamic_metadata)
-    if config.export.slices and reference is None:  # the reference's slices hold every channel
-        outputs.add("slices_staged")
-    return plan, sorted(outputs)
+    return plan, outputs
 
 
 def session_channel_names(session: SessionInputs) -> dict[str, str]:
@@ -141,6 +174,7 @@ def init_single_subject_wf(
     plan: list[dict] = []
     staged_fields: list[str] = []
     bias_fields: dict[str, str] = {}
+    session_wfs: list[tuple[SessionInputs, pe.Workflow]] = []
     for session in subject.sessions(config.coregistration.reference):
         reference = session.reference
         session_wf = init_session_wf(
@@ -163,6 +197,28 @@ def init_single_subject_wf(
             if "slices_staged" in outputs:
                 staged_fields.append(_field(image, "slices_staged"))
             bias_fields[image.relpath] = _field(image, "bias_field")
+        session_wfs.append((session, session_wf))
+    if config.longitudinal.align and len(session_wfs) > 1:
+        (base, base_wf), *later = session_wfs
+        for session, session_wf in later:
+            image = session.reference
+            long_wf = init_longitudinal_wf(config=config, name=f"longitudinal_{session.key}_wf")
+            workflow.connect([
+                (base_wf, long_wf, [
+                    ("outputnode.brain", "inputnode.base_brain"),
+                    ("outputnode.brain_mask", "inputnode.base_mask"),
+                ]),
+                (session_wf, long_wf, [
+                    ("outputnode.brain", "inputnode.brain"),
+                    ("outputnode.preproc", "inputnode.preproc"),
+                    ("outputnode.brain_mask", "inputnode.brain_mask"),
+                ]),
+            ])  # fmt:skip
+            long_plan, outputs = longitudinal_plan(image, base.reference, config)
+            plan += long_plan
+            for output in outputs:
+                field = _field(image, output, "longitudinal")
+                wiring.append((long_wf, f"outputnode.{output}", field))
 
     publish = pe.Node(
         PublishSubject(

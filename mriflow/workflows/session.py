@@ -38,7 +38,13 @@ from mriflow.workflows.anatomical import (
     init_anat_preproc_wf,
 )
 
-__all__ = ["CONTRAST_FIELDS", "init_contrast_wf", "init_session_wf", "session_output_field"]
+__all__ = [
+    "CONTRAST_FIELDS",
+    "init_contrast_wf",
+    "init_longitudinal_wf",
+    "init_session_wf",
+    "session_output_field",
+]
 
 #: Outputs of :func:`init_contrast_wf` (besides ``steps``).
 CONTRAST_FIELDS = (
@@ -354,3 +360,80 @@ def init_contrast_wf(
         (model, outputnode, [("out_file", "model")]),
     ])  # fmt:skip
     return _collect_steps(workflow, steps, outputnode)
+
+
+def init_longitudinal_wf(
+    *, config: Config | None = None, name: str = "longitudinal_wf"
+) -> pe.Workflow:
+    """A later session's reference T1w on the first session's grid (``longitudinal.align``).
+
+    The two N4-corrected brains are registered rigidly (as a session's contrasts are,
+    :func:`~mriflow.image.coregistration.coregister`); the later session's ``preproc``
+    and brain mask are resampled once onto the first session's grid, so a
+    longitudinal model gets voxel-aligned time points.
+
+    Inputs
+    ------
+    base_brain, base_mask
+        The first session's reference brain and brain mask.
+    brain, brain_mask, preproc
+        The later session's.
+
+    Outputs
+    -------
+    xfm_longitudinal, longitudinal_preproc, longitudinal_mask, steps
+    """
+    config = config or Config()
+    threads = max(1, config.execution.omp_nthreads)
+    workflow = pe.Workflow(name=name)
+    workflow.__desc__ = (
+        "The T1w image of each later session was aligned rigidly to the first session's "
+        "T1w (antsRegistration, Mattes mutual information inside its brain mask) and "
+        "resampled onto its grid."
+    )
+    inputnode = pe.Node(
+        niu.IdentityInterface(fields=["base_brain", "base_mask", "brain", "brain_mask", "preproc"]),
+        name="inputnode",
+    )
+    fields = ["xfm_longitudinal", "longitudinal_preproc", "longitudinal_mask", "steps"]
+    outputnode = pe.Node(niu.IdentityInterface(fields=fields), name="outputnode")
+    coregister = pe.Node(
+        Coregister(
+            transform="rigid",
+            initialisation=config.coregistration.initialisation,
+            random_seed=config.seed,
+            num_threads=threads,
+            step_name="longitudinal_coregistration",
+        ),
+        name="coregister",
+        n_procs=threads,
+        mem_gb=1.5,
+    )
+    resampled = {
+        field: pe.Node(
+            ApplyTransforms(interpolation=interpolation, num_threads=threads, step_name=field),
+            name=field,
+            mem_gb=1.0,
+        )
+        for field, interpolation in (
+            ("longitudinal_preproc", "linear"),
+            ("longitudinal_mask", "nearest"),
+        )
+    }
+    workflow.connect([
+        (inputnode, coregister, [
+            ("brain", "moving_file"),
+            ("base_brain", "fixed_file"),
+            ("base_mask", "fixed_mask_file"),
+        ]),
+        (coregister, outputnode, [("transform_file", "xfm_longitudinal")]),
+        (inputnode, resampled["longitudinal_preproc"], [("preproc", "in_file")]),
+        (inputnode, resampled["longitudinal_mask"], [("brain_mask", "in_file")]),
+    ])  # fmt:skip
+    for field, node in resampled.items():
+        workflow.connect([
+            (coregister, node, [("transform_file", "transforms")]),
+            (inputnode, node, [("base_mask", "reference_file")]),
+            (node, outputnode, [("out_file", field)]),
+        ])  # fmt:skip
+    return _collect_steps(workflow, [coregister, *resampled.values()], outputnode)
