@@ -298,3 +298,34 @@ def test_longitudinal_option_puts_later_sessions_on_the_first_sessions_grid(tmp_
     )
     assert sidecar["SpatialReference"].endswith("sub-01_ses-a_desc-preproc_T1w.nii.gz")
     assert [i for i in validator_issues(out) if i.get("severity") == "error"] == []
+
+
+def test_reference_face_is_removed_from_another_contrast_on_its_own_grid(tmp_path):
+    """--deface: the T1w's face mask, brought onto a coarser, shifted contrast grid through
+    the co-registration transform, removes every contrast voxel that lies in it."""
+    from mriflow.image.coregistration import mask_on_moving_grid
+    from mriflow.image.deface import apply_face_mask
+
+    t1_affine = np.eye(4)
+    face = np.zeros((40, 40, 40), np.uint8)
+    face[10:30, 30:40, 0:12] = 1  # front and low: the "face"
+    moving_affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    moving_affine[:3, 3] = [1.0, -1.0, 0.5]
+    contrast = nib.Nifti1Image(np.full((20, 20, 20), 7, np.int16), moving_affine)
+    shift = np.eye(4)
+    shift[:3, 3] = [1.5, 0.0, 0.0]  # reference point -> contrast point
+    removed = mask_on_moving_grid(
+        nib.Nifti1Image(face, t1_affine), contrast, shift, dilation_mm=2.0
+    )
+    defaced = apply_face_mask(contrast, np.asarray(removed.dataobj) > 0)
+    # every contrast voxel whose centre maps into the face is zero
+    ijk = np.argwhere(np.ones(contrast.shape, bool))
+    world = ijk @ moving_affine[:3, :3].T + moving_affine[:3, 3]
+    in_reference = world - shift[:3, 3]
+    v = np.rint(in_reference).astype(int)
+    inside = np.all((v >= 0) & (v < 40), axis=1)
+    in_face = np.zeros(len(v), bool)
+    in_face[inside] = face[tuple(v[inside].T)] > 0
+    data = np.asarray(defaced.dataobj).reshape(-1)
+    assert in_face.any() and not data[in_face].any()
+    assert data[~in_face].astype(bool).mean() > 0.8  # the rest of the head stays
