@@ -147,31 +147,8 @@ def init_anat_preproc_wf(
         )
 
     conform = conform_node("conform")
-    denoise = pe.Node(
-        Denoise(
-            method=config.denoise.method,
-            noise_model=config.denoise.noise_model,
-            patch_radius=config.denoise.patch_radius,
-            search_radius=config.denoise.search_radius,
-            h_factor=config.denoise.h_factor,
-            num_threads=threads,
-        ),
-        name="denoise",
-        n_procs=threads,
-        mem_gb=1.0,
-    )
-    n4 = pe.Node(
-        N4BiasFieldCorrection(
-            shrink_factor=config.n4.shrink_factor,
-            iterations=config.n4.iterations,
-            convergence_threshold=config.n4.convergence_threshold,
-            spline_distance_mm=config.n4.spline_distance_mm,
-            num_threads=threads,
-        ),
-        name="n4",
-        n_procs=threads,
-        mem_gb=1.0,
-    )
+    denoise = _denoise_node(config)
+    n4 = _n4_node(config, "n4")
     # N4 fits its field on the conformed raw image, and skull stripping and
     # registration run on that corrected image, so none of them waits for the
     # denoising; the denoised image (the published preproc) gets the same field.
@@ -424,6 +401,39 @@ def _init_export(workflow, config, inputnode, outputnode, steps, image, mask, ds
     ])  # fmt:skip
     if dseg:
         workflow.connect(model, "out_dseg", slices, "dseg_file")
+
+
+def _denoise_node(config: Config) -> pe.Node:
+    threads = max(1, config.execution.omp_nthreads)
+    return pe.Node(
+        Denoise(
+            method=config.denoise.method,
+            noise_model=config.denoise.noise_model,
+            patch_radius=config.denoise.patch_radius,
+            search_radius=config.denoise.search_radius,
+            h_factor=config.denoise.h_factor,
+            num_threads=threads,
+        ),
+        name="denoise",
+        n_procs=threads,
+        mem_gb=1.0,
+    )
+
+
+def _n4_node(config: Config, name: str) -> pe.Node:
+    threads = max(1, config.execution.omp_nthreads)
+    return pe.Node(
+        N4BiasFieldCorrection(
+            shrink_factor=config.n4.shrink_factor,
+            iterations=config.n4.iterations,
+            convergence_threshold=config.n4.convergence_threshold,
+            spline_distance_mm=config.n4.spline_distance_mm,
+            num_threads=threads,
+        ),
+        name=name,
+        n_procs=threads,
+        mem_gb=1.0,
+    )
 
 
 def _model_ready_node(config: Config) -> pe.Node:

@@ -22,8 +22,6 @@ from mriflow.config import Config
 from mriflow.image.intensity import method_parameters
 from mriflow.interfaces.anatomical import (
     ApplyTransforms,
-    Denoise,
-    N4BiasFieldCorrection,
     RemoveBiasField,
 )
 from mriflow.interfaces.coregistration import Coregister, MaskOnMovingGrid
@@ -32,7 +30,9 @@ from mriflow.interfaces.intensity import Normalize
 from mriflow.workflows.anatomical import (
     _apply,
     _collect_steps,
+    _denoise_node,
     _model_ready_node,
+    _n4_node,
     _slices_node,
     anat_output_fields,
     init_anat_preproc_wf,
@@ -215,34 +215,8 @@ def init_contrast_wf(
     )
     outputnode.inputs.preproc_metadata = {"SkullStripped": False}
 
-    def n4_node(node_name: str) -> pe.Node:
-        return pe.Node(
-            N4BiasFieldCorrection(
-                shrink_factor=config.n4.shrink_factor,
-                iterations=config.n4.iterations,
-                convergence_threshold=config.n4.convergence_threshold,
-                spline_distance_mm=config.n4.spline_distance_mm,
-                num_threads=threads,
-            ),
-            name=node_name,
-            n_procs=threads,
-            mem_gb=1.0,
-        )
-
-    denoise = pe.Node(
-        Denoise(
-            method=config.denoise.method,
-            noise_model=config.denoise.noise_model,
-            patch_radius=config.denoise.patch_radius,
-            search_radius=config.denoise.search_radius,
-            h_factor=config.denoise.h_factor,
-            num_threads=threads,
-        ),
-        name="denoise",
-        n_procs=threads,
-        mem_gb=1.0,
-    )
-    n4_head = n4_node("n4_head")
+    denoise = _denoise_node(config)
+    n4_head = _n4_node(config, "n4_head")
     coregister = pe.Node(
         Coregister(
             transform=config.coregistration.transform,
@@ -257,7 +231,7 @@ def init_contrast_wf(
     brain_mask_here = pe.Node(
         MaskOnMovingGrid(dilation_mm=N4_MASK_DILATION_MM), name="brain_mask_native", mem_gb=1.0
     )
-    n4 = n4_node("n4")
+    n4 = _n4_node(config, "n4")
     to_t1w = pe.Node(
         ApplyTransforms(interpolation="linear", num_threads=threads, step_name="to_t1w"),
         name="to_t1w",
