@@ -522,6 +522,8 @@ GROUP_OUTPUTS: dict[str, str] = {
     "group_report": "group.html",
     "dseg_lut": "dseg.tsv",
     "config": "mriflow_config.toml",
+    "citation": "logs/CITATION.md",  # methods boilerplate of the last participant run
+    "citation_bib": "logs/CITATION.bib",
     "dataset_description": "dataset_description.json",
 }
 

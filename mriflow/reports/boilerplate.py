@@ -20,8 +20,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from mriflow.bids.outputs import GROUP_OUTPUTS
+
 __all__ = [
-    "CITATION_FILES",
     "STEP_TEXTS",
     "Boilerplate",
     "StepText",
@@ -29,10 +30,6 @@ __all__ = [
     "build_boilerplate",
     "write_boilerplate",
 ]
-
-#: Where the text goes, relative to OUT_DIR (``logs/`` is in the ``.bidsignore``). These
-#: belong in :data:`mriflow.bids.outputs.GROUP_OUTPUTS`, which this branch does not own.
-CITATION_FILES = {"md": "logs/CITATION.md", "bib": "logs/CITATION.bib"}
 
 #: Interfaces that only route data (no step of their own).
 PLUMBING = {
@@ -500,6 +497,6 @@ def write_boilerplate(workflow, out_dir: str | os.PathLike[str]) -> list[Path]:
     text = build_boilerplate(workflow)
     out_dir = Path(out_dir)
     return [
-        atomic_write_text(out_dir / CITATION_FILES["md"], text.markdown()),
-        atomic_write_text(out_dir / CITATION_FILES["bib"], text.bibtex()),
+        atomic_write_text(out_dir / GROUP_OUTPUTS["citation"], text.markdown()),
+        atomic_write_text(out_dir / GROUP_OUTPUTS["citation_bib"], text.bibtex()),
     ]
