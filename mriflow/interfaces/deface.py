@@ -34,10 +34,6 @@ class _DefaceInputSpec(BaseInterfaceInputSpec):
 class _DefaceOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="defaced head (input's data type and scaling)")
     face_mask = File(exists=True, desc="uint8 mask of the removed voxels")
-    out_report = File(
-        desc="never set: the report draws the defacing figure from the published images "
-        "(mriflow.reports.figures.plot_defacing); kept until init_deface_wf stops connecting it"
-    )
     metadata = traits.Dict(desc="sidecar fields: Defaced, DefacingMethod")
     step = traits.Dict(desc="step record for the sidecar")
 

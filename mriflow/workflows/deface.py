@@ -44,8 +44,9 @@ def init_deface_wf(
 
     Outputs (``outputnode``)
     ------------------------
-    out_file (defaced head), face_mask, out_report (figure), metadata (sidecar
-    fields ``Defaced``/``DefacingMethod``), step.
+    out_file (defaced head), face_mask, metadata (sidecar fields
+    ``Defaced``/``DefacingMethod``), step. The report draws the defacing figure from
+    the published images.
     """
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(
@@ -53,7 +54,7 @@ def init_deface_wf(
         name="inputnode",
     )
     outputnode = pe.Node(
-        niu.IdentityInterface(fields=["out_file", "face_mask", "out_report", "metadata", "step"]),
+        niu.IdentityInterface(fields=["out_file", "face_mask", "metadata", "step"]),
         name="outputnode",
     )
     deface = pe.Node(
@@ -71,7 +72,6 @@ def init_deface_wf(
                 [
                     ("out_file", "out_file"),
                     ("face_mask", "face_mask"),
-                    ("out_report", "out_report"),
                     ("metadata", "metadata"),
                     ("step", "step"),
                 ],
