@@ -137,6 +137,27 @@ def test_invalid_dataset_is_refused_in_one_line_unless_skipped(
     assert main([*args, "--participant-label", "01"]) == 0 and len(ran) == 2
 
 
+def test_a_dataset_validated_once_is_not_validated_again_by_jobs_sharing_the_database(
+    tmp_path, monkeypatch
+):
+    ran, checked = [], []
+    monkeypatch.setattr(
+        "mriflow.cli.participant.run_participant", lambda **kwargs: ran.append(kwargs) or 0
+    )
+    real = validation.validate_bids_dir
+    monkeypatch.setattr(
+        validation, "validate_bids_dir", lambda *a, **k: checked.append(a) or real(*a, **k)
+    )
+    root = make_bids_dataset(tmp_path / "raw", {"01": [""], "02": [""]})
+    database = tmp_path / "db"
+    args = [str(root), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w")]
+    args += ["--bids-database-dir", str(database)]
+    assert main([*args, "--participant-label", "01"]) == 0  # one subject: no marker
+    assert main(args) == 0  # the whole dataset passed: marked
+    assert main([*args, "--participant-label", "02"]) == 0  # an array task: skipped
+    assert len(checked) == 2 and len(ran) == 3
+
+
 # ------------------------------------------------ --boilerplate, --write-graph (no run)
 def _no_processing(out: Path, work: Path) -> None:
     assert not list(out.glob("sub-*")), "a subject was processed"

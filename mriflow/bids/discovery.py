@@ -28,6 +28,7 @@ __all__ = [
     "ANAT_SUFFIXES",
     "AnatInput",
     "DATABASE_FILENAME",
+    "VALIDATED_FILENAME",
     "DiscoveryError",
     "FILTER_KEYS",
     "SubjectInputs",
@@ -51,6 +52,10 @@ FILTER_KEYS: dict[str, str] = {s.lower(): s for s in ANAT_SUFFIXES}
 
 #: The file pybids keeps its index in, inside ``--bids-database-dir``.
 DATABASE_FILENAME = "layout_index.sqlite"
+
+#: Written beside the index once the whole dataset passed BIDS validation: later jobs
+#: that reuse the database skip it (the validator reads the whole tree every time).
+VALIDATED_FILENAME = "bids_validation.json"
 
 _LABEL = re.compile(r"^[A-Za-z0-9]+$")
 # how many labels an error message lists before it says "... (N in all)"

@@ -336,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_only = _check_actions(args)
         if args.analysis_level == "participant" and not (build_only or args.reports_only):
             if not args.skip_bids_validation:
-                _validate(bids_dir, args.participant_label)
+                _validate(bids_dir, args.participant_label, args.bids_database_dir)
         if args.submit:
             return _submit(args, bids_dir, out_dir, work_dir, config)
         from mriflow.cli.preflight import config_key, preflight
@@ -396,14 +396,31 @@ def _check_actions(args: argparse.Namespace) -> str | None:
     return "graph" if args.write_graph else None
 
 
-def _validate(bids_dir: Path, participant_labels: list[str] | None) -> None:
-    """Refuse an invalid BIDS_DIR in one line (exit 2); only the selected subjects count."""
+def _validate(
+    bids_dir: Path, participant_labels: list[str] | None, database_dir: Path | None = None
+) -> None:
+    """Refuse an invalid BIDS_DIR in one line (exit 2); only the selected subjects count.
+
+    With ``--bids-database-dir``, a dataset that passed once as a whole is not validated
+    again by the jobs that reuse the database (the validator reads the whole tree: a
+    second or more per job on large datasets).
+    """
+    from mriflow.bids.discovery import VALIDATED_FILENAME
     from mriflow.cli.validation import format_issues, validate_bids_dir
 
+    marker = Path(database_dir) / VALIDATED_FILENAME if database_dir else None
+    if marker is not None and marker.is_file():
+        log.info("mriflow: BIDS_DIR validated before (%s); not validated again", marker)
+        return
     checker, errors = validate_bids_dir(bids_dir, participant_labels)
     if errors:
         raise UsageError(format_issues(bids_dir, checker, errors))
     log.debug("mriflow: BIDS_DIR validated by %s", checker)
+    if marker is not None and not participant_labels:
+        from mriflow.bids.paths import atomic_write_json
+
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(marker, {"BIDSDir": str(bids_dir), "Checker": checker})
 
 
 def _submit(args, bids_dir: Path, out_dir: Path, work_dir: Path, config: Config) -> int:
