@@ -81,10 +81,10 @@ def _stage(kind: str, fixed, moving, fixed_mask, *, refine: bool = False) -> lis
         # solutions, and a short refinement (40x10 iterations) left 0.5-1.2 mm when
         # the thread count changed the coarse stages' path
         sampling, step = "None", 0.05
-        schedule = ("[80x40,1e-7,10]", "2x1", "1x0vox")
+        schedule = ("[100x50,1e-7,10]", "2x1", "1x0vox")
     else:
         sampling, step = "Regular,0.25", 0.1
-        schedule = ("[100x50x25,1e-6,10]", "4x2x1", "2x1x0vox")
+        schedule = ("[300x200x100x50,1e-7,10]", "4x2x1x1", "2x1x0.5x0vox")
     return [
         "--transform",
         f"{kind}[{step}]",
@@ -250,8 +250,6 @@ def coregister(
 
     import ants
 
-    fixed, fixed_mask = _registration_grid(fixed, fixed_mask)
-    brain = np.asarray(fixed_mask.dataobj) > 0
     with itk_threads(num_threads):
         a_fixed, a_moving = to_ants(fixed), to_ants(moving)
         dilated = ndi.binary_dilation(brain, iterations=2).astype(np.float32)
@@ -281,25 +279,6 @@ def coregister(
         )  # fmt: skip
         final = _metric(a_fixed, a_moving, a_mask, matrix, prefix)
     return CoregistrationResult(matrix, best, final, metrics)
-
-
-#: The reference is matched on a grid no finer than this (mm): eight times fewer samples
-#: than at 1 mm for the full-sampling stage, and, on the shared T1_head/T2w pair, the
-#: same answer (0.13 mm RMS between moved and unmoved inputs with the T1w at 1 mm; 0.03 mm
-#: at 1.6 mm with one ITK thread, 0.10 mm with two).
-REGISTRATION_VOXEL_MM = 2.0
-
-
-def _registration_grid(fixed, fixed_mask):
-    """``fixed`` and its mask on a grid of at least :data:`REGISTRATION_VOXEL_MM` voxels."""
-    from mriflow.image.spatial import resample_to_voxel_size
-
-    if min(fixed.header.get_zooms()[:3]) >= REGISTRATION_VOXEL_MM - 1e-3:
-        return fixed, fixed_mask
-    coarse = resample_to_voxel_size(fixed, REGISTRATION_VOXEL_MM)
-    mask = resample_to_voxel_size(fixed_mask, REGISTRATION_VOXEL_MM, interpolation="nearest")
-    inside = (np.asarray(mask.dataobj) > 0).astype(np.uint8)
-    return coarse, nib.Nifti1Image(inside, mask.affine)
 
 
 def write_itk_affine(

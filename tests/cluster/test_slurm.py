@@ -188,6 +188,11 @@ def test_failed_subject_in_slurmgraph_ends_the_wait(slurm_cluster, tmp_path, req
         path.rename(path.with_name(path.name.replace("sub-01_", "sub-03_")))
     broken = bids / "sub-03" / "anat" / "sub-03_T1w.nii.gz"
     broken.write_bytes(broken.read_bytes()[:5000])  # truncated gzip
+    # participants.tsv lists the subjects present (the input validation checks it)
+    rows = (bids / "participants.tsv").read_text().splitlines()
+    kept = [r for r in rows[1:] if r.startswith("sub-01\t")]
+    sub03 = [r.replace("sub-01", "sub-03", 1) for r in kept]
+    (bids / "participants.tsv").write_text("\n".join([rows[0], *kept, *sub03]) + "\n")
     out, work = tmp_path / "out", tmp_path / "work"
     cmd = mriflow_command(out, work, "--plugin", "SLURMGraph")
     cmd[3] = str(bids)
