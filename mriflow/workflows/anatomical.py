@@ -276,14 +276,7 @@ def init_anat_preproc_wf(
                 "intensity.method = 'nyul' needs a fitted standard at participant level: set "
                 "intensity.nyul_landmarks_file (written by the group level) or use another method"
             )
-        normalize = pe.Node(
-            Normalize(
-                method=intensity.method,
-                parameters=method_parameters(intensity.method, config.section_dict("intensity")),
-            ),
-            name="normalize",
-            mem_gb=1.0,
-        )
+        normalize = _normalize_node(config, intensity.method, "normalize")
         steps.append(normalize)
         workflow.connect([
             (preproc_source[0], normalize, [(preproc_source[1], "in_file")]),
@@ -434,6 +427,11 @@ def _n4_node(config: Config, name: str) -> pe.Node:
         n_procs=threads,
         mem_gb=1.0,
     )
+
+
+def _normalize_node(config: Config, method: str, name: str) -> pe.Node:
+    parameters = method_parameters(method, config.section_dict("intensity"))
+    return pe.Node(Normalize(method=method, parameters=parameters), name=name, mem_gb=1.0)
 
 
 def _model_ready_node(config: Config) -> pe.Node:

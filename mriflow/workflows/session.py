@@ -19,20 +19,19 @@ from nipype.pipeline import engine as pe
 
 from mriflow.bids.outputs import contrast_normalization
 from mriflow.config import Config
-from mriflow.image.intensity import method_parameters
 from mriflow.interfaces.anatomical import (
     ApplyTransforms,
     RemoveBiasField,
 )
 from mriflow.interfaces.coregistration import Coregister, MaskOnMovingGrid
 from mriflow.interfaces.deface import ApplyFaceMask
-from mriflow.interfaces.intensity import Normalize
 from mriflow.workflows.anatomical import (
     _apply,
     _collect_steps,
     _denoise_node,
     _model_ready_node,
     _n4_node,
+    _normalize_node,
     _slices_node,
     anat_output_fields,
     init_anat_preproc_wf,
@@ -300,10 +299,7 @@ def init_contrast_wf(
 
     method = contrast_normalization(config)
     if method != "none":
-        parameters = method_parameters(method, config.section_dict("intensity"))
-        normalize = pe.Node(
-            Normalize(method=method, parameters=parameters), name="normalize", mem_gb=1.0
-        )
+        normalize = _normalize_node(config, method, "normalize")
         steps.append(normalize)
         workflow.connect([
             (to_t1w, normalize, [("out_file", "in_file")]),
@@ -314,11 +310,7 @@ def init_contrast_wf(
         if registered:
             # normalized in template space, from the once-interpolated image: the
             # same voxelwise mapping as in T1w space, without resampling a resample
-            std_normalize = pe.Node(
-                Normalize(method=method, parameters=parameters),
-                name="std_normalize",
-                mem_gb=1.0,
-            )
+            std_normalize = _normalize_node(config, method, "std_normalize")
             workflow.connect([
                 (std_preproc, std_normalize, [("out_file", "in_file")]),
                 (inputnode, std_normalize, [("std_mask", "mask_file")]),
