@@ -417,6 +417,12 @@ def _make_plugin_class():
         def _send_procs_to_workers(self, updatehash=False, graph=None):
             if self.fatal is not None:
                 raise WorkDirError(self.fatal)
+            # Nipype runs gc.collect() on every pass that finds a free processor, whether
+            # or not a job is ready: at the 0.2 s poll that kept the main process at 40-55 %
+            # of a core while one long step ran alone (2.3 CPU-min in a 5.7-min run)
+            ready = ~self.proc_done & (self.depidx.sum(axis=0) == 0).__array__()
+            if not ready.any():
+                return None
             return super()._send_procs_to_workers(updatehash=updatehash, graph=graph)
 
         def stop(self) -> None:
