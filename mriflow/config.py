@@ -251,7 +251,7 @@ class ExportConfig:
     channel_layout: Literal["files", "stacked"] = "files"
     """A session's model-ready channels (the reference T1w and its aligned contrasts):
     ``files``, one aligned 3D volume per channel (``desc-model_<suffix>``); ``stacked``,
-    also one 4D volume of them, channels last (``desc-modelstack_T1w``, order in its
+    also one 4D volume of them, channels last (``desc-model_channels``, order in its
     sidecar's ``Channels``: the reference, then ``coregistration.channels`` or the
     session's order), which the group manifest then lists as ``image``
     (docs/sessions.md)."""

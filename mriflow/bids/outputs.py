@@ -33,7 +33,7 @@ __all__ = [
     "contrast_derivatives",
     "longitudinal_derivatives",
     "LONGITUDINAL_SPACE",
-    "STACK_DESC",
+    "STACK_SUFFIX",
     "contrast_normalization",
     "derivative_relpath",
     "figure_relpath",
@@ -297,13 +297,17 @@ def contrast_derivatives(contrast: str, config: Config | None = None) -> list[De
     return _defaced(specs) if config.deface.enabled else specs
 
 
-#: ``desc-`` of a session's 4D model-ready volume (``export.channel_layout = "stacked"``).
-STACK_DESC = "modelstack"
+#: Suffix of a session's 4D model-ready volume (``export.channel_layout = "stacked"``).
+#: Not a BIDS contrast: BIDS requires a ``T1w`` to be 3D (the validator's
+#: T1W_FILE_WITH_TOO_MANY_DIMENSIONS) and has no suffix for a stack of contrasts, so
+#: the stack is named apart from every image suffix and listed in ``.bidsignore``.
+STACK_SUFFIX = "channels"
 
 
 def stack_derivative(config: Config | None = None) -> DerivativeSpec:
     """A session's model-ready channels as one 4D volume, channels last, named after the
-    reference T1w (``space-<tpl>_desc-modelstack_T1w``, on the grid of its ``desc-model``).
+    reference T1w's raw image (``space-<tpl>_desc-model_channels``, on the grid of its
+    ``desc-model_T1w``).
 
     Its channels (the reference's model-ready volume first, then each aligned contrast's)
     are listed in ``Sources``, after the raw reference, and named in order in the
@@ -315,8 +319,8 @@ def stack_derivative(config: Config | None = None) -> DerivativeSpec:
     model = next(s for s in anat_derivatives("T1w", config) if s.output == "model")
     spec = DerivativeSpec(
         output="model_stack",
-        suffix="T1w",
-        entities={**space, "desc": STACK_DESC},
+        suffix=STACK_SUFFIX,
+        entities={**space, "desc": "model"},
         metadata=model.metadata,
         steps=(*model.steps, "stack_channels"),
         dynamic_metadata="model_stack_metadata",
