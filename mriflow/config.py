@@ -253,7 +253,8 @@ class ExportConfig:
     ``files``, one aligned 3D volume per channel (``desc-model_<suffix>``); ``stacked``,
     also one 4D volume of them, channels last (``desc-model_channels``, order in its
     sidecar's ``Channels``: the reference, then ``coregistration.channels`` or the
-    session's order), which the group manifest then lists as ``image``
+    session's order; a session lacking one of ``coregistration.channels`` gets no
+    stack, with a warning), which the group manifest then lists as ``image``
     (docs/sessions.md)."""
 
 
