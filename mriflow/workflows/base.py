@@ -226,10 +226,11 @@ def init_single_subject_wf(
         )
         stacked, missing = stacked_contrasts([i.key for i in session.others], names, config)
         if missing:
+            label = reference.entities.get("session")
             log.warning(
-                "sub-%s %s: no %s: no multi-channel stack for this session (a channel is "
+                "sub-%s%s: no %s: no multi-channel stack for this session (a channel is "
                 "never zero-filled or shifted; coregistration.channels = %s)",
-                subject.subject, session.key.replace("_", "-"), ", ".join(missing),
+                subject.subject, f" ses-{label}" if label else "", ", ".join(missing),
                 ",".join(config.coregistration.channels),
             )  # fmt: skip
         if stacked:
