@@ -248,6 +248,14 @@ class ExportConfig:
     """``stack``: one memory-mappable .npy per axis and kind (few files per subject, values
     unscaled); ``png``/``npy``: one file per slice (hundreds per subject)."""
     png_bit_depth: Literal[8, 16] = 16
+    channel_layout: Literal["files", "stacked"] = "files"
+    """A session's model-ready channels (the reference T1w and its aligned contrasts):
+    ``files``, one aligned 3D volume per channel (``desc-model_<suffix>``); ``stacked``,
+    also one 4D volume of them, channels last (``desc-model_channels``, order in its
+    sidecar's ``Channels``: the reference, then ``coregistration.channels`` or the
+    session's order; a session lacking one of ``coregistration.channels`` gets no
+    stack, with a warning), which the group manifest then lists as ``image``
+    (docs/sessions.md)."""
 
 
 @dataclass

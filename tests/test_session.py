@@ -21,8 +21,10 @@ from mriflow.cli.run import main
 from mriflow.config import Config
 from mriflow.image.coregistration import read_itk_affine, rms_deviation
 from mriflow.image.slices import extract_slice, slice_layout
-from mriflow.ml.manifest import ManifestEntry, select_channels
+from mriflow.ml.channel_stack import ChannelStackError, channel_order, stack_channels
+from mriflow.ml.manifest import ManifestEntry, select_channels, select_stacks
 from mriflow.ml.slices import export_slices
+from mriflow.workflows.base import init_single_subject_wf
 from mriflow.workflows.session import init_session_wf
 from tests.helpers import make_bids_dataset, write_phantom_t1w
 
@@ -132,6 +134,42 @@ def test_missing_channels_drop_the_session_never_shift_the_channels():
     assert [e.participant_id for e in kept] == ["sub-01", "sub-02"]
     assert [list(e.channels) for e in kept] == [["FLAIR", "T2w"], ["FLAIR", "T2w"]]
     assert notes == ["sub-03: no FLAIR"]
+    # the stacked layout: a session's stack is built in the requested order or not at all
+    assert channel_order(["T2w", "FLAIR"], ["FLAIR", "T2w"]) == (["FLAIR", "T2w"], [])
+    assert channel_order(["T2w"], ["FLAIR", "T2w"]) == ([], ["FLAIR"])
+    assert channel_order(["T2w", "FLAIR"]) == (["T2w", "FLAIR"], [])
+    # ... and the manifest keeps only stacks of exactly the chosen channels
+    stacks = [
+        ManifestEntry("sub-01", "a", stack="s1", stack_channels=["T1w", "FLAIR", "T2w"]),
+        ManifestEntry("sub-02", "b", stack="s2", stack_channels=["T1w", "T2w", "FLAIR"]),
+        ManifestEntry("sub-03", "c"),
+    ]
+    kept, order, notes = select_stacks(stacks, ["FLAIR", "T2w"])
+    assert order == ["T1w", "FLAIR", "T2w"]
+    assert [(e.participant_id, e.image, e.channels) for e in kept] == [("sub-01", "s1", {})]
+    assert notes == [
+        "sub-02: its stack has channels ['T1w', 'T2w', 'FLAIR'], not ['T1w', 'FLAIR', 'T2w']",
+        "sub-03: no multi-channel stack",
+    ]
+
+
+def test_stacking_refuses_other_grids_and_a_missing_channel_gets_no_stack(tmp_path, caplog):
+    grid = nib.Nifti1Image(np.ones((4, 5, 6), np.float32), np.eye(4))
+    shifted = np.eye(4)
+    shifted[0, 3] = 1.0
+    other = tmp_path / "sub-01_desc-model_T2w.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((4, 5, 6), np.float32), shifted), other)
+    with pytest.raises(ChannelStackError, match=f"^{other}: affine differs"):
+        stack_channels([grid, nib.load(other)])
+    root = _session_dataset(tmp_path / "raw", subjects=("01",))
+    (subject,) = collect_inputs(root)
+    config = Config()
+    config.set("export.channel_layout", "stacked")
+    config.set("coregistration.channels", ["T2w", "PDw"])
+    workflow = init_single_subject_wf(subject, config=config, bids_dir=root, out_dir=tmp_path)
+    plan = workflow.get_node("publish").inputs.plan
+    assert not [item for item in plan if "_channels" in item["relpath"]]
+    assert "sub-01 ses-a: no PDw: no multi-channel stack" in caplog.text
 
 
 def test_slices_of_every_channel_share_one_index(tmp_path):
@@ -189,11 +227,20 @@ def session_run(tmp_path_factory):
     t2w.write_bytes(gzip.compress(raw)[: len(gzip.compress(raw)) // 2])
     out, work = tmp / "out", tmp / "work"
     common = ["-w", str(work), *QUICK, "--set", "coregistration.initialisation=header"]
-    code = main([str(root), str(out), "participant", "--nprocs", "2", *common])
+    # the 4D stacks come on top of the per-channel files the other tests check
+    stacked = ["--set", "export.channel_layout=stacked"]
+    code = main([str(root), str(out), "participant", "--nprocs", "2", *common, *stacked])
     channels = "ce-gadolinium_T1w,T2w,FLAIR"
     group = main(
         [str(root), str(out), "group", *common, "--set", f"coregistration.channels={channels}"]
     )
+    # the group level of the stacked layout, on a copy (its manifest lists the stacks)
+    shutil.copytree(out, tmp / "out_stacked")
+    stacked_group = main(
+        [str(root), str(tmp / "out_stacked"), "group", "-w", str(tmp / "work_stacked"), *QUICK,
+         *stacked, "--set", "coregistration.channels=FLAIR,ce-gadolinium_T1w"]
+    )  # fmt: skip
+    assert stacked_group == 0
     return root, out, code, group, t2w
 
 
@@ -252,6 +299,61 @@ def test_four_channel_export_loads_in_torchio_and_monai(session_run):
         csv.DictReader(open(out / "sub-01/ses-a/slices/sub-01_ses-a_desc-model_slices.csv"))
     )
     assert {"file", "file_ce-gadolinium_T1w", "file_T2w", "file_FLAIR"} <= set(slices[0])
+
+
+@pytest.mark.slow
+def test_stacked_layout_is_one_4d_volume_channels_last(session_run):
+    tio = pytest.importorskip("torchio")
+    pytest.importorskip("monai")
+    from monai.transforms import EnsureChannelFirst, LoadImage
+
+    from tests.test_bids_validator import validator_issues
+
+    _, out, _, _, _ = session_run
+    anat = out / "sub-01/ses-a/anat"
+    path = anat / "sub-01_ses-a_desc-model_channels.nii.gz"
+    sidecar = json.loads((anat / "sub-01_ses-a_desc-model_channels.json").read_text())
+    index = out / "sub-01/ses-a/slices/sub-01_ses-a_desc-model_slices.csv"
+    header = next(csv.reader(open(index)))
+    others = [column[len("file_") :] for column in header if column.startswith("file_")]
+    assert sorted(others) == ["FLAIR", "T2w", "ce-gadolinium_T1w"]
+    # the reference first, then the session's channels in the slices' order
+    assert sidecar["Channels"] == ["T1w", *others]
+    files = {
+        "T1w": "desc-model_T1w",
+        "ce-gadolinium_T1w": "ce-gadolinium_desc-model_T1w",
+        "T2w": "desc-model_T2w",
+        "FLAIR": "desc-model_FLAIR",
+    }
+    channels = [anat / f"sub-01_ses-a_{files[name]}.nii.gz" for name in sidecar["Channels"]]
+    assert sidecar["Sources"][1:] == [f"bids::{p.relative_to(out).as_posix()}" for p in channels]
+    stack = nib.load(path)
+    first = nib.load(channels[0])
+    assert stack.shape == (*first.shape, 4)
+    np.testing.assert_allclose(stack.affine, first.affine, atol=1e-6)
+    data = np.asanyarray(stack.dataobj)
+    for i, channel in enumerate(channels):  # channel i is the 3D volume i, voxel for voxel
+        np.testing.assert_array_equal(data[..., i], np.asanyarray(nib.load(channel).dataobj))
+    assert tio.ScalarImage(path).shape == (4, *first.shape)
+    loaded = EnsureChannelFirst()(LoadImage(image_only=True)(str(path)))
+    assert tuple(loaded.shape) == (4, *first.shape)
+    # sub-02 ran again without its broken T2w: three channels, none filled in
+    sub02 = out / "sub-02/ses-a/anat/sub-02_ses-a_desc-model_channels"
+    assert nib.load(f"{sub02}.nii.gz").shape[-1] == 3
+    assert json.loads(open(f"{sub02}.json").read())["Channels"] == [
+        "T1w",
+        *(name for name in others if name != "T2w"),
+    ]
+    assert [i for i in validator_issues(out) if i.get("severity") == "error"] == []
+    # group level, channels FLAIR,ce-gadolinium_T1w: sub-01's stack also holds the T2w,
+    # so only sub-02's stack is listed, as the image (no image_<channel> columns)
+    stacked = out.parent / "out_stacked"
+    (row,) = list(csv.DictReader(open(stacked / "dataset.csv")))
+    assert row["participant_id"] == "sub-02" and not any(k.startswith("image_") for k in row)
+    assert row["image"] == "sub-02/ses-a/anat/sub-02_ses-a_desc-model_channels.nii.gz"
+    manifest = json.loads((stacked / "dataset.json").read_text())
+    assert manifest["Channels"] == ["T1w", "FLAIR", "ce-gadolinium_T1w"]
+    assert manifest["ChannelLayout"] == "stacked"
 
 
 @pytest.mark.slow

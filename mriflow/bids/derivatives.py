@@ -79,6 +79,9 @@ BIDSIGNORE = (
     "*_xfm.*",  # transforms: BIDS 1.10 has no xfm files yet (sMRIPrep's names)
     "*.npy",  # packed split stacks
     "*_index.csv",  # row order of the packed stacks
+    # a session's 4D model-ready channels (export.channel_layout = "stacked"): BIDS has
+    # no suffix for a stack of contrasts, and a T1w must be 3D
+    "*_desc-model_channels.*",
     "splits.*",
     "dataset.csv",
     "dataset.json",

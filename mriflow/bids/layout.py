@@ -248,6 +248,10 @@ class ModelReady:
     slices: Path | None = None
     channels: dict[str, Path] = field(default_factory=dict)
     """The session's other contrasts on the same grid (channel name -> model-ready volume)."""
+    stack: Path | None = None
+    """The session's 4D model-ready volume, channels last (``export.channel_layout``)."""
+    stack_channels: list[str] = field(default_factory=list)
+    """Its channel names in order (its sidecar's ``Channels``), the reference first."""
 
 
 class DerivativesLayout:
@@ -391,6 +395,7 @@ class DerivativesLayout:
                 if image is None or group.get("model_mask") is None:
                     continue
                 mask, dseg = group.get("model_mask"), group.get("model_dseg")
+                stack = group.get("model_stack")
                 naming = {k: v for k, v in image.entities.items() if k in _NAMING}
                 index = self.root / slices_index_relpath({**group.entities, **naming})
                 entries.append(
@@ -402,6 +407,8 @@ class DerivativesLayout:
                         dseg=dseg.path if dseg else None,
                         slices=index if index.is_file() else None,
                         channels=self._channels(group, groups),
+                        stack=stack.path if stack else None,
+                        stack_channels=list(stack.sidecar.get("Channels") or []) if stack else [],
                     )
                 )
         return sorted(entries, key=lambda e: (e.participant_id, e.session_id))

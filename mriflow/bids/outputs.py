@@ -33,6 +33,7 @@ __all__ = [
     "contrast_derivatives",
     "longitudinal_derivatives",
     "LONGITUDINAL_SPACE",
+    "STACK_SUFFIX",
     "contrast_normalization",
     "derivative_relpath",
     "figure_relpath",
@@ -42,6 +43,7 @@ __all__ = [
     "report_relpath",
     "slices_index_relpath",
     "slices_stem",
+    "stack_derivative",
     "status_relpath",
 ]
 
@@ -295,6 +297,37 @@ def contrast_derivatives(contrast: str, config: Config | None = None) -> list[De
     return _defaced(specs) if config.deface.enabled else specs
 
 
+#: Suffix of a session's 4D model-ready volume (``export.channel_layout = "stacked"``).
+#: Not a BIDS contrast: BIDS requires a ``T1w`` to be 3D (the validator's
+#: T1W_FILE_WITH_TOO_MANY_DIMENSIONS) and has no suffix for a stack of contrasts, so
+#: the stack is named apart from every image suffix and listed in ``.bidsignore``.
+STACK_SUFFIX = "channels"
+
+
+def stack_derivative(config: Config | None = None) -> DerivativeSpec:
+    """A session's model-ready channels as one 4D volume, channels last, named after the
+    reference T1w's raw image (``space-<tpl>_desc-model_channels``, on the grid of its
+    ``desc-model_T1w``).
+
+    Its channels (the reference's model-ready volume first, then each aligned contrast's)
+    are listed in ``Sources``, after the raw reference, and named in order in the
+    sidecar's ``Channels`` (run-time metadata of the stacking step).
+    """
+    config = config or Config()
+    spaces = config.registration.template_spaces()
+    space = spaces[0].entities if spaces else {}
+    model = next(s for s in anat_derivatives("T1w", config) if s.output == "model")
+    spec = DerivativeSpec(
+        output="model_stack",
+        suffix=STACK_SUFFIX,
+        entities={**space, "desc": "model"},
+        metadata=model.metadata,
+        steps=(*model.steps, "stack_channels"),
+        dynamic_metadata="model_stack_metadata",
+    )
+    return _with_space_metadata(spec, config)
+
+
 #: The grid of a subject's first session's reference T1w, for the later sessions'
 #: images aligned to it (``longitudinal.align``).
 LONGITUDINAL_SPACE = "longitudinal"
@@ -541,6 +574,7 @@ def all_anat_derivatives(contrast: str) -> list[DerivativeSpec]:
         specs_of_config = [
             *(anat_derivatives(contrast, config) if contrast == "T1w" else []),
             *(longitudinal_derivatives() if contrast == "T1w" else []),
+            *([stack_derivative(config)] if contrast == "T1w" else []),
             *contrast_derivatives(contrast, config),
             NYUL_SPEC,
         ]

@@ -211,6 +211,9 @@ class _WriteManifestInputSpec(BaseInterfaceInputSpec):
     seed = traits.Int(mandatory=True)
     space = traits.Str(mandatory=True)
     channels = traits.List(traits.Str, desc="channels besides the reference (default: common)")
+    channel_layout = traits.Enum(
+        "files", "stacked", usedefault=True, desc="image_<channel> columns, or 4D stacks in image"
+    )
 
 
 class _WriteManifestOutputSpec(TraitedSpec):
@@ -230,6 +233,7 @@ class WriteManifest(MriflowInterface):
             ManifestEntry,
             build_manifest,
             select_channels,
+            select_stacks,
             write_manifest,
             write_slices_manifest,
         )
@@ -246,6 +250,19 @@ class WriteManifest(MriflowInterface):
             log.warning("multi-channel manifest: %s (left out)", note)
         if not kept:
             raise ValueError(f"no session has every channel of {wanted}: {'; '.join(notes)}")
+        names = ["image", *(f"image_{name}" for name in channels)]
+        descriptions = {}
+        if self.inputs.channel_layout == "stacked" and not channels:
+            log.warning("multi-channel manifest: no channel besides the reference to stack")
+        elif self.inputs.channel_layout == "stacked":
+            kept, names, notes = select_stacks(kept, channels)
+            for note in notes:
+                log.warning("multi-channel manifest: %s (left out)", note)
+            if not kept:
+                raise ValueError(f"no session has a stack of the channels {channels}: {notes[0]}")
+            descriptions["image"] = (
+                "model-ready 4D image (NIfTI), channels last, in the order of Channels"
+            )
         left_out = {e.participant_id for e in entries} - {e.participant_id for e in kept}
         rows = build_manifest(
             kept, read_splits(self.inputs.splits_file), out_dir, left_out=sorted(left_out)
@@ -258,8 +275,11 @@ class WriteManifest(MriflowInterface):
             metadata={
                 "seed": self.inputs.seed,
                 "space": self.inputs.space,
-                "Channels": ["image", *(f"image_{name}" for name in channels)],
+                "Channels": names,
+                # only when image is a stack: a default run's dataset.json is unchanged
+                **({"ChannelLayout": "stacked"} if descriptions else {}),
             },
+            descriptions=descriptions,
         )
         self._results["manifest"] = str(csv_path)
         self._results["n_rows"] = len(rows)

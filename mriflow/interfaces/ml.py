@@ -1,5 +1,5 @@
-"""Nipype interfaces of the ML export (thin wrappers of :mod:`mriflow.image.spatial`
-and :mod:`mriflow.ml.slices`)."""
+"""Nipype interfaces of the ML export (thin wrappers of :mod:`mriflow.image.spatial`,
+:mod:`mriflow.ml.slices` and :mod:`mriflow.ml.channel_stack`)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from mriflow.bids.paths import STAGING_DIRNAME, parse_entities
 from mriflow.image.io import load_image
 from mriflow.image.spatial import fit_to_shape
 from mriflow.interfaces.base import MriflowInterface, step_record
+from mriflow.ml.channel_stack import stack_channels
 from mriflow.ml.slices import export_slices
 
 
@@ -142,5 +143,39 @@ class ExportSlices(MriflowInterface):
                 "channels": [suffix, *names],
             },
             ["Pillow"] if self.inputs.fmt == "png" else ["numpy"],
+        )
+        return runtime
+
+
+class _StackChannelsInputSpec(BaseInterfaceInputSpec):
+    in_files = traits.List(
+        File(exists=True), mandatory=True, minlen=1, desc="model-ready volumes, in channel order"
+    )
+    channel_names = traits.List(traits.Str, mandatory=True, desc="their channel names")
+
+
+class _StackChannelsOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="(X, Y, Z, C) volume")
+    out_metadata = traits.Dict(desc="sidecar fields: Channels")
+    step = traits.Dict()
+
+
+class StackChannels(MriflowInterface):
+    """A session's model-ready channels as one 4D volume, channels last."""
+
+    input_spec = _StackChannelsInputSpec
+    output_spec = _StackChannelsOutputSpec
+
+    def _run_interface(self, runtime):
+        files, names = list(self.inputs.in_files), list(self.inputs.channel_names)
+        if len(files) != len(names):
+            raise ValueError(f"{len(files)} volumes for {len(names)} channel names")
+        stacked = stack_channels([load_image(path) for path in files], names)
+        out_path = os.path.join(runtime.cwd, "stack.nii")
+        nib.save(stacked, out_path)
+        self._results["out_file"] = out_path
+        self._results["out_metadata"] = {"Channels": names}
+        self._results["step"] = step_record(
+            "stack_channels", {"channels": names, "channel_axis": 3}, ["nibabel"]
         )
         return runtime

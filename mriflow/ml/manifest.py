@@ -5,7 +5,9 @@ the subject-level split; :func:`write_manifest` writes
 
 - ``dataset.csv``: one row per subject/session, columns ``participant_id``,
   ``session_id``, ``split``, ``fold`` (with k folds), ``image``, ``mask``,
-  ``dseg``, ``slices`` and any participants.tsv columns asked for;
+  ``dseg``, ``slices``, ``image_<channel>`` (other contrasts; or, with
+  :func:`select_stacks`, ``image`` is the session's 4D stack) and any
+  participants.tsv columns asked for;
 - ``dataset.json``: the same rows as a list of dicts under ``"training"``,
   ``"validation"`` and ``"test"`` (the key names of MONAI's Decathlon-style
   data lists) plus the split parameters and a description of every key.
@@ -61,6 +63,7 @@ __all__ = [
     "load_manifest",
     "select",
     "select_channels",
+    "select_stacks",
     "write_slices_manifest",
     "write_split_bundles",
 ]
@@ -100,6 +103,10 @@ class ManifestEntry:
     channels: dict[str, str | Path] = field(default_factory=dict)
     """Other contrasts on the image's grid: channel name -> model-ready volume (the
     ``image_<name>`` columns, in this order)."""
+    stack: str | Path | None = None
+    """The session's 4D model-ready volume (channels last), when one was published."""
+    stack_channels: list[str] = field(default_factory=list)
+    """Its channel names in order, the reference first (its sidecar's ``Channels``)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -146,6 +153,41 @@ def select_channels(
             continue
         kept.append(dataclasses.replace(entry, channels={n: entry.channels[n] for n in channels}))
     return kept, channels, notes
+
+
+def select_stacks(
+    entries: Sequence[ManifestEntry], channels: Sequence[str]
+) -> tuple[list[ManifestEntry], list[str], list[str]]:
+    """The stacked layout of the multi-channel export: ``image`` is each session's 4D stack.
+
+    Apply after :func:`select_channels`, with the channels it chose: an entry is kept
+    when its stack holds exactly the reference and ``channels``, in that order; its
+    ``image`` becomes the stack and its separate channels are dropped (the stack holds
+    them). Any other entry is left out: a stack is never cut, padded or reordered.
+
+    Returns
+    -------
+    kept : list of ManifestEntry
+    order : list of str
+        The channel names along the stacks' last axis (the reference's first).
+    notes : list of str
+        ``"sub-02 ses-a: its stack has channels [...], not [...]"`` or
+        ``"sub-03: no multi-channel stack"`` for every entry left out.
+    """
+    reference = next((e.stack_channels[0] for e in entries if e.stack_channels), "")
+    order = [reference, *channels]
+    kept, notes = [], []
+    for entry in entries:
+        where = f"{entry.participant_id} {entry.session_id}".strip()
+        if entry.stack is None:
+            notes.append(f"{where}: no multi-channel stack")
+        elif list(entry.stack_channels) != order:
+            notes.append(
+                f"{where}: its stack has channels {list(entry.stack_channels)}, not {order}"
+            )
+        else:
+            kept.append(dataclasses.replace(entry, image=entry.stack, channels={}))
+    return kept, order, notes
 
 
 def _relative(path: str | Path, root: Path, what: str) -> str:
@@ -295,11 +337,13 @@ def write_manifest(
     csv_name: str = GROUP_OUTPUTS["manifest"],
     json_name: str = GROUP_OUTPUTS["manifest_json"],
     metadata: Mapping[str, Any] | None = None,
+    descriptions: Mapping[str, str] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``dataset.csv`` and ``dataset.json`` into the derivatives ``root``.
 
     ``metadata`` (e.g. the space, the target shape, the split parameters) is
-    stored at the top of the JSON.
+    stored at the top of the JSON; ``descriptions`` replace those of keys under
+    ``"Keys"`` (e.g. ``image`` when it is a 4D stack).
     """
     from mriflow import __version__
 
@@ -322,7 +366,7 @@ def write_manifest(
         "GeneratedBy": {"Name": "mriflow", "Version": __version__},
         "PathsRelativeTo": "the folder of this file (the derivatives root)",
         **(dict(metadata) if metadata else {}),
-        "Keys": {k: _key_description(k) for k in columns},
+        "Keys": {k: (descriptions or {}).get(k) or _key_description(k) for k in columns},
         "numTraining": len(listed["training"]),
         "numValidation": len(listed["validation"]),
         "numTest": len(listed["test"]),
@@ -437,7 +481,8 @@ def write_split_bundles(
     *,
     keys: Sequence[str] = ("image", "mask", "dseg"),
 ) -> dict[str, dict[str, Path]]:
-    """Stack each split's volumes into ``<split>_<key>.npy`` of shape (n, X, Y, Z).
+    """Stack each split's volumes into ``<split>_<key>.npy`` of shape (n, X, Y, Z)
+    (``(n, X, Y, Z, C)`` when ``image`` is a 4D multi-channel stack).
 
     Images are stored as float32, masks and dseg as the smallest unsigned integer
     type. ``<split>_index.csv`` gives the row order (participant_id, session_id[, fold]).
@@ -477,7 +522,8 @@ def write_split_bundles(
 
 def _write_bundle(paths: list[Path], target: Path, key: str) -> Path:
     first = nib.load(str(paths[0]))
-    shape = first.shape[:3]
+    # a multi-channel stack keeps its channels (last axis); a trailing axis of 1 goes
+    shape = first.shape[:3] if first.shape[3:] in ((), (1,)) else first.shape
     if key == "image":
         dtype = np.dtype(np.float32)
     else:
@@ -487,14 +533,14 @@ def _write_bundle(paths: list[Path], target: Path, key: str) -> Path:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(paths), *shape))
         for i, path in enumerate(paths):
             img = first if i == 0 else nib.load(str(path))
-            if img.shape[:3] != shape:
+            data = np.asanyarray(img.dataobj)
+            if data.ndim == 4 and len(shape) == 3 and data.shape[3] == 1:
+                data = data[..., 0]
+            if data.shape != shape:
                 raise ManifestError(
-                    f"{path}: shape {img.shape[:3]} differs from {shape} of {paths[0]}; "
+                    f"{path}: shape {data.shape} differs from {shape} of {paths[0]}; "
                     "bundles need volumes of one fixed shape"
                 )
-            data = np.asanyarray(img.dataobj)
-            if data.ndim == 4:
-                data = data[..., 0]
             if key != "image":
                 label_dtype(data)  # integer labels in range, else a clear error
                 if data.max(initial=0) > np.iinfo(dtype).max:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,9 +12,11 @@ from mriflow.bids.discovery import AnatInput, SessionInputs, SubjectInputs
 from mriflow.bids.outputs import (
     LONGITUDINAL_SPACE,
     anat_derivatives,
+    channel_name,
     channel_names,
     derivative_relpath,
     longitudinal_derivatives,
+    stack_derivative,
 )
 from mriflow.bids.paths import bids_uri
 from mriflow.config import Config
@@ -22,7 +25,10 @@ from mriflow.workflows.session import (
     init_longitudinal_wf,
     init_session_wf,
     session_output_field,
+    stacked_contrasts,
 )
+
+log = logging.getLogger("mriflow")
 
 __all__ = [
     "init_mriflow_wf",
@@ -140,6 +146,38 @@ def _plan(
     return plan, outputs
 
 
+def stack_plan(session: SessionInputs, stacked: list[str], config: Config) -> dict:
+    """The publishing plan item of a session's 4D model-ready stack (``export.channel_layout
+    = "stacked"``): named after the reference, its channels' 3D volumes in ``Sources``."""
+    reference = session.reference
+    spec = stack_derivative(config)
+    others = {image.key: image for image in session.others}
+    channels = [(reference, True), *((others[key], False) for key in stacked)]
+    sources = [
+        derivative_relpath(
+            image.entities,
+            image.suffix,
+            next(
+                s
+                for s in anat_derivatives(image.suffix, config, reference=is_reference)
+                if s.output == "model"
+            ),
+        )
+        for image, is_reference in channels
+    ]
+    return {
+        "field": _field(reference, spec.output),
+        "relpath": derivative_relpath(reference.entities, reference.suffix, spec),
+        "raw_relpath": reference.relpath,
+        "metadata": dict(spec.metadata),
+        "step_names": list(spec.steps),
+        "derived_from": sources,
+        "data_dtype": spec.data_dtype,
+        "steps_field": _field(reference, "model_stack_steps"),
+        "metadata_field": _field(reference, spec.dynamic_metadata),
+    }
+
+
 def session_channel_names(session: SessionInputs) -> dict[str, str]:
     """``image key -> channel name`` of a session's other images (:func:`channel_names`)."""
     names = channel_names(
@@ -177,13 +215,28 @@ def init_single_subject_wf(
     session_wfs: list[tuple[SessionInputs, pe.Workflow]] = []
     for session in subject.sessions(config.coregistration.reference):
         reference = session.reference
+        names = session_channel_names(session)
         session_wf = init_session_wf(
             config=config,
             contrasts={image.key: image.suffix for image in session.others},
             reference_key=reference.key,
-            channel_names=session_channel_names(session),
+            channel_names=names,
+            reference_channel=channel_name(reference.entities, reference.suffix),
             name=f"{session.key}_wf",
         )
+        stacked, missing = stacked_contrasts([i.key for i in session.others], names, config)
+        if missing:
+            label = reference.entities.get("session")
+            log.warning(
+                "sub-%s%s: no %s: no multi-channel stack for this session (a channel is "
+                "never zero-filled or shifted; coregistration.channels = %s)",
+                subject.subject, f" ses-{label}" if label else "", ", ".join(missing),
+                ",".join(config.coregistration.channels),
+            )  # fmt: skip
+        if stacked:
+            plan.append(stack_plan(session, stacked, config))
+            for output in ("model_stack", "model_stack_metadata", "model_stack_steps"):
+                wiring.append((session_wf, f"outputnode.{output}", _field(reference, output)))
         session_wf.inputs.inputnode.t1w = str(reference.path)
         for image in session.others:
             setattr(session_wf.inputs.inputnode, image.key, str(image.path))

@@ -99,6 +99,7 @@ def init_group_wf(
             seed=config.seed,
             space=config.registration.template,
             channels=list(config.coregistration.channels),
+            channel_layout=config.export.channel_layout,
         ),
         name="manifest",
     )

@@ -6,13 +6,14 @@ image of the session (T2w, FLAIR, PD, a contrast-enhanced or second T1w) runs
 the reference's N4-corrected brain, then one interpolation from its raw grid to each
 output grid (the reference T1w grid; the template through the composed transforms).
 The reference's brain mask is every contrast's brain mask, so the model-ready volumes
-of all contrasts share one crop box and their 2D slices one index.
+of all contrasts share one crop box and their 2D slices one index; with
+``export.channel_layout = "stacked"`` they are also stacked into one 4D volume.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
@@ -25,6 +26,8 @@ from mriflow.interfaces.anatomical import (
 )
 from mriflow.interfaces.coregistration import Coregister, MaskOnMovingGrid
 from mriflow.interfaces.deface import ApplyFaceMask
+from mriflow.interfaces.ml import StackChannels
+from mriflow.ml.channel_stack import channel_order
 from mriflow.workflows.anatomical import (
     _apply,
     _collect_steps,
@@ -43,6 +46,7 @@ __all__ = [
     "init_longitudinal_wf",
     "init_session_wf",
     "session_output_field",
+    "stacked_contrasts",
 ]
 
 #: Outputs of :func:`init_contrast_wf` (besides ``steps``).
@@ -67,12 +71,44 @@ def session_output_field(key: str, field: str) -> str:
     return f"{key}__{field}"
 
 
+def stacked_contrasts(
+    contrasts: Sequence[str], channel_names: Mapping[str, str] | None, config: Config
+) -> tuple[list[str], list[str]]:
+    """Which contrasts go into a session's 4D model-ready stack, after the reference.
+
+    Parameters
+    ----------
+    contrasts : sequence of str
+        Keys of the session's other images, in the session's order.
+    channel_names : mapping, optional
+        ``key -> channel name`` (default: the key).
+    config : Config
+        ``export.channel_layout`` and ``coregistration.channels``.
+
+    Returns
+    -------
+    keys : list of str
+        The stacked contrasts' keys in channel order (``coregistration.channels`` when
+        set, else the session's order); empty: no stack (``files`` layout, no other
+        contrast, or a requested channel missing).
+    missing : list of str
+        Requested channels the session lacks (the caller warns: no stack then).
+    """
+    if config.export.channel_layout != "stacked":
+        return [], []
+    names = {key: (channel_names or {}).get(key, key) for key in contrasts}
+    order, missing = channel_order(list(names.values()), config.coregistration.channels)
+    by_name = {name: key for key, name in names.items()}
+    return [by_name[name] for name in order], missing
+
+
 def init_session_wf(
     *,
     config: Config | None = None,
     contrasts: Mapping[str, str] | None = None,
     reference_key: str = "T1w",
     channel_names: Mapping[str, str] | None = None,
+    reference_channel: str = "T1w",
     name: str = "session_wf",
 ) -> pe.Workflow:
     """Preprocess one session: the reference T1w, and every other contrast aligned to it.
@@ -88,6 +124,8 @@ def init_session_wf(
     channel_names : mapping, optional
         ``key -> channel name`` in the 2D slices' index (``file_<name>`` columns;
         default: the key).
+    reference_channel : str
+        The reference's channel name (first in the 4D stack's ``Channels``).
     name : str
 
     Inputs
@@ -104,19 +142,26 @@ def init_session_wf(
     <key>__<field>
         Each contrast's outputs (:data:`CONTRAST_FIELDS`) and ``steps``
         (:func:`session_output_field`).
+    model_stack, model_stack_metadata, model_stack_steps
+        With ``export.channel_layout = "stacked"`` and a stack
+        (:func:`stacked_contrasts`): the ``(X, Y, Z, C)`` model-ready volume, its
+        sidecar fields (``Channels``) and the reference's steps with the stacking.
     """
     config = config or Config()
     contrasts = dict(contrasts or {})
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["t1w", *contrasts]), name="inputnode")
     reference_fields = [*anat_output_fields("T1w"), "steps"]
+    stacked, _ = stacked_contrasts(list(contrasts), channel_names, config)
+    stack_fields = ["model_stack", "model_stack_metadata", "model_stack_steps"] if stacked else []
     contrast_fields = [
         session_output_field(key, field)
         for key in contrasts
         for field in (*CONTRAST_FIELDS, "steps")
     ]
     outputnode = pe.Node(
-        niu.IdentityInterface(fields=[*reference_fields, *contrast_fields]), name="outputnode"
+        niu.IdentityInterface(fields=[*reference_fields, *contrast_fields, *stack_fields]),
+        name="outputnode",
     )
     # with other contrasts, the reference's 2D slices are cut here, after every
     # contrast's model-ready volume exists (one index, one column per channel)
@@ -161,6 +206,29 @@ def init_session_wf(
         ])  # fmt:skip
         if config.segmentation.method != "none":
             workflow.connect(anat_wf, "outputnode.model_dseg", slices, "dseg_file")
+    if stacked:
+        names = channel_names or {}
+        stack = pe.Node(
+            StackChannels(channel_names=[reference_channel, *(names.get(k, k) for k in stacked)]),
+            name="model_stack",
+            mem_gb=1.0,
+        )
+        volumes = pe.Node(niu.Merge(1 + len(stacked)), name="stack_volumes")
+        # the reference's chain, then the stacking (the published sidecar's Steps)
+        stack_steps = pe.Node(niu.Merge(2), name="stack_steps", run_without_submitting=True)
+        workflow.connect([
+            (anat_wf, volumes, [("outputnode.model", "in1")]),
+            (volumes, stack, [("out", "in_files")]),
+            (anat_wf, stack_steps, [("outputnode.steps", "in1")]),
+            (stack, stack_steps, [("step", "in2")]),
+            (stack, outputnode, [
+                ("out_file", "model_stack"), ("out_metadata", "model_stack_metadata"),
+            ]),
+            (stack_steps, outputnode, [("out", "model_stack_steps")]),
+        ])  # fmt:skip
+        for position, key in enumerate(stacked, start=2):
+            contrast_wf = workflow.get_node(f"anat_{key}_wf")
+            workflow.connect(contrast_wf, "outputnode.model", volumes, f"in{position}")
     return workflow
 
 
