@@ -72,14 +72,24 @@ class CoregistrationResult:
     candidates: dict[str, float] = field(default_factory=dict)
 
 
+# The reference is matched on a grid no finer than this: T1_head's own voxels, on which the
+# shared T1_head/T2w pair is robust (tests/test_coregistration.py: <= 0.26 mm RMS between
+# the fits of a moved and an unmoved header; 0.25 / 0.35 mm at 1 / 2 ITK threads when
+# T1_head is first conformed to 1 mm and matched here). On a 2 mm grid it was not robust
+# (0.7-2.1 mm). A 1 mm reference matched at 1 mm cost 300 s a contrast on an idle
+# machine: the full-resolution stages grow with the number of voxels.
+WORKING_VOXEL_MM = 1.6
+
+
 def _stage(kind: str, fixed, moving, fixed_mask, *, refine: bool = False) -> list[str]:
     from ants.internal import get_pointer_string as ptr
 
     if refine:
         # every masked voxel, no sampling jitter, small steps, run to convergence: the
         # random 25 % sample's noise alone left 0.4-0.8 mm RMS between repeated
-        # solutions, and a short refinement (40x10 iterations) left 0.5-1.2 mm when
-        # the thread count changed the coarse stages' path
+        # solutions, and a short refinement (40x10 iterations; or 25 iterations after
+        # coarse stages at 4x2 only) left 0.5-1.2 mm when the thread count changed the
+        # coarse stages' path
         sampling, step = "None", 0.05
         schedule = ("[100x50,1e-7,10]", "2x1", "1x0vox")
     else:
@@ -99,6 +109,22 @@ def _stage(kind: str, fixed, moving, fixed_mask, *, refine: bool = False) -> lis
         "--masks",
         f"[{ptr(fixed_mask)},NA]",
     ]
+
+
+def _working_grid(
+    fixed: nib.spatialimages.SpatialImage, fixed_mask: nib.spatialimages.SpatialImage
+) -> tuple[nib.spatialimages.SpatialImage, np.ndarray]:
+    """``fixed`` and its brain mask (bool array) on voxels of at least WORKING_VOXEL_MM."""
+    brain = np.asarray(fixed_mask.dataobj) > 0
+    zooms = np.sqrt((fixed.affine[:3, :3] ** 2).sum(axis=0))
+    if zooms.min() >= WORKING_VOXEL_MM - 1e-3:
+        return fixed, brain
+    from mriflow.image.spatial import resample_to_voxel_size
+
+    coarse = resample_to_voxel_size(fixed, WORKING_VOXEL_MM)
+    mask = nib.Nifti1Image(brain.astype(np.uint8), fixed_mask.affine)
+    coarse_mask = resample_to_voxel_size(mask, WORKING_VOXEL_MM, interpolation="nearest")
+    return coarse, np.asarray(coarse_mask.dataobj) > 0
 
 
 def _run(
@@ -202,7 +228,8 @@ def coregister(
         The other contrast of the session, bias-corrected, on its own grid (whole head).
     fixed : nibabel image (3D)
         The reference T1w, bias-corrected, skull-stripped (or whole head: the metric
-        only looks inside ``fixed_mask`` dilated by 2 voxels).
+        only looks inside ``fixed_mask`` dilated by 2 voxels). Matched on voxels of
+        :data:`WORKING_VOXEL_MM` when its own are finer.
     fixed_mask : nibabel image (3D)
         The reference's brain mask, on ``fixed``'s grid.
     work_prefix : str or Path
@@ -250,16 +277,17 @@ def coregister(
 
     import ants
 
+    centre = _centre_of_mass(fixed, brain)
+    working, working_brain = _working_grid(fixed, fixed_mask)
     with itk_threads(num_threads):
-        a_fixed, a_moving = to_ants(fixed), to_ants(moving)
-        dilated = ndi.binary_dilation(brain, iterations=2).astype(np.float32)
+        a_fixed, a_moving = to_ants(working), to_ants(moving)
+        dilated = ndi.binary_dilation(working_brain, iterations=2).astype(np.float32)
         # antsRegistration reads masks as unsigned char images: a float mask's
         # buffer is misread and every sample point falls outside (the stage then
         # ends at once, with status 0)
         a_mask = ants.from_numpy(dilated, a_fixed.origin, a_fixed.spacing, a_fixed.direction).clone(
             "unsigned char"
         )
-        centre = _centre_of_mass(fixed, brain)
         coarse = {
             start: _run(
                 a_fixed, a_moving, a_mask, prefix, transform, start, centre, random_seed,
