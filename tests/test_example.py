@@ -129,6 +129,8 @@ def test_model_ready_volumes_slices_and_manifest(example_run):
         model_mask = nib.load(_derivative(out, rel, f"{SPACE}_desc-model", "mask"))
         assert model.shape == model_mask.shape == shape
         assert np.allclose(model.affine, model_mask.affine)
+        # one brain mask: nothing of the image outside it (linear resampling left a rim)
+        assert not np.any(model.get_fdata()[np.asarray(model_mask.dataobj) == 0])
         index = next((out / rel.split("/anat/")[0] / "slices").glob("*_slices.csv"))
         rows = list(csv.DictReader(index.open()))
         assert rows, index

@@ -18,6 +18,7 @@ from mriflow.image.spatial import (
     resample_to_voxel_size,
     resize_to_shape,
     voxel_to_world,
+    zero_outside_mask,
 )
 
 ORIENTATIONS = [
@@ -219,3 +220,17 @@ def test_fit_to_shape_keeps_brain_and_world_coordinates(mode):
     if mode == "crop_or_pad":  # nothing of the brain is lost, voxel size kept
         assert np.asanyarray(out_mask.dataobj).sum() == np.asanyarray(mask.dataobj).sum()
         assert np.allclose(out.header.get_zooms()[:3], 1.0)
+
+
+def test_zero_outside_mask_keeps_the_inside_and_refuses_another_grid():
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    data = np.random.default_rng(0).random((6, 7, 8)).astype(np.float32) + 1
+    mask = np.zeros((6, 7, 8), np.uint8)
+    mask[1:4, 2:5, 3:6] = 1
+    out = zero_outside_mask(nib.Nifti1Image(data, affine), nib.Nifti1Image(mask, affine))
+    values = np.asanyarray(out.dataobj)
+    assert np.array_equal(values[mask > 0], data[mask > 0])
+    assert not values[mask == 0].any()
+    assert np.allclose(out.affine, affine) and values.dtype == np.float32
+    with pytest.raises(ValueError, match="different grids"):
+        zero_outside_mask(nib.Nifti1Image(data, affine), nib.Nifti1Image(mask, np.eye(4)))

@@ -21,6 +21,7 @@ __all__ = [
     "crop_or_pad",
     "resize_to_shape",
     "fit_to_shape",
+    "zero_outside_mask",
     "world_to_voxel",
     "voxel_to_world",
 ]
@@ -240,3 +241,20 @@ def fit_to_shape(
     if mode == "resize":
         return resize_to_shape(cropped, shape, interpolation)
     return crop_or_pad(cropped, shape)
+
+
+def zero_outside_mask(
+    img: nib.spatialimages.SpatialImage, mask: nib.spatialimages.SpatialImage
+) -> nib.Nifti1Image:
+    """``img`` with every voxel outside ``mask`` (nonzero = inside, same grid) set to 0.
+
+    A skull-stripped image resampled with linear interpolation spreads a rim of small
+    values past the nearest-neighbour-resampled mask; a model-ready volume and its mask
+    must agree voxel for voxel.
+    """
+    if img.shape[:3] != mask.shape[:3] or not np.allclose(img.affine, mask.affine, atol=1e-4):
+        raise ValueError("zero_outside_mask: the image and the mask are on different grids")
+    data = np.asanyarray(img.dataobj)
+    inside = np.asanyarray(mask.dataobj).reshape(mask.shape[:3]) > 0
+    out = np.where(inside.reshape(inside.shape + (1,) * (data.ndim - 3)), data, 0)
+    return _new_image(out.astype(data.dtype, copy=False), img.affine, img)

@@ -18,7 +18,7 @@ from nipype.interfaces.base import (
 from mriflow.bids.outputs import slices_stem
 from mriflow.bids.paths import STAGING_DIRNAME, parse_entities
 from mriflow.image.io import load_image
-from mriflow.image.spatial import fit_to_shape
+from mriflow.image.spatial import fit_to_shape, zero_outside_mask
 from mriflow.interfaces.base import MriflowInterface, step_record
 from mriflow.ml.channel_stack import stack_channels
 from mriflow.ml.slices import export_slices
@@ -57,10 +57,14 @@ class ModelReady(MriflowInterface):
         }
         if isdefined(self.inputs.dseg_file):
             outputs["out_dseg"] = (self.inputs.dseg_file, "nearest")
-        for key, (path, interpolation) in outputs.items():
-            fitted = fit_to_shape(load_image(path), mask, interpolation=interpolation, **options)
+        fitted = {
+            key: fit_to_shape(load_image(path), mask, interpolation=interpolation, **options)
+            for key, (path, interpolation) in outputs.items()
+        }
+        fitted["out_file"] = zero_outside_mask(fitted["out_file"], fitted["out_mask"])
+        for key, image in fitted.items():
             out_path = os.path.join(runtime.cwd, f"{key}.nii")
-            nib.save(fitted, out_path)
+            nib.save(image, out_path)
             self._results[key] = out_path
         self._results["step"] = step_record(
             "model_ready",
