@@ -37,6 +37,7 @@ __all__ = [
     "MAD_NORMAL",
     "TISSUE_LABELS",
     "IQMs",
+    "add_registration_metrics",
     "cjv",
     "cnr",
     "compute_iqms",
@@ -744,15 +745,26 @@ def compute_iqms(
         skipped["inu"] = "no bias field given"
 
     if registered is not None and template is not None:
-        _registration_metrics(result, registered, template, template_mask, registered_mask)
+        add_registration_metrics(result, registered, template, template_mask, registered_mask)
     else:
         skipped["reg"] = "no image in template space and template given"
     return result
 
 
-def _registration_metrics(
-    result: IQMs, registered: Any, template: Any, template_mask: Any, registered_mask: Any
+def add_registration_metrics(
+    result: IQMs,
+    registered: Any,
+    template: Any,
+    template_mask: Any = None,
+    registered_mask: Any = None,
 ) -> None:
+    """Add ``reg_dice`` and ``reg_ncc`` to ``result`` (or say in ``skipped`` why not).
+
+    The part of :func:`compute_iqms` that needs the template-space outputs: the
+    native metrics of an image can be measured as soon as its native outputs exist,
+    and these added once registration has resampled it (same values as one call of
+    :func:`compute_iqms` with every input). Arguments as in :func:`compute_iqms`.
+    """
     from skimage.filters import threshold_otsu
 
     moving = _finite_float(_array(registered, "registered"))
