@@ -10,6 +10,7 @@ protocol of :mod:`mriflow.bids.publish`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -50,6 +51,11 @@ class _PublishSubjectInputSpec(DynamicTraitedSpec, BaseInterfaceInputSpec):
         traits.Str, traits.Str, desc="raw image (relative path) -> field of its N4 bias field"
     )
     report = traits.Bool(True, usedefault=True, desc="write the QC report from the staged files")
+    qc_fields = traits.List(
+        traits.Str,
+        desc="fields holding records of the graph's native QC (NativeQC): those images' "
+        "native IQMs and figures are not measured and drawn again",
+    )
 
 
 class _PublishSubjectOutputSpec(TraitedSpec):
@@ -113,6 +119,10 @@ class PublishSubject(MriflowInterface):
         self._results["out_report"] = str(out_dir / report) if report else ""
         return runtime
 
+    def _native_qc(self, staging: Path) -> list[dict]:
+        fields = self.inputs.qc_fields if isdefined(self.inputs.qc_fields) else []
+        return _native_records([f for f in map(self._field, fields) if f], staging)
+
     def _write_report(self, staging: Path, subject: str, runtime) -> str:
         """IQMs, figures, HTML and PROV record from the staged files; never fails the subject."""
         from mriflow.reports import write_subject_qc
@@ -128,11 +138,26 @@ class PublishSubject(MriflowInterface):
         subject_work_dir = Path(runtime.cwd).parent
         try:
             return write_subject_qc(
-                staging, subject, work_dir=subject_work_dir, bias_fields=bias_fields
+                staging,
+                subject,
+                work_dir=subject_work_dir,
+                bias_fields=bias_fields,
+                native=self._native_qc(staging),
             )
         except Exception as err:  # a report must never turn a good subject into a failed one
             log.warning("sub-%s: QC report not (fully) written: %s", subject, err)
             return ""
+
+
+def _native_records(record_files: list[str], staging: Path) -> list[dict]:
+    """The graph's native QC records; their figures copied into ``staging``."""
+    records = []
+    for record_file in record_files:
+        record = json.loads(Path(record_file).read_text())
+        for figure in record.get("figures") or []:
+            atomic_copy(Path(record_file).parent / figure["relpath"], staging / figure["relpath"])
+        records.append(record)
+    return records
 
 
 def _flatten(items) -> list[str]:

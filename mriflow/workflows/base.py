@@ -18,6 +18,7 @@ from mriflow.bids.outputs import (
 from mriflow.bids.paths import bids_uri
 from mriflow.config import Config
 from mriflow.interfaces.bids import PublishSubject
+from mriflow.interfaces.reports import NATIVE_QC_OUTPUTS, NativeQC
 from mriflow.workflows.session import (
     init_longitudinal_wf,
     init_session_wf,
@@ -114,6 +115,7 @@ def _plan(
         plan.append(
             {
                 "field": _field(image, spec.output, chain),
+                "output": spec.output,
                 "relpath": relpaths[spec.output],
                 "raw_relpath": image.relpath,
                 # the reference's grid is the space of the images without a template space-
@@ -174,6 +176,7 @@ def init_single_subject_wf(
     plan: list[dict] = []
     staged_fields: list[str] = []
     bias_fields: dict[str, str] = {}
+    qc_fields: list[str] = []
     session_wfs: list[tuple[SessionInputs, pe.Workflow]] = []
     for session in subject.sessions(config.coregistration.reference):
         reference = session.reference
@@ -197,6 +200,7 @@ def init_single_subject_wf(
             if "slices_staged" in outputs:
                 staged_fields.append(_field(image, "slices_staged"))
             bias_fields[image.relpath] = _field(image, "bias_field")
+        qc_fields += _native_qc_nodes(workflow, session, session_wf, plan, config)
         session_wfs.append((session, session_wf))
     if config.longitudinal.align and len(session_wfs) > 1:
         (base, base_wf), *later = session_wfs
@@ -229,6 +233,7 @@ def init_single_subject_wf(
             plan=plan,
             staged_fields=staged_fields,
             bias_fields=bias_fields,
+            qc_fields=qc_fields,
         ),
         name="publish",
         mem_gb=2.0,
@@ -236,4 +241,58 @@ def init_single_subject_wf(
     )
     for node, output, field in wiring:
         workflow.connect(node, output, publish, field)
+    for field in qc_fields:
+        workflow.connect(workflow.get_node(field), "out_record", publish, field)
     return workflow
+
+
+def _native_qc_nodes(
+    workflow: pe.Workflow,
+    session: SessionInputs,
+    session_wf: pe.Workflow,
+    plan: list[dict],
+    config: Config,
+) -> list[str]:
+    """One :class:`~mriflow.interfaces.reports.NativeQC` node per image of ``session``.
+
+    Each takes only its image's native outputs (and its reference T1w's, for a
+    contrast measured in that T1w's masks and tissues), so it runs as soon as those
+    exist, beside registration, instead of in the publishing node after every step.
+    Returns the nodes' names (also the publishing node's input of their records).
+    """
+    reference = session.reference
+    names = []
+    for image in (reference, *session.others):
+        images = [image] if image is reference else [image, reference]
+        fields: dict[str, tuple[str, str]] = {}
+        sources: list[tuple[str, str]] = []
+        for source_image in images:
+            is_reference = source_image is reference
+            for output in NATIVE_QC_OUTPUTS:
+                field = _field(source_image, output)
+                holds = any(field in (item["field"], item.get("metadata_field")) for item in plan)
+                if not holds:
+                    continue
+                source = output if is_reference else session_output_field(source_image.key, output)
+                fields[field] = (source_image.relpath, output)
+                sources.append((f"outputnode.{source}", field))
+        items = [item for item in plan if item["field"] in fields]
+        name = f"qc_{image.key}"
+        node = pe.Node(
+            NativeQC(
+                fields=list(fields),
+                image=image.relpath,
+                reference="" if image is reference else reference.relpath,
+                raw_files={i.relpath: str(i.path) for i in images},
+                plan=items,
+                field_map=fields,
+            ),
+            name=name,
+            mem_gb=1.0,
+        )
+        for source, field in sources:
+            workflow.connect(session_wf, source, node, field)
+        bias = "bias_field" if image is reference else session_output_field(image.key, "bias_field")
+        workflow.connect(session_wf, f"outputnode.{bias}", node, "bias_field")
+        names.append(name)
+    return names
