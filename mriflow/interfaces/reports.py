@@ -79,8 +79,11 @@ class NativeQC(MriflowInterface):
     output_spec = _NativeQCOutputSpec
 
     def __init__(self, fields: list[str] | None = None, **inputs) -> None:
-        super().__init__(**inputs)
-        add_traits(self.inputs, list(fields or []))
+        fields = list(fields or [])
+        super().__init__(**{k: v for k, v in inputs.items() if k not in fields})
+        add_traits(self.inputs, fields)
+        for name in set(fields) & set(inputs):  # dynamic inputs given here, not connected
+            setattr(self.inputs, name, inputs[name])
 
     def _group(self, raw_relpath: str):
         from mriflow.reports import graph_image
