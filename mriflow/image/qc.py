@@ -35,6 +35,7 @@ from mriflow.image.masks import bounding_box, largest_component
 __all__ = [
     "DIETRICH_FACTOR",
     "MAD_NORMAL",
+    "NO_TEMPLATE_SPACE",
     "TISSUE_LABELS",
     "IQMs",
     "add_registration_metrics",
@@ -66,6 +67,9 @@ DIETRICH_FACTOR = 1.0 / np.sqrt(2.0 / (4.0 - np.pi))
 MAD_NORMAL = 0.6744897501960817
 #: Tissue labels of a ``dseg`` image in sMRIPrep order.
 TISSUE_LABELS: dict[str, int] = {"gm": 1, "wm": 2, "csf": 3}
+
+#: Why ``reg_*`` are absent when no template-space image and template were given.
+NO_TEMPLATE_SPACE = "no image in template space and template given"
 
 #: Threshold of a tissue probability map for the "pure tissue" mask of the summary
 #: statistics (MRIQC: 0.85), and the smallest mask MRIQC trusts (1000 voxels).
@@ -747,7 +751,7 @@ def compute_iqms(
     if registered is not None and template is not None:
         add_registration_metrics(result, registered, template, template_mask, registered_mask)
     else:
-        skipped["reg"] = "no image in template space and template given"
+        skipped["reg"] = NO_TEMPLATE_SPACE
     return result
 
 

@@ -53,8 +53,8 @@ class _PublishSubjectInputSpec(DynamicTraitedSpec, BaseInterfaceInputSpec):
     report = traits.Bool(True, usedefault=True, desc="write the QC report from the staged files")
     qc_fields = traits.List(
         traits.Str,
-        desc="fields holding records of the graph's native QC (NativeQC): those images' "
-        "native IQMs and figures are not measured and drawn again",
+        desc="fields holding records of the graph's QC nodes (ImageQC): the IQMs and "
+        "figures they hold are not measured and drawn again",
     )
 
 

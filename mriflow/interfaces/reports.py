@@ -1,11 +1,12 @@
-"""The graph's QC node: an image's native IQMs and figures, beside registration.
+"""The graph's QC nodes: an image's IQMs and figures as soon as their inputs exist.
 
-:class:`NativeQC` takes the native outputs of one image (preproc image, brain mask,
-tissue classes, N4 field; a co-registered contrast also its reference T1w's) as
-soon as they exist, and measures and draws from them what
-:func:`mriflow.reports.write_subject_qc` would from the published files. The
-publishing node then only adds the template-space metrics and figure, and writes
-the HTML and PROV record.
+:class:`ImageQC` with ``part="native"`` takes the native outputs of one image
+(preproc image, brain mask, tissue classes, N4 field; a co-registered contrast also
+its reference T1w's) and runs beside registration; with ``part="template"`` it
+takes the image in template space (and its brain mask there) and runs beside the
+last resamplings. Each measures and draws what
+:func:`mriflow.reports.write_subject_qc` would from the published files, so the
+publishing node only assembles the HTML and PROV record.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from mriflow.interfaces.base import MriflowInterface
 
 log = logging.getLogger("mriflow")
 
-__all__ = ["NativeQC"]
+__all__ = ["NATIVE_QC_OUTPUTS", "TEMPLATE_QC_OUTPUTS", "ImageQC"]
 
 #: The outputs of an image's chain the native QC reads (and the run-time metadata
 #: of its preproc image: ``SkullStripped``).
@@ -42,9 +43,12 @@ NATIVE_QC_OUTPUTS = (
     "probseg_wm",
     "preproc_metadata",
 )
+#: The outputs the template-space part reads.
+TEMPLATE_QC_OUTPUTS = ("std_preproc", "std_mask")
 
 
-class _NativeQCInputSpec(DynamicTraitedSpec, BaseInterfaceInputSpec):
+class _ImageQCInputSpec(DynamicTraitedSpec, BaseInterfaceInputSpec):
+    part = traits.Enum("native", "template", usedefault=True, desc="which IQMs and figures")
     image = traits.Str(mandatory=True, desc="the measured raw image, relative to the dataset")
     reference = traits.Str(desc="raw image (relative path) of the T1w a contrast is aligned to")
     raw_files = traits.Dict(traits.Str, traits.Str, desc="raw relative path -> raw file")
@@ -57,13 +61,13 @@ class _NativeQCInputSpec(DynamicTraitedSpec, BaseInterfaceInputSpec):
     bias_field = File(exists=True, desc="the image's N4 bias field")
 
 
-class _NativeQCOutputSpec(TraitedSpec):
+class _ImageQCOutputSpec(TraitedSpec):
     out_record = File(desc="JSON: source, iqms, figures (relative to this node's folder)")
     out_figures = traits.List(File, desc="the figures drawn")
 
 
-class NativeQC(MriflowInterface):
-    """Native IQMs and figures of one image from the files the graph produced.
+class ImageQC(MriflowInterface):
+    """Native or template-space IQMs and figures of one image from the graph's files.
 
     Never fails: a QC error leaves the record's ``iqms`` and ``figures`` empty and
     the publishing node measures and draws that image from the published files
@@ -75,8 +79,8 @@ class NativeQC(MriflowInterface):
         Names of the dynamic inputs the workflow connects (see ``inputs.field_map``).
     """
 
-    input_spec = _NativeQCInputSpec
-    output_spec = _NativeQCOutputSpec
+    input_spec = _ImageQCInputSpec
+    output_spec = _ImageQCOutputSpec
 
     def __init__(self, fields: list[str] | None = None, **inputs) -> None:
         fields = list(fields or [])
@@ -103,20 +107,26 @@ class NativeQC(MriflowInterface):
         )
 
     def _run_interface(self, runtime):
-        from mriflow.reports import native_qc
+        from mriflow.reports import native_qc, template_qc
 
         out_dir = Path(runtime.cwd)
         image = self.inputs.image
-        record = {"source": bids_uri(image, "raw"), "iqms": None, "figures": None}
+        part = self.inputs.part
+        record = {"source": bids_uri(image, "raw"), "part": part, "iqms": None, "figures": None}
         try:
-            reference = None
-            if isdefined(self.inputs.reference) and self.inputs.reference:
-                reference = self._group(self.inputs.reference)
-            bias = self.inputs.bias_field if isdefined(self.inputs.bias_field) else None
-            record = native_qc(self._group(image), out_dir, reference=reference, bias_field=bias)
+            if part == "template":
+                record = template_qc(self._group(image), out_dir)
+            else:
+                reference = None
+                if isdefined(self.inputs.reference) and self.inputs.reference:
+                    reference = self._group(self.inputs.reference)
+                bias = self.inputs.bias_field if isdefined(self.inputs.bias_field) else None
+                record = native_qc(
+                    self._group(image), out_dir, reference=reference, bias_field=bias
+                )
         except Exception as err:  # the publishing node measures from the published files
             log.warning("%s: QC in the graph failed (%s); the report measures it later", image, err)
-        record_file = out_dir / "native_qc.json"
+        record_file = out_dir / f"{part}_qc.json"
         record_file.write_text(json.dumps(record, indent=1, sort_keys=True))
         self._results["out_record"] = str(record_file)
         self._results["out_figures"] = [

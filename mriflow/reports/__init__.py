@@ -22,6 +22,7 @@ log = logging.getLogger("mriflow")
 __all__ = [
     "graph_image",
     "native_qc",
+    "template_qc",
     "write_group_report",
     "write_participant_reports",
     "write_subject_qc",
@@ -43,9 +44,9 @@ def write_subject_qc(
     publishing node calls this before moving the subject into place.
     ``bias_fields`` (raw image relative path -> N4 field) gives the INU metrics;
     ``work_dir`` (the subject's Nipype folder) the run time of each step.
-    ``native``: records of :func:`native_qc` (the graph measured and drew an image
-    from the files it publishes, figures already under ``out_dir``): only the
-    template-space metrics and figure are left to do for those images.
+    ``native``: records of :func:`native_qc` and :func:`template_qc` (the graph
+    measured and drew an image from the files it publishes, figures already under
+    ``out_dir``): what they hold is not measured or drawn again.
 
     Returns
     -------
@@ -54,19 +55,23 @@ def write_subject_qc(
     """
     from mriflow.bids.outputs import report_relpath
     from mriflow.image.qc import IQMs
-    from mriflow.reports.html import ReportFigure, write_subject_report
+    from mriflow.reports.html import NATIVE_FIGURES, ReportFigure, write_subject_report
     from mriflow.reports.iqms import ImageCache, compute_subject_iqms
     from mriflow.reports.provenance import write_provenance
 
-    native_iqms = {r["source"]: IQMs(**r["iqms"]) for r in native if r.get("iqms")}
-    drawn = {
-        r["source"]: [
-            ReportFigure(Path(out_dir) / f["relpath"], f["title"], f["caption"], f["kind"])
-            for f in r["figures"]
-        ]
-        for r in native
-        if r.get("figures")
-    }
+    iqms: dict[str, dict[str, IQMs]] = {"native": {}, "template": {}}
+    drawn: dict[str, tuple[list[str], list]] = {}
+    for record in native:
+        part = record.get("part", "native")
+        if record.get("iqms"):
+            iqms[part][record["source"]] = IQMs(**record["iqms"])
+        if record.get("figures") is not None:
+            kinds, figures = drawn.setdefault(record["source"], ([], []))
+            kinds += NATIVE_FIGURES if part == "native" else ["registration"]
+            figures += [
+                ReportFigure(Path(out_dir) / f["relpath"], f["title"], f["caption"], f["kind"])
+                for f in record["figures"]
+            ]
     load = ImageCache()  # the IQMs and the figures read each file once between them
     compute_subject_iqms(
         out_dir,
@@ -74,7 +79,8 @@ def write_subject_qc(
         templates=templates,
         bias_fields=bias_fields,
         load=load,
-        native=native_iqms,
+        native=iqms["native"],
+        template_space=iqms["template"],
     )
     write_subject_report(
         out_dir, subject, work_dir=work_dir, templates=templates, load=load, drawn=drawn
@@ -189,19 +195,44 @@ def native_qc(
     figures = draw_native_figures(image, reference, out_dir, load=load)
     return {
         "source": image.source,
+        "part": "native",
         "iqms": iqms.as_dict() if iqms is not None else None,
-        "figures": None
-        if figures is None
-        else [
-            {
-                "relpath": Path(f.path).relative_to(out_dir).as_posix(),
-                "title": f.title,
-                "caption": f.caption,
-                "kind": f.kind,
-            }
-            for f in figures
-        ],
+        "figures": None if figures is None else _figure_records(figures, out_dir),
     }
+
+
+def template_qc(
+    image, out_dir: str | os.PathLike[str], *, templates: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The template-space IQMs (``reg_*``) and registration figure of one image.
+
+    The graph runs this as soon as the image's ``std_preproc`` and ``std_mask``
+    exist; see :func:`native_qc` (same arguments and record, ``part: "template"``).
+    """
+    from mriflow.reports.html import draw_template_figures
+    from mriflow.reports.iqms import ImageCache, template_space_iqms
+
+    load = ImageCache()
+    iqms = template_space_iqms(image, templates, load)
+    figures = draw_template_figures(image, out_dir, templates=templates, load=load)
+    return {
+        "source": image.source,
+        "part": "template",
+        "iqms": iqms.as_dict(),
+        "figures": _figure_records(figures, out_dir),
+    }
+
+
+def _figure_records(figures, out_dir: str | os.PathLike[str]) -> list[dict[str, str]]:
+    return [
+        {
+            "relpath": Path(f.path).relative_to(out_dir).as_posix(),
+            "title": f.title,
+            "caption": f.caption,
+            "kind": f.kind,
+        }
+        for f in figures
+    ]
 
 
 def write_participant_reports(

@@ -21,7 +21,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from importlib import resources
@@ -52,6 +52,7 @@ __all__ = [
     "SubjectReport",
     "collect_subject_report",
     "draw_native_figures",
+    "draw_template_figures",
     "make_standard_figures",
     "read_step_runtimes",
     "render_group_html",
@@ -274,7 +275,7 @@ def make_standard_figures(
     fmt: str = "png",
     display_mm: float | None = 2.0,
     load: Callable[[Path], Any] | None = None,
-    drawn: Mapping[str, Sequence[ReportFigure]] | None = None,
+    drawn: Mapping[str, tuple[Collection[str], Sequence[ReportFigure]]] | None = None,
 ) -> list[ReportSection]:
     """Draw the standard QC figures from the subject's published derivatives.
 
@@ -295,9 +296,10 @@ def make_standard_figures(
     the brain mask. Figures are
     written to ``OUT_DIR/sub-XX/figures/``; a figure that fails is logged and left out.
 
-    ``drawn`` (raw image's BIDS URI -> figures already under ``OUT_DIR``): the
-    native figures the graph drew for that image from the same files
-    (:func:`draw_native_figures`); only its template-space figure is drawn here.
+    ``drawn`` (raw image's BIDS URI -> ``(kinds, figures)``): figures of those kinds
+    (see :data:`NATIVE_FIGURES`; ``"registration"``) the graph already drew for that
+    image from the same files (:func:`draw_native_figures`,
+    :func:`draw_template_figures`), under ``OUT_DIR``; only the others are drawn here.
     """
     if fmt not in ("png", "svg"):
         raise ValueError(f"fmt must be 'png' or 'svg', got {fmt!r}")
@@ -313,10 +315,10 @@ def make_standard_figures(
         # a co-registered contrast (T2w, FLAIR, ce-T1w) is masked by its reference T1w's
         # brain mask, on the same grid
         reference = layout.reference_of(group, groups)
-        done = list((drawn or {}).get(group.source, ()))
+        covered, done = (drawn or {}).get(group.source, ((), ()))
         jobs = _figure_jobs(
             group, reference, label, read=read, templates=templates, display_mm=display_mm,
-            kinds=("registration",) if done else None,
+            kinds=[k for k in _FIGURE_ORDER if k not in covered] if covered else None,
         )  # fmt: skip
         new = _draw(jobs, out_dir, label, fmt)
         # the report's order of figures whoever drew them
@@ -361,6 +363,25 @@ def draw_native_figures(
         kinds=NATIVE_FIGURES,
     )  # fmt: skip
     return _draw(jobs, Path(out_dir), label, fmt)
+
+
+def draw_template_figures(
+    group: ImageDerivatives,
+    out_dir: str | os.PathLike[str],
+    *,
+    templates: Mapping[str, Any] | None = None,
+    fmt: str = "png",
+    display_mm: float | None = 2.0,
+    load: Callable[[Path], Any] | None = None,
+) -> list[ReportFigure]:
+    """The registration figure of :func:`make_standard_figures` (``group`` as in
+    :func:`draw_native_figures`, with its ``std_preproc``), written under ``out_dir``."""
+    std_d = group.get("std_preproc")
+    if std_d is None:
+        return []
+    read = load if load is not None else ImageCache()
+    jobs = _registration_job(group, std_d, read, templates, display_mm)
+    return _draw([_Job(*job) for job in jobs], Path(out_dir), group.entities["subject"], fmt)
 
 
 @dataclass
@@ -702,7 +723,7 @@ def write_subject_report(
     templates: Mapping[str, Any] | None = None,
     fmt: str = "png",
     load: Callable[[Path], Any] | None = None,
-    drawn: Mapping[str, Sequence[ReportFigure]] | None = None,
+    drawn: Mapping[str, tuple[Collection[str], Sequence[ReportFigure]]] | None = None,
 ) -> Path:
     """Write ``OUT_DIR/sub-<subject>.html`` (figures under ``OUT_DIR/sub-<subject>/figures/``).
 
@@ -730,7 +751,7 @@ def write_subject_report(
         ``path -> image`` for the figures (e.g. the :class:`~mriflow.reports.iqms.ImageCache`
         the IQMs used).
     drawn : mapping, optional
-        Native figures already drawn per image (see :func:`make_standard_figures`).
+        Figures already drawn per image (see :func:`make_standard_figures`).
 
     Returns
     -------

@@ -31,7 +31,7 @@ from mriflow.bids.paths import (
     session_dirname,
     subject_dirname,
 )
-from mriflow.image.qc import IQMs, add_registration_metrics, compute_iqms
+from mriflow.image.qc import NO_TEMPLATE_SPACE, IQMs, add_registration_metrics, compute_iqms
 from mriflow.image.template import TEMPLATE_SPACE
 
 log = logging.getLogger("mriflow")
@@ -43,7 +43,9 @@ __all__ = [
     "compute_subject_iqms",
     "load_template_for",
     "measure_native",
+    "merge_iqms",
     "read_iqms",
+    "template_space_iqms",
     "write_iqms",
 ]
 
@@ -247,7 +249,7 @@ def measure_native(
 
     Everything but ``reg_*``: the graph measures them as soon as the preproc image,
     brain mask, tissue classes and N4 field exist, beside registration
-    (:class:`mriflow.interfaces.reports.NativeQC`); :func:`add_template_space_iqms`
+    (:class:`mriflow.interfaces.reports.ImageQC`); :func:`add_template_space_iqms`
     completes them. ``group`` and ``reference`` as in :func:`compute_subject_iqms`.
     """
     _load = _load_with(load)
@@ -314,6 +316,36 @@ def add_template_space_iqms(
     add_registration_metrics(result, registered, template, template_mask, _load(std_mask))
 
 
+def template_space_iqms(
+    group: ImageDerivatives,
+    templates: Mapping[str, Any] | None = None,
+    load: Callable[[Path], Any] | None = None,
+    reference: ImageDerivatives | None = None,
+) -> IQMs:
+    """Only the ``reg_*`` part of an image's IQMs (what :func:`add_template_space_iqms` adds).
+
+    The graph measures it as soon as the image's template-space outputs exist;
+    :func:`merge_iqms` puts it together with :func:`measure_native`'s result.
+    """
+    part = IQMs(skipped={"reg": NO_TEMPLATE_SPACE})
+    add_template_space_iqms(part, group, templates, load, reference)
+    return part
+
+
+def merge_iqms(native: IQMs, template_space: IQMs) -> IQMs:
+    """:func:`measure_native`'s result completed by :func:`template_space_iqms`'s.
+
+    The same values as :func:`add_template_space_iqms` on ``native`` (it only sets
+    the ``reg`` keys); the inputs are not changed.
+    """
+    merged = copy.deepcopy(native)
+    merged.skipped.pop("reg", None)
+    merged.metrics.update(template_space.metrics)
+    merged.skipped.update(template_space.skipped)
+    merged.warnings += [w for w in template_space.warnings if w not in merged.warnings]
+    return merged
+
+
 def compute_subject_iqms(
     out_dir: str | os.PathLike[str],
     subject: str,
@@ -322,6 +354,7 @@ def compute_subject_iqms(
     bias_fields: Mapping[str, str | os.PathLike[str]] | None = None,
     load: Callable[[Path], Any] | None = None,
     native: Mapping[str, IQMs] | None = None,
+    template_space: Mapping[str, IQMs] | None = None,
 ) -> list[Path]:
     """Measure every image of ``subject`` from its published derivatives; write the IQM files.
 
@@ -342,7 +375,8 @@ def compute_subject_iqms(
     reads the derivatives; default :func:`nibabel.load`.
     ``native`` (raw image's BIDS URI -> :func:`measure_native` result the graph
     already measured on the same files) leaves only the template-space metrics to
-    measure for those images.
+    measure for those images, and ``template_space`` (the same for
+    :func:`template_space_iqms`) those too.
 
     Returns
     -------
@@ -358,8 +392,11 @@ def compute_subject_iqms(
             field = (bias_fields or {}).get(raw_relpath)
             reference = layout.reference_of(group, groups)
             if native is not None and group.source in native:
-                result = copy.deepcopy(native[group.source])
-                add_template_space_iqms(result, group, templates, load, reference)
+                if template_space is not None and group.source in template_space:
+                    result = merge_iqms(native[group.source], template_space[group.source])
+                else:
+                    result = copy.deepcopy(native[group.source])
+                    add_template_space_iqms(result, group, templates, load, reference)
             else:
                 result = _measure(group, templates, field, load, reference)
         except (ValueError, OSError) as err:

@@ -18,7 +18,7 @@ from mriflow.bids.outputs import (
 from mriflow.bids.paths import bids_uri
 from mriflow.config import Config
 from mriflow.interfaces.bids import PublishSubject
-from mriflow.interfaces.reports import NATIVE_QC_OUTPUTS, NativeQC
+from mriflow.interfaces.reports import NATIVE_QC_OUTPUTS, TEMPLATE_QC_OUTPUTS, ImageQC
 from mriflow.workflows.session import (
     init_longitudinal_wf,
     init_session_wf,
@@ -200,7 +200,7 @@ def init_single_subject_wf(
             if "slices_staged" in outputs:
                 staged_fields.append(_field(image, "slices_staged"))
             bias_fields[image.relpath] = _field(image, "bias_field")
-        qc_fields += _native_qc_nodes(workflow, session, session_wf, plan, config)
+        qc_fields += _qc_nodes(workflow, session, session_wf, plan, config)
         session_wfs.append((session, session_wf))
     if config.longitudinal.align and len(session_wfs) > 1:
         (base, base_wf), *later = session_wfs
@@ -246,53 +246,72 @@ def init_single_subject_wf(
     return workflow
 
 
-def _native_qc_nodes(
+def _qc_nodes(
     workflow: pe.Workflow,
     session: SessionInputs,
     session_wf: pe.Workflow,
     plan: list[dict],
     config: Config,
 ) -> list[str]:
-    """One :class:`~mriflow.interfaces.reports.NativeQC` node per image of ``session``.
+    """The :class:`~mriflow.interfaces.reports.ImageQC` nodes of each image of ``session``.
 
-    Each takes only its image's native outputs (and its reference T1w's, for a
-    contrast measured in that T1w's masks and tissues), so it runs as soon as those
-    exist, beside registration, instead of in the publishing node after every step.
-    Returns the nodes' names (also the publishing node's input of their records).
+    The native part takes only its image's native outputs (and its reference T1w's,
+    for a contrast measured in that T1w's masks and tissues), so it runs beside
+    registration; the template-space part takes the image in template space and
+    runs beside the last resamplings. The publishing node, after every step, then
+    only assembles the report. Several template spaces: the publishing node
+    measures and draws the template-space part from the published files (which
+    space's image is "the" template-space one is decided there).
+    Returns the nodes' names (also the publishing node's inputs of their records).
     """
     reference = session.reference
+    single_space = len(config.registration.template_spaces()) == 1
     names = []
     for image in (reference, *session.others):
-        images = [image] if image is reference else [image, reference]
-        fields: dict[str, tuple[str, str]] = {}
-        sources: list[tuple[str, str]] = []
-        for source_image in images:
-            is_reference = source_image is reference
-            for output in NATIVE_QC_OUTPUTS:
-                field = _field(source_image, output)
-                holds = any(field in (item["field"], item.get("metadata_field")) for item in plan)
-                if not holds:
-                    continue
-                source = output if is_reference else session_output_field(source_image.key, output)
-                fields[field] = (source_image.relpath, output)
-                sources.append((f"outputnode.{source}", field))
-        items = [item for item in plan if item["field"] in fields]
-        name = f"qc_{image.key}"
-        node = pe.Node(
-            NativeQC(
-                fields=list(fields),
-                image=image.relpath,
-                reference="" if image is reference else reference.relpath,
-                raw_files={i.relpath: str(i.path) for i in images},
-                plan=items,
-                field_map=fields,
-            ),
-            name=name,
-            mem_gb=1.0,
-        )
-        for source, field in sources:
-            workflow.connect(session_wf, source, node, field)
-        bias = "bias_field" if image is reference else session_output_field(image.key, "bias_field")
-        workflow.connect(session_wf, f"outputnode.{bias}", node, "bias_field")
-        names.append(name)
+        native = [image] if image is reference else [image, reference]
+        parts = [("native", native, NATIVE_QC_OUTPUTS)]
+        if single_space:
+            parts.append(("template", [image], TEMPLATE_QC_OUTPUTS))
+        for part, images, outputs in parts:
+            fields = _qc_fields(reference, images, outputs, plan)
+            if part == "template" and not fields:
+                continue
+            name = f"qc_{part}_{image.key}"
+            node = pe.Node(
+                ImageQC(
+                    fields=list(fields),
+                    part=part,
+                    image=image.relpath,
+                    reference="" if image is reference else reference.relpath,
+                    raw_files={i.relpath: str(i.path) for i in images},
+                    plan=[item for item in plan if item["field"] in fields],
+                    field_map={field: value for field, (_, value) in fields.items()},
+                ),
+                name=name,
+                mem_gb=1.0,
+            )
+            for field, (source, _) in fields.items():
+                workflow.connect(session_wf, f"outputnode.{source}", node, field)
+            if part == "native":
+                bias = "bias_field"
+                if image is not reference:
+                    bias = session_output_field(image.key, bias)
+                workflow.connect(session_wf, f"outputnode.{bias}", node, "bias_field")
+            names.append(name)
     return names
+
+
+def _qc_fields(
+    reference: AnatInput, images: list[AnatInput], outputs: Sequence[str], plan: list[dict]
+) -> dict[str, tuple[str, tuple[str, str]]]:
+    """``field -> (session outputnode field, (raw relpath, output))`` a QC node reads:
+    the ``outputs`` of ``images`` that the publishing plan holds."""
+    planned = {item["field"] for item in plan} | {item.get("metadata_field") for item in plan}
+    fields = {}
+    for image in images:
+        for output in outputs:
+            field = _field(image, output)
+            if field in planned:
+                source = output if image is reference else session_output_field(image.key, output)
+                fields[field] = (source, (image.relpath, output))
+    return fields
