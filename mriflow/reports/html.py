@@ -316,11 +316,14 @@ def make_standard_figures(
         # brain mask, on the same grid
         reference = layout.reference_of(group, groups)
         covered, done = (drawn or {}).get(group.source, ((), ()))
-        jobs = _figure_jobs(
-            group, reference, label, read=read, templates=templates, display_mm=display_mm,
-            kinds=[k for k in _FIGURE_ORDER if k not in covered] if covered else None,
-        )  # fmt: skip
-        new = _draw(jobs, out_dir, label, fmt)
+        kinds = [k for k in _FIGURE_ORDER if k and k not in covered] if covered else None
+        new = []
+        if kinds is None or kinds:  # all drawn in the graph: not even matplotlib is loaded
+            jobs = _figure_jobs(
+                group, reference, label, read=read, templates=templates, display_mm=display_mm,
+                kinds=kinds,
+            )  # fmt: skip
+            new = _draw(jobs, out_dir, label, fmt)
         # the report's order of figures whoever drew them
         figures = sorted([*done, *new], key=lambda f: _FIGURE_ORDER.index(f.kind))
         if figures:
