@@ -3,9 +3,11 @@
 :class:`PublishSubject` runs after every step of the subject succeeded (it takes
 all their outputs), so a failed subject publishes nothing. It writes each output
 under its BIDS name (from a plan made by the workflow out of
-:mod:`mriflow.bids.outputs`) into a staging folder inside OUT_DIR, draws the QC
-report from those staged files, and moves the subject into place following the
-protocol of :mod:`mriflow.bids.publish`.
+:mod:`mriflow.bids.outputs`) into a staging folder inside OUT_DIR, assembles the QC
+report there (the IQMs and figures the graph's QC nodes already made from the same
+files, :mod:`mriflow.interfaces.reports`; whatever they did not, from the staged
+files), and moves the subject into place following the protocol of
+:mod:`mriflow.bids.publish`.
 """
 
 from __future__ import annotations
@@ -124,7 +126,8 @@ class PublishSubject(MriflowInterface):
         return _native_records([f for f in map(self._field, fields) if f], staging)
 
     def _write_report(self, staging: Path, subject: str, runtime) -> str:
-        """IQMs, figures, HTML and PROV record from the staged files; never fails the subject."""
+        """IQM files, figures, HTML and PROV record (from the QC nodes' records, else from
+        the staged files); never fails the subject."""
         from mriflow.reports import write_subject_qc
 
         bias_fields = {}

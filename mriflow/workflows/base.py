@@ -168,8 +168,10 @@ def init_single_subject_wf(
 
     One :class:`~mriflow.interfaces.bids.PublishSubject` node takes every output of
     the subject's chains once they all exist, writes them under their BIDS names,
-    draws the QC report from them (with the N4 fields and the run times of the
-    subject's work folder) and moves the subject into ``out_dir`` atomically.
+    assembles the QC report (from the records of the QC nodes of :func:`_qc_nodes`,
+    which measure and draw each image as soon as its inputs exist, the run times of
+    the subject's work folder and the N4 fields) and moves the subject into
+    ``out_dir`` atomically.
     """
     workflow = pe.Workflow(name=name or subject_workflow_name(subject.subject))
     wiring: list[tuple[pe.Workflow, str, str]] = []
