@@ -582,7 +582,7 @@ def _qc_node(out_dir, work: Path, image: str, reference: str = "", part: str = "
 def test_graph_qc_then_publishing_gives_the_report_of_the_published_files(tmp_path, monkeypatch):
     """The report the publishing node assembles from the graph's QC nodes (IQMs and
     figures measured before publishing) is the one drawn from the published files."""
-    from mriflow.interfaces.bids import _native_records
+    from mriflow.interfaces.bids import _qc_records
     from mriflow.reports import write_subject_qc
 
     # the phantoms' template stands in for the embedded one, as the graph's nodes use it
@@ -606,10 +606,10 @@ def test_graph_qc_then_publishing_gives_the_report_of_the_published_files(tmp_pa
         _qc_node(out_split, tmp_path / "qc_T2w", t2w, reference=t1w),
         _qc_node(out_split, tmp_path / "qc_std_T1w", t1w, part="template"),
     ]
-    native = _native_records(records, out_split)
-    assert all(r["iqms"] and r["figures"] for r in native)
-    assert "reg_ncc" in native[2]["iqms"]["metrics"]
-    write_subject_qc(out_split, "01", native=native)
+    records = _qc_records(records, out_split)
+    assert all(r["iqms"] and r["figures"] for r in records)
+    assert "reg_ncc" in records[2]["iqms"]["metrics"]
+    write_subject_qc(out_split, "01", graph_qc=records)
 
     # same metrics (template-space ones added at publishing), same figures, same page
     for name in ("sub-01_desc-qc_metrics.json", "sub-01_desc-qcT2w_metrics.json"):
@@ -625,9 +625,9 @@ def test_graph_qc_then_publishing_gives_the_report_of_the_published_files(tmp_pa
 
     # a QC the graph could not do is done by the publishing node from the published files
     broken = _qc_node(out_split, tmp_path / "qc_bad", t1w, broken=True)
-    (record,) = _native_records([broken], out_split)
+    (record,) = _qc_records([broken], out_split)
     assert record["iqms"] is None and record["figures"] is None
     (out_split / "sub-01/anat/sub-01_desc-qc_metrics.json").unlink()
-    write_subject_qc(out_split, "01", native=[record])
+    write_subject_qc(out_split, "01", graph_qc=[record])
     rebuilt = json.loads((out_split / "sub-01/anat/sub-01_desc-qc_metrics.json").read_text())
     assert rebuilt == json.loads((out_one / "sub-01/anat/sub-01_desc-qc_metrics.json").read_text())

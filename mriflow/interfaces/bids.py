@@ -121,9 +121,9 @@ class PublishSubject(MriflowInterface):
         self._results["out_report"] = str(out_dir / report) if report else ""
         return runtime
 
-    def _native_qc(self, staging: Path) -> list[dict]:
+    def _graph_qc(self, staging: Path) -> list[dict]:
         fields = self.inputs.qc_fields if isdefined(self.inputs.qc_fields) else []
-        return _native_records([f for f in map(self._field, fields) if f], staging)
+        return _qc_records([f for f in map(self._field, fields) if f], staging)
 
     def _write_report(self, staging: Path, subject: str, runtime) -> str:
         """IQM files, figures, HTML and PROV record (from the QC nodes' records, else from
@@ -145,15 +145,15 @@ class PublishSubject(MriflowInterface):
                 subject,
                 work_dir=subject_work_dir,
                 bias_fields=bias_fields,
-                native=self._native_qc(staging),
+                graph_qc=self._graph_qc(staging),
             )
         except Exception as err:  # a report must never turn a good subject into a failed one
             log.warning("sub-%s: QC report not (fully) written: %s", subject, err)
             return ""
 
 
-def _native_records(record_files: list[str], staging: Path) -> list[dict]:
-    """The graph's native QC records; their figures copied into ``staging``."""
+def _qc_records(record_files: list[str], staging: Path) -> list[dict]:
+    """The records of the graph's QC nodes; their figures copied into ``staging``."""
     records = []
     for record_file in record_files:
         record = json.loads(Path(record_file).read_text())

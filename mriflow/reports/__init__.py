@@ -36,7 +36,7 @@ def write_subject_qc(
     work_dir: str | os.PathLike[str] | None = None,
     bias_fields: Mapping[str, str | os.PathLike[str]] | None = None,
     templates: Mapping[str, Any] | None = None,
-    native: Sequence[Mapping[str, Any]] = (),
+    graph_qc: Sequence[Mapping[str, Any]] = (),
 ) -> str:
     """IQM files, HTML report with figures and PROV record of one subject of ``out_dir``.
 
@@ -44,7 +44,7 @@ def write_subject_qc(
     publishing node calls this before moving the subject into place.
     ``bias_fields`` (raw image relative path -> N4 field) gives the INU metrics;
     ``work_dir`` (the subject's Nipype folder) the run time of each step.
-    ``native``: records of :func:`native_qc` and :func:`template_qc` (the graph
+    ``graph_qc``: records of :func:`native_qc` and :func:`template_qc` (the graph
     measured and drew an image from the files it publishes, figures already under
     ``out_dir``): what they hold is not measured or drawn again.
 
@@ -61,7 +61,7 @@ def write_subject_qc(
 
     iqms: dict[str, dict[str, IQMs]] = {"native": {}, "template": {}}
     drawn: dict[str, tuple[list[str], list]] = {}
-    for record in native:
+    for record in graph_qc:
         part = record.get("part", "native")
         if record.get("iqms"):
             iqms[part][record["source"]] = IQMs(**record["iqms"])
