@@ -531,3 +531,103 @@ def test_a_defaced_image_s_report_never_draws_the_raw_face(tmp_path, monkeypatch
     shown = np.asarray(drawn["shown"].dataobj)
     assert raw.shape == shown.shape and not raw[shown == 0].any()
     assert raw[shown != 0].any()  # the rest of the raw image is still there
+
+
+# --------------------------------------------------------------------------------------
+# the graph's QC node (issue 14: the report off the critical path)
+# --------------------------------------------------------------------------------------
+
+
+def _qc_node(out_dir, work: Path, image: str, reference: str = "", part: str = "native",
+             broken: bool = False):  # fmt: skip
+    """Run :class:`ImageQC` on the derivatives of ``image`` (and of its ``reference``)
+    as the graph holds them: the files are stand-ins, named by the publishing plan."""
+    from mriflow.bids.layout import DerivativesLayout
+    from mriflow.bids.paths import parse_bids_uri
+    from mriflow.interfaces.reports import NATIVE_QC_OUTPUTS, TEMPLATE_QC_OUTPUTS, ImageQC
+
+    outputs = NATIVE_QC_OUTPUTS if part == "native" else TEMPLATE_QC_OUTPUTS
+
+    plan, fields, field_map = [], {}, {}
+    for group in DerivativesLayout(out_dir).find("01"):
+        raw = parse_bids_uri(group.source)[1]
+        if raw not in (image, reference):
+            continue
+        for d in group.files:
+            if d.role not in outputs:
+                continue
+            field = f"{group.key}__{d.role}"
+            meta = {k: v for k, v in d.sidecar.items() if k not in ("Sources", "Steps")}
+            plan.append({"output": d.role, "relpath": d.relpath, "raw_relpath": raw,
+                         "metadata": meta, "field": field})  # fmt: skip
+            fields[field] = str(d.path)
+            field_map[field] = (raw, d.role)
+    work.mkdir(parents=True, exist_ok=True)
+    if broken:  # a file the QC cannot read: the node still succeeds, and says so
+        bad = work / "broken.nii.gz"
+        bad.write_bytes(b"not a NIfTI")
+        fields = {k: str(bad) if k.endswith("__preproc") else v for k, v in fields.items()}
+    raw_files = {r: str(out_dir.parent / "raw" / r) for r in (image, reference) if r}
+    node = ImageQC(fields=list(fields), image=image, reference=reference, raw_files=raw_files,
+                   plan=plan, field_map=field_map, part=part, **fields)  # fmt: skip
+    cwd = os.getcwd()
+    try:
+        os.chdir(work)
+        result = node.run(cwd=str(work))
+    finally:
+        os.chdir(cwd)
+    return result.outputs.out_record
+
+
+def test_graph_qc_then_publishing_gives_the_report_of_the_published_files(tmp_path, monkeypatch):
+    """The report the publishing node assembles from the graph's QC nodes (IQMs and
+    figures measured before publishing) is the one drawn from the published files."""
+    from mriflow.interfaces.bids import _qc_records
+    from mriflow.reports import write_subject_qc
+
+    # the phantoms' template stands in for the embedded one, as the graph's nodes use it
+    template = template_image()
+
+    def load_template_for(space, like=None):
+        return template if space == SPACE else None
+
+    for module in ("iqms", "html"):
+        monkeypatch.setattr(f"mriflow.reports.{module}.load_template_for", load_template_for)
+
+    raw_dir, out_one = build_derivatives(tmp_path / "d", {"01": 4.0})
+    _add_contrast(raw_dir, out_one, "T2w", on_t1w_grid=True)
+    out_split = tmp_path / "d" / "split"
+    shutil.copytree(out_one, out_split)
+    write_subject_qc(out_one, "01")
+
+    t1w, t2w = "sub-01/anat/sub-01_T1w.nii.gz", "sub-01/anat/sub-01_T2w.nii.gz"
+    records = [
+        _qc_node(out_split, tmp_path / "qc_T1w", t1w),
+        _qc_node(out_split, tmp_path / "qc_T2w", t2w, reference=t1w),
+        _qc_node(out_split, tmp_path / "qc_std_T1w", t1w, part="template"),
+    ]
+    records = _qc_records(records, out_split)
+    assert all(r["iqms"] and r["figures"] for r in records)
+    assert "reg_ncc" in records[2]["iqms"]["metrics"]
+    write_subject_qc(out_split, "01", graph_qc=records)
+
+    # same metrics (template-space ones added at publishing), same figures, same page
+    for name in ("sub-01_desc-qc_metrics.json", "sub-01_desc-qcT2w_metrics.json"):
+        one, split = (json.loads((o / "sub-01/anat" / name).read_text())
+                      for o in (out_one, out_split))  # fmt: skip
+        assert split == one, name
+    figures = sorted(p.name for p in (out_one / "sub-01/figures").iterdir())
+    assert sorted(p.name for p in (out_split / "sub-01/figures").iterdir()) == figures
+    one_html = (out_one / "sub-01.html").read_text()
+    split_html = (out_split / "sub-01.html").read_text()
+    assert _img_sources(split_html) == _img_sources(one_html)
+    assert f"Registration to {SPACE}" in split_html and "Co-registration to T1w" in split_html
+
+    # a QC the graph could not do is done by the publishing node from the published files
+    broken = _qc_node(out_split, tmp_path / "qc_bad", t1w, broken=True)
+    (record,) = _qc_records([broken], out_split)
+    assert record["iqms"] is None and record["figures"] is None
+    (out_split / "sub-01/anat/sub-01_desc-qc_metrics.json").unlink()
+    write_subject_qc(out_split, "01", graph_qc=[record])
+    rebuilt = json.loads((out_split / "sub-01/anat/sub-01_desc-qc_metrics.json").read_text())
+    assert rebuilt == json.loads((out_one / "sub-01/anat/sub-01_desc-qc_metrics.json").read_text())

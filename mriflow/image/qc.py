@@ -35,8 +35,10 @@ from mriflow.image.masks import bounding_box, largest_component
 __all__ = [
     "DIETRICH_FACTOR",
     "MAD_NORMAL",
+    "NO_TEMPLATE_SPACE",
     "TISSUE_LABELS",
     "IQMs",
+    "add_registration_metrics",
     "cjv",
     "cnr",
     "compute_iqms",
@@ -65,6 +67,9 @@ DIETRICH_FACTOR = 1.0 / np.sqrt(2.0 / (4.0 - np.pi))
 MAD_NORMAL = 0.6744897501960817
 #: Tissue labels of a ``dseg`` image in sMRIPrep order.
 TISSUE_LABELS: dict[str, int] = {"gm": 1, "wm": 2, "csf": 3}
+
+#: Why ``reg_*`` are absent when no template-space image and template were given.
+NO_TEMPLATE_SPACE = "no image in template space and template given"
 
 #: Threshold of a tissue probability map for the "pure tissue" mask of the summary
 #: statistics (MRIQC: 0.85), and the smallest mask MRIQC trusts (1000 voxels).
@@ -744,15 +749,26 @@ def compute_iqms(
         skipped["inu"] = "no bias field given"
 
     if registered is not None and template is not None:
-        _registration_metrics(result, registered, template, template_mask, registered_mask)
+        add_registration_metrics(result, registered, template, template_mask, registered_mask)
     else:
-        skipped["reg"] = "no image in template space and template given"
+        skipped["reg"] = NO_TEMPLATE_SPACE
     return result
 
 
-def _registration_metrics(
-    result: IQMs, registered: Any, template: Any, template_mask: Any, registered_mask: Any
+def add_registration_metrics(
+    result: IQMs,
+    registered: Any,
+    template: Any,
+    template_mask: Any = None,
+    registered_mask: Any = None,
 ) -> None:
+    """Add ``reg_dice`` and ``reg_ncc`` to ``result`` (or say in ``skipped`` why not).
+
+    The part of :func:`compute_iqms` that needs the template-space outputs: the
+    native metrics of an image can be measured as soon as its native outputs exist,
+    and these added once registration has resampled it (same values as one call of
+    :func:`compute_iqms` with every input). Arguments as in :func:`compute_iqms`.
+    """
     from skimage.filters import threshold_otsu
 
     moving = _finite_float(_array(registered, "registered"))

@@ -3,13 +3,16 @@
 :class:`PublishSubject` runs after every step of the subject succeeded (it takes
 all their outputs), so a failed subject publishes nothing. It writes each output
 under its BIDS name (from a plan made by the workflow out of
-:mod:`mriflow.bids.outputs`) into a staging folder inside OUT_DIR, draws the QC
-report from those staged files, and moves the subject into place following the
-protocol of :mod:`mriflow.bids.publish`.
+:mod:`mriflow.bids.outputs`) into a staging folder inside OUT_DIR, assembles the QC
+report there (the IQMs and figures the graph's QC nodes already made from the same
+files, :mod:`mriflow.interfaces.reports`; whatever they did not, from the staged
+files), and moves the subject into place following the protocol of
+:mod:`mriflow.bids.publish`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -50,6 +53,11 @@ class _PublishSubjectInputSpec(DynamicTraitedSpec, BaseInterfaceInputSpec):
         traits.Str, traits.Str, desc="raw image (relative path) -> field of its N4 bias field"
     )
     report = traits.Bool(True, usedefault=True, desc="write the QC report from the staged files")
+    qc_fields = traits.List(
+        traits.Str,
+        desc="fields holding records of the graph's QC nodes (ImageQC): the IQMs and "
+        "figures they hold are not measured and drawn again",
+    )
 
 
 class _PublishSubjectOutputSpec(TraitedSpec):
@@ -113,8 +121,13 @@ class PublishSubject(MriflowInterface):
         self._results["out_report"] = str(out_dir / report) if report else ""
         return runtime
 
+    def _graph_qc(self, staging: Path) -> list[dict]:
+        fields = self.inputs.qc_fields if isdefined(self.inputs.qc_fields) else []
+        return _qc_records([f for f in map(self._field, fields) if f], staging)
+
     def _write_report(self, staging: Path, subject: str, runtime) -> str:
-        """IQMs, figures, HTML and PROV record from the staged files; never fails the subject."""
+        """IQM files, figures, HTML and PROV record (from the QC nodes' records, else from
+        the staged files); never fails the subject."""
         from mriflow.reports import write_subject_qc
 
         bias_fields = {}
@@ -128,11 +141,26 @@ class PublishSubject(MriflowInterface):
         subject_work_dir = Path(runtime.cwd).parent
         try:
             return write_subject_qc(
-                staging, subject, work_dir=subject_work_dir, bias_fields=bias_fields
+                staging,
+                subject,
+                work_dir=subject_work_dir,
+                bias_fields=bias_fields,
+                graph_qc=self._graph_qc(staging),
             )
         except Exception as err:  # a report must never turn a good subject into a failed one
             log.warning("sub-%s: QC report not (fully) written: %s", subject, err)
             return ""
+
+
+def _qc_records(record_files: list[str], staging: Path) -> list[dict]:
+    """The records of the graph's QC nodes; their figures copied into ``staging``."""
+    records = []
+    for record_file in record_files:
+        record = json.loads(Path(record_file).read_text())
+        for figure in record.get("figures") or []:
+            atomic_copy(Path(record_file).parent / figure["relpath"], staging / figure["relpath"])
+        records.append(record)
+    return records
 
 
 def _flatten(items) -> list[str]:

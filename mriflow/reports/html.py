@@ -21,7 +21,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from importlib import resources
@@ -51,6 +51,8 @@ __all__ = [
     "StepSummary",
     "SubjectReport",
     "collect_subject_report",
+    "draw_native_figures",
+    "draw_template_figures",
     "make_standard_figures",
     "read_step_runtimes",
     "render_group_html",
@@ -77,6 +79,8 @@ class ReportFigure:
     """The file; copied under ``sub-XX/figures/`` unless it is already there."""
     title: str
     caption: str = ""
+    kind: str = ""
+    """Which standard figure it is (``brain``, ``registration``, ...; empty: another one)."""
 
 
 @dataclass
@@ -271,6 +275,7 @@ def make_standard_figures(
     fmt: str = "png",
     display_mm: float | None = 2.0,
     load: Callable[[Path], Any] | None = None,
+    drawn: Mapping[str, tuple[Collection[str], Sequence[ReportFigure]]] | None = None,
 ) -> list[ReportSection]:
     """Draw the standard QC figures from the subject's published derivatives.
 
@@ -290,9 +295,12 @@ def make_standard_figures(
     over the template of ``X``) and intensity histograms raw vs preprocessed inside
     the brain mask. Figures are
     written to ``OUT_DIR/sub-XX/figures/``; a figure that fails is logged and left out.
-    """
-    from mriflow.reports import figures as F
 
+    ``drawn`` (raw image's BIDS URI -> ``(kinds, figures)``): figures of those kinds
+    (see :data:`NATIVE_FIGURES`; ``"registration"``) the graph already drew for that
+    image from the same files (:func:`draw_native_figures`,
+    :func:`draw_template_figures`), under ``OUT_DIR``; only the others are drawn here.
+    """
     if fmt not in ("png", "svg"):
         raise ValueError(f"fmt must be 'png' or 'svg', got {fmt!r}")
     out_dir = Path(out_dir)
@@ -302,126 +310,245 @@ def make_standard_figures(
     layout = DerivativesLayout(out_dir)
     groups = layout.find(label)
     for group in groups:
-        preproc = group.get("preproc")
-        if preproc is None:
+        if group.get("preproc") is None:
             continue
-        entities = {k: v for k, v in group.entities.items()}
-        load = partial(_load_reduced, read=read, display_mm=display_mm)
-        t1w = load(preproc.path)
         # a co-registered contrast (T2w, FLAIR, ce-T1w) is masked by its reference T1w's
         # brain mask, on the same grid
         reference = layout.reference_of(group, groups)
-        own_mask = group.get("brain_mask")
-        mask_d = own_mask or (reference.get("brain_mask") if reference else None)
-        dseg_d, std_d = group.get("dseg"), group.get("std_preproc")
-        mask = load(mask_d.path) if mask_d else None
-        dseg = load(dseg_d.path) if dseg_d else None
-        raw_path = group.source_path
-        raw = load(raw_path) if raw_path and raw_path.is_file() else None
-        jobs = []
-        removed = None
-        if preproc.sidecar.get("Defaced") and mask is not None:
-            full_size = int(np.prod(read(preproc.path).shape[:3]))
-            try:
-                removed, note = _removed_region(t1w, mask, preproc, full_size)
-            except ValueError as err:  # e.g. an empty mask: no figure, the rest still drawn
-                log.warning("sub-%s: defacing figure of %s left out: %s", label, group.key, err)
-        if removed is not None:
-            jobs.append((
-                "Defacing", {**entities, "desc": "deface"}, group.contrast,
-                partial(F.plot_defacing, t1w, removed, brain_mask=mask),
-                "The published (defaced) head; red: the region defacing removed (recomputed "
-                "from the brain mask and the step's recorded parameters), cyan: the brain "
-                "mask. Look for: face and ears inside the red region, a margin between it "
-                "and the brain everywhere, no facial surface left in front of the brain. "
-                + note,
-            ))  # fmt: skip
-        if raw is not None and preproc.sidecar.get("Defaced"):
-            # the report may leave the building: the raw head must not put the face back
-            raw = _hide_removed(raw, t1w, removed)
-        if raw is not None:
-            jobs.append((
-                "Raw vs preprocessed", {**entities, "desc": "conform"}, group.contrast,
-                partial(
-                    F.plot_bias_correction, raw, t1w, title="Raw vs preprocessed",
-                    labels=("raw", "preprocessed"),
-                ),
-                "Middle slices of the raw image (resampled to the output grid) and the "
-                "preprocessed one. Look for: same anatomy and orientation (R on the right), "
-                "no clipped or folded field of view, more even white matter after correction."
-                + (" The raw image is shown only where the defaced one is not 0."
-                   if preproc.sidecar.get("Defaced") else ""),
-            ))  # fmt: skip
-        if mask is not None:
-            whose = "" if own_mask else " of the reference T1w"
-            jobs.append((
-                # a reference's mask drawn on a contrast: named after the contrast, not
-                # "mask" (that name is the reference's own figure)
-                "Brain mask", {**entities, "desc": "brain"},
-                "mask" if own_mask else group.contrast,
-                partial(F.plot_mask_contour, t1w, mask),
-                f"Brain mask{whose} contour on the preprocessed image. Look for: the contour "
-                "on the brain surface; no skull, dura or eyes inside; no cortex cut off (top "
-                "of the head, temporal poles, cerebellum).",
-            ))  # fmt: skip
-        if reference is not None:
-            ref_preproc = reference.get("preproc")
-            if ref_preproc is not None:
-                jobs.append((
-                    f"Co-registration to {reference.key}", {**entities, "desc": "coreg"},
-                    group.contrast,
-                    partial(
-                        F.plot_coregistration, t1w, load(ref_preproc.path), brain_mask=mask,
-                        title=f"Co-registration of {group.key} to {reference.key}",
-                    ),
-                    "Top: the reference T1w with the contrast's edges (red); bottom: the "
-                    "co-registered contrast with the T1w's edges (cyan) and its brain mask "
-                    "(yellow). Look for: ventricles, brain outline and major sulci on the "
-                    "same structures; the mask on the contrast's brain surface.",
-                ))  # fmt: skip
-        if dseg is not None:
-            jobs.append((
-                "Tissue segmentation", entities, "dseg",
-                partial(F.plot_segmentation, t1w, dseg),
-                "GM (green), WM (yellow) and CSF (blue). Look for: WM following the gyri, "
-                "an even cortical ribbon, CSF in ventricles and sulci only.",
-            ))  # fmt: skip
-        if std_d is not None:
-            space = std_d.entities["space"]
-            std = read(std_d.path)
-            found = (templates or {}).get(space) or load_template_for(space, std)
-            template = found[0] if isinstance(found, tuple) else found
-            if isinstance(template, (str, Path)):
-                template = nib.load(str(template))
-            if template is not None:
-                std, template = F.reduced(std, display_mm), F.reduced(template, display_mm)
-                jobs.append((
-                    f"Registration to {space}", {**entities, "space": space}, group.contrast,
-                    partial(F.plot_registration, std, template),
-                    "Top: the template with the subject's edges (red); bottom: the subject in "
-                    "template space with the template's edges (cyan). Look for: ventricles, "
-                    "brain outline and major sulci on the same structures.",
-                ))  # fmt: skip
-        if raw is not None and mask is not None:
-            jobs.append((
-                "Intensity histograms", {**entities, "desc": "histogram"}, group.contrast,
-                partial(_histograms, raw, t1w, mask=mask, dseg=dseg),
-                "Intensities inside the brain mask before (raw) and after preprocessing. "
-                "After normalization the tissue peaks should sit at the method's targets "
-                "and be as separated as before.",
-            ))  # fmt: skip
-        figures = []
-        for title, fig_entities, suffix, draw, caption in jobs:
-            relpath = figure_relpath(label, fig_entities, suffix, f".{fmt}")
-            try:
-                draw(out_path=out_dir / relpath)
-            except Exception as err:  # one bad figure must not cost the whole report
-                log.warning("sub-%s: figure %r failed: %s", label, title, err)
-                continue
-            figures.append(ReportFigure(out_dir / relpath, title, caption))
+        covered, done = (drawn or {}).get(group.source, ((), ()))
+        kinds = [k for k in _FIGURE_ORDER if k and k not in covered] if covered else None
+        new = []
+        if kinds is None or kinds:  # all drawn in the graph: not even matplotlib is loaded
+            jobs = _figure_jobs(
+                group, reference, label, read=read, templates=templates, display_mm=display_mm,
+                kinds=kinds,
+            )  # fmt: skip
+            new = _draw(jobs, out_dir, label, fmt)
+        # the report's order of figures whoever drew them
+        figures = sorted([*done, *new], key=lambda f: _FIGURE_ORDER.index(f.kind))
         if figures:
             sections.append(ReportSection(title=group.key, figures=figures, image=group.key))
     return sections
+
+
+#: The kinds of figure of an image, in report order; all but "registration" need only
+#: the image's native outputs.
+_FIGURE_ORDER = (
+    "deface", "conform", "brain", "coreg", "dseg", "registration", "histogram", "",
+)  # fmt: skip
+NATIVE_FIGURES = tuple(k for k in _FIGURE_ORDER if k and k != "registration")
+
+
+def draw_native_figures(
+    group: ImageDerivatives,
+    reference: ImageDerivatives | None,
+    out_dir: str | os.PathLike[str],
+    *,
+    fmt: str = "png",
+    display_mm: float | None = 2.0,
+    load: Callable[[Path], Any] | None = None,
+) -> list[ReportFigure] | None:
+    """The figures of :func:`make_standard_figures` that need only native outputs.
+
+    ``group`` (and its ``reference`` T1w, for a co-registered contrast) may hold the
+    files the graph produced before they are published: the figures are written
+    under ``out_dir`` with the names the report gives them. ``None`` for a defaced
+    image: its figures redraw the removed region from the recorded step parameters,
+    which only the published sidecar holds.
+    """
+    preproc = group.get("preproc")
+    if preproc is None or preproc.sidecar.get("Defaced"):
+        return None
+    label = group.entities["subject"]
+    read = load if load is not None else ImageCache()
+    jobs = _figure_jobs(
+        group, reference, label, read=read, templates=None, display_mm=display_mm,
+        kinds=NATIVE_FIGURES,
+    )  # fmt: skip
+    return _draw(jobs, Path(out_dir), label, fmt)
+
+
+def draw_template_figures(
+    group: ImageDerivatives,
+    out_dir: str | os.PathLike[str],
+    *,
+    templates: Mapping[str, Any] | None = None,
+    fmt: str = "png",
+    display_mm: float | None = 2.0,
+    load: Callable[[Path], Any] | None = None,
+) -> list[ReportFigure]:
+    """The registration figure of :func:`make_standard_figures` (``group`` as in
+    :func:`draw_native_figures`, with its ``std_preproc``), written under ``out_dir``."""
+    std_d = group.get("std_preproc")
+    if std_d is None:
+        return []
+    read = load if load is not None else ImageCache()
+    jobs = _registration_job(group, std_d, read, templates, display_mm)
+    return _draw([_Job(*job) for job in jobs], Path(out_dir), group.entities["subject"], fmt)
+
+
+@dataclass
+class _Job:
+    kind: str
+    title: str
+    entities: dict[str, str]
+    suffix: str
+    draw: Callable[..., Any]
+    caption: str
+
+
+def _draw(jobs: list[_Job], out_dir: Path, label: str, fmt: str) -> list[ReportFigure]:
+    figures = []
+    for job in jobs:
+        relpath = figure_relpath(label, job.entities, job.suffix, f".{fmt}")
+        try:
+            job.draw(out_path=out_dir / relpath)
+        except Exception as err:  # one bad figure must not cost the whole report
+            log.warning("sub-%s: figure %r failed: %s", label, job.title, err)
+            continue
+        figures.append(ReportFigure(out_dir / relpath, job.title, job.caption, kind=job.kind))
+    return figures
+
+
+def _figure_jobs(
+    group: ImageDerivatives,
+    reference: ImageDerivatives | None,
+    label: str,
+    *,
+    read: Callable[[Path], Any],
+    templates: Mapping[str, Any] | None,
+    display_mm: float | None,
+    kinds: Sequence[str] | None = None,
+) -> list[_Job]:
+    """The figures of one image (those of ``kinds``; all when ``None``), not drawn yet."""
+    from mriflow.reports import figures as F
+
+    def wanted(kind: str) -> bool:
+        return kinds is None or kind in kinds
+
+    preproc = group.get("preproc")
+    entities = {k: v for k, v in group.entities.items()}
+    load = partial(_load_reduced, read=read, display_mm=display_mm)
+    jobs: list[tuple] = []
+    std_d = group.get("std_preproc")
+    if std_d is not None and wanted("registration"):
+        jobs += _registration_job(group, std_d, read, templates, display_mm)
+    if not any(map(wanted, NATIVE_FIGURES)):
+        return [_Job(*job) for job in jobs]
+    t1w = load(preproc.path)
+    own_mask = group.get("brain_mask")
+    mask_d = own_mask or (reference.get("brain_mask") if reference else None)
+    dseg_d = group.get("dseg")
+    mask = load(mask_d.path) if mask_d else None
+    dseg = load(dseg_d.path) if dseg_d else None
+    raw_path = group.source_path
+    raw = load(raw_path) if raw_path and raw_path.is_file() else None
+    removed = None
+    if preproc.sidecar.get("Defaced") and mask is not None:
+        full_size = int(np.prod(read(preproc.path).shape[:3]))
+        try:
+            removed, note = _removed_region(t1w, mask, preproc, full_size)
+        except ValueError as err:  # e.g. an empty mask: no figure, the rest still drawn
+            log.warning("sub-%s: defacing figure of %s left out: %s", label, group.key, err)
+    if removed is not None:
+        jobs.append((
+            "deface", "Defacing", {**entities, "desc": "deface"}, group.contrast,
+            partial(F.plot_defacing, t1w, removed, brain_mask=mask),
+            "The published (defaced) head; red: the region defacing removed (recomputed "
+            "from the brain mask and the step's recorded parameters), cyan: the brain "
+            "mask. Look for: face and ears inside the red region, a margin between it "
+            "and the brain everywhere, no facial surface left in front of the brain. "
+            + note,
+        ))  # fmt: skip
+    if raw is not None and preproc.sidecar.get("Defaced"):
+        # the report may leave the building: the raw head must not put the face back
+        raw = _hide_removed(raw, t1w, removed)
+    if raw is not None:
+        jobs.append((
+            "conform", "Raw vs preprocessed", {**entities, "desc": "conform"}, group.contrast,
+            partial(
+                F.plot_bias_correction, raw, t1w, title="Raw vs preprocessed",
+                labels=("raw", "preprocessed"),
+            ),
+            "Middle slices of the raw image (resampled to the output grid) and the "
+            "preprocessed one. Look for: same anatomy and orientation (R on the right), "
+            "no clipped or folded field of view, more even white matter after correction."
+            + (" The raw image is shown only where the defaced one is not 0."
+               if preproc.sidecar.get("Defaced") else ""),
+        ))  # fmt: skip
+    if mask is not None:
+        whose = "" if own_mask else " of the reference T1w"
+        jobs.append((
+            # a reference's mask drawn on a contrast: named after the contrast, not
+            # "mask" (that name is the reference's own figure)
+            "brain", "Brain mask", {**entities, "desc": "brain"},
+            "mask" if own_mask else group.contrast,
+            partial(F.plot_mask_contour, t1w, mask),
+            f"Brain mask{whose} contour on the preprocessed image. Look for: the contour "
+            "on the brain surface; no skull, dura or eyes inside; no cortex cut off (top "
+            "of the head, temporal poles, cerebellum).",
+        ))  # fmt: skip
+    if reference is not None:
+        ref_preproc = reference.get("preproc")
+        if ref_preproc is not None:
+            jobs.append((
+                "coreg", f"Co-registration to {reference.key}", {**entities, "desc": "coreg"},
+                group.contrast,
+                partial(
+                    F.plot_coregistration, t1w, load(ref_preproc.path), brain_mask=mask,
+                    title=f"Co-registration of {group.key} to {reference.key}",
+                ),
+                "Top: the reference T1w with the contrast's edges (red); bottom: the "
+                "co-registered contrast with the T1w's edges (cyan) and its brain mask "
+                "(yellow). Look for: ventricles, brain outline and major sulci on the "
+                "same structures; the mask on the contrast's brain surface.",
+            ))  # fmt: skip
+    if dseg is not None:
+        jobs.append((
+            "dseg", "Tissue segmentation", entities, "dseg",
+            partial(F.plot_segmentation, t1w, dseg),
+            "GM (green), WM (yellow) and CSF (blue). Look for: WM following the gyri, "
+            "an even cortical ribbon, CSF in ventricles and sulci only.",
+        ))  # fmt: skip
+    if raw is not None and mask is not None:
+        jobs.append((
+            "histogram", "Intensity histograms", {**entities, "desc": "histogram"}, group.contrast,
+            partial(_histograms, raw, t1w, mask=mask, dseg=dseg),
+            "Intensities inside the brain mask before (raw) and after preprocessing. "
+            "After normalization the tissue peaks should sit at the method's targets "
+            "and be as separated as before.",
+        ))  # fmt: skip
+    return [_Job(*job) for job in jobs if wanted(job[0])]
+
+
+def _registration_job(
+    group: ImageDerivatives,
+    std_d,
+    read: Callable[[Path], Any],
+    templates: Mapping[str, Any] | None,
+    display_mm: float | None,
+) -> list[tuple]:
+    """The registration figure's job: the image in template space over its template."""
+    from mriflow.reports import figures as F
+
+    entities = dict(group.entities)
+    space = std_d.entities["space"]
+    std = read(std_d.path)
+    found = (templates or {}).get(space) or load_template_for(space, std)
+    template = found[0] if isinstance(found, tuple) else found
+    if isinstance(template, (str, Path)):
+        template = nib.load(str(template))
+    if template is not None:
+        std, template = F.reduced(std, display_mm), F.reduced(template, display_mm)
+        return [(
+            "registration", f"Registration to {space}", {**entities, "space": space},
+            group.contrast,
+            partial(F.plot_registration, std, template),
+            "Top: the template with the subject's edges (red); bottom: the subject in "
+            "template space with the template's edges (cyan). Look for: ventricles, "
+            "brain outline and major sulci on the same structures.",
+        )]  # fmt: skip
+    return []
 
 
 def _removed_region(
@@ -599,6 +726,7 @@ def write_subject_report(
     templates: Mapping[str, Any] | None = None,
     fmt: str = "png",
     load: Callable[[Path], Any] | None = None,
+    drawn: Mapping[str, tuple[Collection[str], Sequence[ReportFigure]]] | None = None,
 ) -> Path:
     """Write ``OUT_DIR/sub-<subject>.html`` (figures under ``OUT_DIR/sub-<subject>/figures/``).
 
@@ -625,6 +753,8 @@ def write_subject_report(
     load : callable, optional
         ``path -> image`` for the figures (e.g. the :class:`~mriflow.reports.iqms.ImageCache`
         the IQMs used).
+    drawn : mapping, optional
+        Figures already drawn per image (see :func:`make_standard_figures`).
 
     Returns
     -------
@@ -638,7 +768,9 @@ def write_subject_report(
     )
     if make_figures:
         report.sections.extend(
-            make_standard_figures(out_dir, label, templates=templates, fmt=fmt, load=load)
+            make_standard_figures(
+                out_dir, label, templates=templates, fmt=fmt, load=load, drawn=drawn
+            )
         )
     for section in sections:
         placed = []

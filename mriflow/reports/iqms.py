@@ -7,6 +7,7 @@ participant run: it measures each image from its published derivatives.
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import logging
@@ -30,7 +31,7 @@ from mriflow.bids.paths import (
     session_dirname,
     subject_dirname,
 )
-from mriflow.image.qc import IQMs, compute_iqms
+from mriflow.image.qc import NO_TEMPLATE_SPACE, IQMs, add_registration_metrics, compute_iqms
 from mriflow.image.template import TEMPLATE_SPACE
 
 log = logging.getLogger("mriflow")
@@ -38,9 +39,13 @@ log = logging.getLogger("mriflow")
 __all__ = [
     "IQM_INFO",
     "ImageCache",
+    "add_template_space_iqms",
     "compute_subject_iqms",
     "load_template_for",
+    "measure_native",
+    "merge_iqms",
     "read_iqms",
+    "template_space_iqms",
     "write_iqms",
 ]
 
@@ -227,6 +232,26 @@ def _measure(
     load: Callable[[Path], Any] | None = None,
     reference: ImageDerivatives | None = None,
 ) -> IQMs | None:
+    """Every IQM of one image: the native ones, then those of its template-space image."""
+    result = measure_native(group, bias_field, load, reference)
+    if result is not None:
+        add_template_space_iqms(result, group, templates, load, reference)
+    return result
+
+
+def measure_native(
+    group: ImageDerivatives,
+    bias_field: str | os.PathLike[str] | None = None,
+    load: Callable[[Path], Any] | None = None,
+    reference: ImageDerivatives | None = None,
+) -> IQMs | None:
+    """The IQMs of one image that need only its native outputs (``None``: no preproc or mask).
+
+    Everything but ``reg_*``: the graph measures them as soon as the preproc image,
+    brain mask, tissue classes and N4 field exist, beside registration
+    (:class:`mriflow.interfaces.reports.ImageQC`); :func:`add_template_space_iqms`
+    completes them. ``group`` and ``reference`` as in :func:`compute_subject_iqms`.
+    """
     _load = _load_with(load)
     preproc = group.get("preproc")
     # a contrast co-registered to a T1w is measured in the T1w's masks and tissues
@@ -239,20 +264,6 @@ def _measure(
     dseg = _load(masks_from.get("dseg"))
     probs = {d.entities["label"].lower(): _load(d) for d in masks_from.all("probseg_")}
     tissue_probs = probs if {"gm", "wm", "csf"} <= set(probs) else None
-    registered = template = template_mask = registered_mask = None
-    std = group.get("std_preproc")
-    # the template is a T1w: its correlation with another contrast measures nothing
-    if std is not None and group.contrast == "T1w":
-        registered = _load(std)
-        space = std.entities["space"]
-        found = (templates or {}).get(space) or load_template_for(space, registered)
-        if found is not None:
-            template, template_mask = found if isinstance(found, tuple) else (found, None)
-            template = template if not isinstance(template, (str, Path)) else nib.load(template)
-        std_mask = group.get("std_mask") or (
-            reference.get("std_mask") if reference is not None else None
-        )
-        registered_mask = _load(std_mask)
     field = nib.load(os.fspath(bias_field)) if bias_field else None
     field_elsewhere = field is not None and (
         field.shape[:3] != img.shape[:3] or not np.allclose(field.affine, img.affine, atol=1e-3)
@@ -263,18 +274,76 @@ def _measure(
         _load(mask),
         dseg,
         tissue_probs=tissue_probs,
-        registered=registered,
-        template=template,
-        template_mask=template_mask,
-        registered_mask=registered_mask,
         bias_field=None if field_elsewhere else field,
         skull_stripped=bool(skull_stripped) if skull_stripped is not None else None,
     )
     if field_elsewhere:
         result.skipped["inu"] = "the N4 bias field is not on the grid of the measured image"
-    if std is not None and group.contrast != "T1w":
-        result.skipped["reg"] = f"the template is a T1w: not comparable with a {group.contrast}"
     return result
+
+
+def add_template_space_iqms(
+    result: IQMs,
+    group: ImageDerivatives,
+    templates: Mapping[str, Any] | None,
+    load: Callable[[Path], Any] | None = None,
+    reference: ImageDerivatives | None = None,
+) -> None:
+    """Complete :func:`measure_native`'s ``result`` with ``reg_dice`` and ``reg_ncc``.
+
+    From the image in template space (``space-X_desc-preproc``) against the template
+    of ``X``; the same values as measuring everything at once.
+    """
+    _load = _load_with(load)
+    std = group.get("std_preproc")
+    if std is None:
+        return
+    if group.contrast != "T1w":
+        # the template is a T1w: its correlation with another contrast measures nothing
+        result.skipped["reg"] = f"the template is a T1w: not comparable with a {group.contrast}"
+        return
+    registered = _load(std)
+    space = std.entities["space"]
+    found = (templates or {}).get(space) or load_template_for(space, registered)
+    if found is None:
+        return  # an unknown space: measure_native's "reg" reason stands
+    template, template_mask = found if isinstance(found, tuple) else (found, None)
+    template = template if not isinstance(template, (str, Path)) else nib.load(template)
+    std_mask = group.get("std_mask") or (
+        reference.get("std_mask") if reference is not None else None
+    )
+    result.skipped.pop("reg", None)
+    add_registration_metrics(result, registered, template, template_mask, _load(std_mask))
+
+
+def template_space_iqms(
+    group: ImageDerivatives,
+    templates: Mapping[str, Any] | None = None,
+    load: Callable[[Path], Any] | None = None,
+    reference: ImageDerivatives | None = None,
+) -> IQMs:
+    """Only the ``reg_*`` part of an image's IQMs (what :func:`add_template_space_iqms` adds).
+
+    The graph measures it as soon as the image's template-space outputs exist;
+    :func:`merge_iqms` puts it together with :func:`measure_native`'s result.
+    """
+    part = IQMs(skipped={"reg": NO_TEMPLATE_SPACE})
+    add_template_space_iqms(part, group, templates, load, reference)
+    return part
+
+
+def merge_iqms(native: IQMs, template_space: IQMs) -> IQMs:
+    """:func:`measure_native`'s result completed by :func:`template_space_iqms`'s.
+
+    The same values as :func:`add_template_space_iqms` on ``native`` (it only sets
+    the ``reg`` keys); the inputs are not changed.
+    """
+    merged = copy.deepcopy(native)
+    merged.skipped.pop("reg", None)
+    merged.metrics.update(template_space.metrics)
+    merged.skipped.update(template_space.skipped)
+    merged.warnings += [w for w in template_space.warnings if w not in merged.warnings]
+    return merged
 
 
 def compute_subject_iqms(
@@ -284,6 +353,8 @@ def compute_subject_iqms(
     templates: Mapping[str, Any] | None = None,
     bias_fields: Mapping[str, str | os.PathLike[str]] | None = None,
     load: Callable[[Path], Any] | None = None,
+    native: Mapping[str, IQMs] | None = None,
+    template_space: Mapping[str, IQMs] | None = None,
 ) -> list[Path]:
     """Measure every image of ``subject`` from its published derivatives; write the IQM files.
 
@@ -302,6 +373,10 @@ def compute_subject_iqms(
     brain mask are skipped (logged).
     ``load`` (``path -> image``, e.g. an :class:`ImageCache` shared with the figures)
     reads the derivatives; default :func:`nibabel.load`.
+    ``native`` (raw image's BIDS URI -> :func:`measure_native` result the graph
+    already measured on the same files) leaves only the template-space metrics to
+    measure for those images, and ``template_space`` (the same for
+    :func:`template_space_iqms`) those too.
 
     Returns
     -------
@@ -316,7 +391,14 @@ def compute_subject_iqms(
             raw_relpath = parse_bids_uri(group.source)[1]
             field = (bias_fields or {}).get(raw_relpath)
             reference = layout.reference_of(group, groups)
-            result = _measure(group, templates, field, load, reference)
+            if native is not None and group.source in native:
+                if template_space is not None and group.source in template_space:
+                    result = merge_iqms(native[group.source], template_space[group.source])
+                else:
+                    result = copy.deepcopy(native[group.source])
+                    add_template_space_iqms(result, group, templates, load, reference)
+            else:
+                result = _measure(group, templates, field, load, reference)
         except (ValueError, OSError) as err:
             log.warning("%s: IQMs not computed: %s", group.source, err)
             continue

@@ -21,6 +21,7 @@ from mriflow.bids.outputs import (
 from mriflow.bids.paths import bids_uri
 from mriflow.config import Config
 from mriflow.interfaces.bids import PublishSubject
+from mriflow.interfaces.reports import NATIVE_QC_OUTPUTS, TEMPLATE_QC_OUTPUTS, ImageQC
 from mriflow.workflows.session import (
     init_longitudinal_wf,
     init_session_wf,
@@ -120,6 +121,7 @@ def _plan(
         plan.append(
             {
                 "field": _field(image, spec.output, chain),
+                "output": spec.output,
                 "relpath": relpaths[spec.output],
                 "raw_relpath": image.relpath,
                 # the reference's grid is the space of the images without a template space-
@@ -204,14 +206,17 @@ def init_single_subject_wf(
 
     One :class:`~mriflow.interfaces.bids.PublishSubject` node takes every output of
     the subject's chains once they all exist, writes them under their BIDS names,
-    draws the QC report from them (with the N4 fields and the run times of the
-    subject's work folder) and moves the subject into ``out_dir`` atomically.
+    assembles the QC report (from the records of the QC nodes of :func:`_qc_nodes`,
+    which measure and draw each image as soon as its inputs exist, the run times of
+    the subject's work folder and the N4 fields) and moves the subject into
+    ``out_dir`` atomically.
     """
     workflow = pe.Workflow(name=name or subject_workflow_name(subject.subject))
     wiring: list[tuple[pe.Workflow, str, str]] = []
     plan: list[dict] = []
     staged_fields: list[str] = []
     bias_fields: dict[str, str] = {}
+    qc_fields: list[str] = []
     session_wfs: list[tuple[SessionInputs, pe.Workflow]] = []
     for session in subject.sessions(config.coregistration.reference):
         reference = session.reference
@@ -250,6 +255,7 @@ def init_single_subject_wf(
             if "slices_staged" in outputs:
                 staged_fields.append(_field(image, "slices_staged"))
             bias_fields[image.relpath] = _field(image, "bias_field")
+        qc_fields += _qc_nodes(workflow, session, session_wf, plan, config)
         session_wfs.append((session, session_wf))
     if config.longitudinal.align and len(session_wfs) > 1:
         (base, base_wf), *later = session_wfs
@@ -282,6 +288,7 @@ def init_single_subject_wf(
             plan=plan,
             staged_fields=staged_fields,
             bias_fields=bias_fields,
+            qc_fields=qc_fields,
         ),
         name="publish",
         mem_gb=2.0,
@@ -289,4 +296,77 @@ def init_single_subject_wf(
     )
     for node, output, field in wiring:
         workflow.connect(node, output, publish, field)
+    for field in qc_fields:
+        workflow.connect(workflow.get_node(field), "out_record", publish, field)
     return workflow
+
+
+def _qc_nodes(
+    workflow: pe.Workflow,
+    session: SessionInputs,
+    session_wf: pe.Workflow,
+    plan: list[dict],
+    config: Config,
+) -> list[str]:
+    """The :class:`~mriflow.interfaces.reports.ImageQC` nodes of each image of ``session``.
+
+    The native part takes only its image's native outputs (and its reference T1w's,
+    for a contrast measured in that T1w's masks and tissues), so it runs beside
+    registration; the template-space part takes the image in template space and
+    runs beside the last resamplings. The publishing node, after every step, then
+    only assembles the report. Several template spaces: the publishing node
+    measures and draws the template-space part from the published files (which
+    space's image is "the" template-space one is decided there).
+    Returns the nodes' names (also the publishing node's inputs of their records).
+    """
+    reference = session.reference
+    single_space = len(config.registration.template_spaces()) == 1
+    names = []
+    for image in (reference, *session.others):
+        native = [image] if image is reference else [image, reference]
+        parts = [("native", native, NATIVE_QC_OUTPUTS)]
+        if single_space:
+            parts.append(("template", [image], TEMPLATE_QC_OUTPUTS))
+        for part, images, outputs in parts:
+            fields = _qc_fields(reference, images, outputs, plan)
+            if part == "template" and not fields:
+                continue
+            name = f"qc_{part}_{image.key}"
+            node = pe.Node(
+                ImageQC(
+                    fields=list(fields),
+                    part=part,
+                    image=image.relpath,
+                    reference="" if image is reference else reference.relpath,
+                    raw_files={i.relpath: str(i.path) for i in images},
+                    plan=[item for item in plan if item["field"] in fields],
+                    field_map={field: value for field, (_, value) in fields.items()},
+                ),
+                name=name,
+                mem_gb=1.0,
+            )
+            for field, (source, _) in fields.items():
+                workflow.connect(session_wf, f"outputnode.{source}", node, field)
+            if part == "native":
+                bias = "bias_field"
+                if image is not reference:
+                    bias = session_output_field(image.key, bias)
+                workflow.connect(session_wf, f"outputnode.{bias}", node, "bias_field")
+            names.append(name)
+    return names
+
+
+def _qc_fields(
+    reference: AnatInput, images: list[AnatInput], outputs: Sequence[str], plan: list[dict]
+) -> dict[str, tuple[str, tuple[str, str]]]:
+    """``field -> (session outputnode field, (raw relpath, output))`` a QC node reads:
+    the ``outputs`` of ``images`` that the publishing plan holds."""
+    planned = {item["field"] for item in plan} | {item.get("metadata_field") for item in plan}
+    fields = {}
+    for image in images:
+        for output in outputs:
+            field = _field(image, output)
+            if field in planned:
+                source = output if image is reference else session_output_field(image.key, output)
+                fields[field] = (source, (image.relpath, output))
+    return fields
