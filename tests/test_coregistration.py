@@ -146,3 +146,28 @@ def test_real_t2w_onto_real_t1w_with_a_moved_header(data_dir, tmp_path):
     covered = (aligned[0] > 0) & (aligned[1] > 0)  # inside both slabs
     assert covered.mean() > 0.5
     assert np.corrcoef(aligned[0][covered], aligned[1][covered])[0, 1] >= 0.98
+
+
+def test_a_fine_reference_is_matched_on_the_working_grid_and_keeps_its_mask_in_place():
+    """A 1 mm reference (the conformed default) is matched on WORKING_VOXEL_MM voxels; its
+    brain mask lands on the same tissue (centre of mass within a voxel), a coarser
+    reference is used as it is."""
+    from mriflow.image.coregistration import WORKING_VOXEL_MM, _working_grid
+
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = [-40.0, -50.0, -30.0]
+    brain = np.zeros((80, 96, 64), bool)
+    brain[20:55, 30:70, 15:45] = True
+    fixed = nib.Nifti1Image(brain.astype(np.float32) * 100, affine)
+    working, working_brain = _working_grid(fixed, brain)
+    zooms = np.sqrt((working.affine[:3, :3] ** 2).sum(axis=0))
+    assert np.allclose(zooms, WORKING_VOXEL_MM)
+    assert working_brain.shape == working.shape
+
+    def centre(mask, aff):
+        return aff[:3, :3] @ np.asarray(ndi.center_of_mass(mask)) + aff[:3, 3]
+
+    assert np.linalg.norm(centre(working_brain, working.affine) - centre(brain, affine)) < 1.0
+    coarse = nib.Nifti1Image(np.zeros((10, 10, 10), np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
+    same, same_brain = _working_grid(coarse, np.ones((10, 10, 10), bool))
+    assert same is coarse and same_brain.all()

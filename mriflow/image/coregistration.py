@@ -112,17 +112,17 @@ def _stage(kind: str, fixed, moving, fixed_mask, *, refine: bool = False) -> lis
 
 
 def _working_grid(
-    fixed: nib.spatialimages.SpatialImage, fixed_mask: nib.spatialimages.SpatialImage
+    fixed: nib.spatialimages.SpatialImage, brain: np.ndarray
 ) -> tuple[nib.spatialimages.SpatialImage, np.ndarray]:
-    """``fixed`` and its brain mask (bool array) on voxels of at least WORKING_VOXEL_MM."""
-    brain = np.asarray(fixed_mask.dataobj) > 0
+    """``fixed`` and its brain mask (bool array on its grid) on voxels of at least
+    WORKING_VOXEL_MM."""
     zooms = np.sqrt((fixed.affine[:3, :3] ** 2).sum(axis=0))
     if zooms.min() >= WORKING_VOXEL_MM - 1e-3:
         return fixed, brain
     from mriflow.image.spatial import resample_to_voxel_size
 
     coarse = resample_to_voxel_size(fixed, WORKING_VOXEL_MM)
-    mask = nib.Nifti1Image(brain.astype(np.uint8), fixed_mask.affine)
+    mask = nib.Nifti1Image(brain.astype(np.uint8), fixed.affine)
     coarse_mask = resample_to_voxel_size(mask, WORKING_VOXEL_MM, interpolation="nearest")
     return coarse, np.asarray(coarse_mask.dataobj) > 0
 
@@ -278,7 +278,7 @@ def coregister(
     import ants
 
     centre = _centre_of_mass(fixed, brain)
-    working, working_brain = _working_grid(fixed, fixed_mask)
+    working, working_brain = _working_grid(fixed, brain)
     with itk_threads(num_threads):
         a_fixed, a_moving = to_ants(working), to_ants(moving)
         dilated = ndi.binary_dilation(working_brain, iterations=2).astype(np.float32)
