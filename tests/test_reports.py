@@ -591,8 +591,8 @@ def test_graph_qc_then_publishing_gives_the_report_of_the_published_files(tmp_pa
     def load_template_for(space, like=None):
         return template if space == SPACE else None
 
-    for module in ("iqms", "html"):
-        monkeypatch.setattr(f"mriflow.reports.{module}.load_template_for", load_template_for)
+    # the IQMs and the figures both look templates up through it
+    monkeypatch.setattr("mriflow.reports.iqms.load_template_for", load_template_for)
 
     raw_dir, out_one = build_derivatives(tmp_path / "d", {"01": 4.0})
     _add_contrast(raw_dir, out_one, "T2w", on_t1w_grid=True)

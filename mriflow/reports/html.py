@@ -40,7 +40,7 @@ from mriflow.bids.layout import (
 )
 from mriflow.bids.outputs import GROUP_OUTPUTS, figure_relpath, figure_relpath_of, report_relpath
 from mriflow.bids.paths import atomic_copy, atomic_write_text
-from mriflow.reports.iqms import IQM_INFO, ImageCache, _tsv, load_template_for, read_iqms
+from mriflow.reports.iqms import IQM_INFO, ImageCache, _tsv, read_iqms, resolve_template
 
 log = logging.getLogger("mriflow")
 
@@ -534,11 +534,9 @@ def _registration_job(
     entities = dict(group.entities)
     space = std_d.entities["space"]
     std = read(std_d.path)
-    found = (templates or {}).get(space) or load_template_for(space, std)
-    template = found[0] if isinstance(found, tuple) else found
-    if isinstance(template, (str, Path)):
-        template = nib.load(str(template))
-    if template is not None:
+    found = resolve_template(space, std, templates)
+    if found is not None:
+        template = found[0]
         std, template = F.reduced(std, display_mm), F.reduced(template, display_mm)
         return [(
             "registration", f"Registration to {space}", {**entities, "space": space},

@@ -42,6 +42,7 @@ __all__ = [
     "add_template_space_iqms",
     "compute_subject_iqms",
     "load_template_for",
+    "resolve_template",
     "measure_native",
     "merge_iqms",
     "read_iqms",
@@ -187,6 +188,22 @@ def load_template_for(space: str, like: nib.spatialimages.SpatialImage | None = 
     return _template(resolution)
 
 
+def resolve_template(
+    space: str,
+    like: nib.spatialimages.SpatialImage,
+    templates: Mapping[str, Any] | None = None,
+) -> tuple[nib.spatialimages.SpatialImage, Any] | None:
+    """``(template image, mask or None)`` of ``space``: ``templates[space]`` (image, path
+    or ``(image, mask)``) when given, else :func:`load_template_for`; ``None`` if unknown."""
+    found = (templates or {}).get(space) or load_template_for(space, like)
+    if found is None:
+        return None
+    template, mask = found if isinstance(found, tuple) else (found, None)
+    if isinstance(template, (str, Path)):
+        template = nib.load(str(template))
+    return template, mask
+
+
 @lru_cache(maxsize=2)
 def _template(resolution: int):
     from mriflow.image.template import load_template
@@ -304,11 +321,10 @@ def add_template_space_iqms(
         return
     registered = _load(std)
     space = std.entities["space"]
-    found = (templates or {}).get(space) or load_template_for(space, registered)
+    found = resolve_template(space, registered, templates)
     if found is None:
         return  # an unknown space: measure_native's "reg" reason stands
-    template, template_mask = found if isinstance(found, tuple) else (found, None)
-    template = template if not isinstance(template, (str, Path)) else nib.load(template)
+    template, template_mask = found
     std_mask = group.get("std_mask") or (
         reference.get("std_mask") if reference is not None else None
     )
