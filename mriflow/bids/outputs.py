@@ -314,13 +314,11 @@ def stack_derivative(config: Config | None = None) -> DerivativeSpec:
     sidecar's ``Channels`` (run-time metadata of the stacking step).
     """
     config = config or Config()
-    spaces = config.registration.template_spaces()
-    space = spaces[0].entities if spaces else {}
     model = next(s for s in anat_derivatives("T1w", config) if s.output == "model")
     spec = DerivativeSpec(
         output="model_stack",
         suffix=STACK_SUFFIX,
-        entities={**space, "desc": "model"},
+        entities=dict(model.entities),
         metadata=model.metadata,
         steps=(*model.steps, "stack_channels"),
         dynamic_metadata="model_stack_metadata",

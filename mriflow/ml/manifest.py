@@ -110,6 +110,11 @@ class ManifestEntry:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _where(entry: ManifestEntry) -> str:
+    """``sub-01 ses-1`` (or ``sub-01``): an entry in a warning."""
+    return f"{entry.participant_id} {entry.session_id}".strip()
+
+
 def select_channels(
     entries: Sequence[ManifestEntry], wanted: Sequence[str] = ()
 ) -> tuple[list[ManifestEntry], list[str], list[str]]:
@@ -148,7 +153,7 @@ def select_channels(
     for entry in entries:
         missing = [name for name in channels if name not in entry.channels]
         if missing:
-            where = f"{entry.participant_id} {entry.session_id}".strip()
+            where = _where(entry)
             notes.append(f"{where}: no {', '.join(missing)}")
             continue
         kept.append(dataclasses.replace(entry, channels={n: entry.channels[n] for n in channels}))
@@ -178,7 +183,7 @@ def select_stacks(
     order = [reference, *channels]
     kept, notes = [], []
     for entry in entries:
-        where = f"{entry.participant_id} {entry.session_id}".strip()
+        where = _where(entry)
         if entry.stack is None:
             notes.append(f"{where}: no multi-channel stack")
         elif list(entry.stack_channels) != order:

@@ -221,15 +221,16 @@ def init_single_subject_wf(
     for session in subject.sessions(config.coregistration.reference):
         reference = session.reference
         names = session_channel_names(session)
+        stacked, missing = stacked_contrasts([i.key for i in session.others], names, config)
         session_wf = init_session_wf(
             config=config,
             contrasts={image.key: image.suffix for image in session.others},
             reference_key=reference.key,
             channel_names=names,
             reference_channel=channel_name(reference.entities, reference.suffix),
+            stacked=stacked,
             name=f"{session.key}_wf",
         )
-        stacked, missing = stacked_contrasts([i.key for i in session.others], names, config)
         if missing:
             label = reference.entities.get("session")
             log.warning(

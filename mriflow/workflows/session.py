@@ -109,6 +109,7 @@ def init_session_wf(
     reference_key: str = "T1w",
     channel_names: Mapping[str, str] | None = None,
     reference_channel: str = "T1w",
+    stacked: Sequence[str] = (),
     name: str = "session_wf",
 ) -> pe.Workflow:
     """Preprocess one session: the reference T1w, and every other contrast aligned to it.
@@ -126,6 +127,9 @@ def init_session_wf(
         default: the key).
     reference_channel : str
         The reference's channel name (first in the 4D stack's ``Channels``).
+    stacked : sequence of str
+        Keys of the contrasts in the session's 4D model-ready stack, in channel order
+        (:func:`stacked_contrasts`); empty: no stack.
     name : str
 
     Inputs
@@ -143,8 +147,7 @@ def init_session_wf(
         Each contrast's outputs (:data:`CONTRAST_FIELDS`) and ``steps``
         (:func:`session_output_field`).
     model_stack, model_stack_metadata, model_stack_steps
-        With ``export.channel_layout = "stacked"`` and a stack
-        (:func:`stacked_contrasts`): the ``(X, Y, Z, C)`` model-ready volume, its
+        With ``stacked``: the ``(X, Y, Z, C)`` model-ready volume, its
         sidecar fields (``Channels``) and the reference's steps with the stacking.
     """
     config = config or Config()
@@ -152,7 +155,6 @@ def init_session_wf(
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["t1w", *contrasts]), name="inputnode")
     reference_fields = [*anat_output_fields("T1w"), "steps"]
-    stacked, _ = stacked_contrasts(list(contrasts), channel_names, config)
     stack_fields = ["model_stack", "model_stack_metadata", "model_stack_steps"] if stacked else []
     contrast_fields = [
         session_output_field(key, field)
@@ -188,8 +190,8 @@ def init_session_wf(
             workflow.connect(
                 contrast_wf, f"outputnode.{field}", outputnode, session_output_field(key, field)
             )
+    names = channel_names or {}
     if slice_here:
-        names = channel_names or {}
         slices = _slices_node(config)
         slices.inputs.channel_names = [names.get(key, key) for key in contrasts]
         models = pe.Node(niu.Merge(len(contrasts)), name="channel_models")
@@ -207,7 +209,6 @@ def init_session_wf(
         if config.segmentation.method != "none":
             workflow.connect(anat_wf, "outputnode.model_dseg", slices, "dseg_file")
     if stacked:
-        names = channel_names or {}
         stack = pe.Node(
             StackChannels(channel_names=[reference_channel, *(names.get(k, k) for k in stacked)]),
             name="model_stack",
