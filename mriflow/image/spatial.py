@@ -22,6 +22,7 @@ __all__ = [
     "resize_to_shape",
     "fit_to_shape",
     "zero_outside_mask",
+    "fit_masked_to_shape",
     "world_to_voxel",
     "voxel_to_world",
 ]
@@ -258,3 +259,26 @@ def zero_outside_mask(
     inside = np.asanyarray(mask.dataobj).reshape(mask.shape[:3]) > 0
     out = np.where(inside.reshape(inside.shape + (1,) * (data.ndim - 3)), data, 0)
     return _new_image(out.astype(data.dtype, copy=False), img.affine, img)
+
+
+def fit_masked_to_shape(
+    img: nib.spatialimages.SpatialImage,
+    mask: nib.spatialimages.SpatialImage,
+    shape: Sequence[int],
+    *,
+    dseg: nib.spatialimages.SpatialImage | None = None,
+    margin_mm: float = 10.0,
+    mode: Literal["crop_or_pad", "resize"] = "crop_or_pad",
+) -> tuple[nib.Nifti1Image, nib.Nifti1Image, nib.Nifti1Image | None]:
+    """A model-ready triple on one fixed-shape grid (:func:`fit_to_shape`): the image
+    (linear, zero outside the fitted mask), its brain mask and labels (nearest)."""
+    fitted_mask = fit_to_shape(
+        mask, mask, shape, margin_mm=margin_mm, mode=mode, interpolation="nearest"
+    )
+    fitted = fit_to_shape(img, mask, shape, margin_mm=margin_mm, mode=mode)
+    fitted_dseg = None
+    if dseg is not None:
+        fitted_dseg = fit_to_shape(
+            dseg, mask, shape, margin_mm=margin_mm, mode=mode, interpolation="nearest"
+        )
+    return zero_outside_mask(fitted, fitted_mask), fitted_mask, fitted_dseg

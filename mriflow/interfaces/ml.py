@@ -18,7 +18,7 @@ from nipype.interfaces.base import (
 from mriflow.bids.outputs import slices_stem
 from mriflow.bids.paths import STAGING_DIRNAME, parse_entities
 from mriflow.image.io import load_image
-from mriflow.image.spatial import fit_to_shape, zero_outside_mask
+from mriflow.image.spatial import fit_masked_to_shape
 from mriflow.interfaces.base import MriflowInterface, step_record
 from mriflow.ml.channel_stack import stack_channels
 from mriflow.ml.slices import export_slices
@@ -47,21 +47,18 @@ class ModelReady(MriflowInterface):
     output_spec = _ModelReadyOutputSpec
 
     def _run_interface(self, runtime):
-        mask = load_image(self.inputs.mask_file)
-        options = dict(
-            shape=self.inputs.target_shape, margin_mm=self.inputs.margin_mm, mode=self.inputs.fit
+        dseg = load_image(self.inputs.dseg_file) if isdefined(self.inputs.dseg_file) else None
+        image, mask, dseg = fit_masked_to_shape(
+            load_image(self.inputs.in_file),
+            load_image(self.inputs.mask_file),
+            self.inputs.target_shape,
+            dseg=dseg,
+            margin_mm=self.inputs.margin_mm,
+            mode=self.inputs.fit,
         )
-        outputs = {
-            "out_file": (self.inputs.in_file, "linear"),
-            "out_mask": (self.inputs.mask_file, "nearest"),
-        }
-        if isdefined(self.inputs.dseg_file):
-            outputs["out_dseg"] = (self.inputs.dseg_file, "nearest")
-        fitted = {
-            key: fit_to_shape(load_image(path), mask, interpolation=interpolation, **options)
-            for key, (path, interpolation) in outputs.items()
-        }
-        fitted["out_file"] = zero_outside_mask(fitted["out_file"], fitted["out_mask"])
+        fitted = {"out_file": image, "out_mask": mask}
+        if dseg is not None:
+            fitted["out_dseg"] = dseg
         for key, image in fitted.items():
             out_path = os.path.join(runtime.cwd, f"{key}.nii")
             nib.save(image, out_path)
@@ -70,7 +67,7 @@ class ModelReady(MriflowInterface):
             "model_ready",
             {
                 "target_shape": list(self.inputs.target_shape),
-                "crop_margin_mm": options["margin_mm"],
+                "crop_margin_mm": self.inputs.margin_mm,
                 "fit": self.inputs.fit,
             },
             ["nibabel"],
