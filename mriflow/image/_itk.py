@@ -10,6 +10,7 @@ re-reading a 1 mm volume costs about as much as a fast processing step.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -23,6 +24,7 @@ __all__ = [
     "itk_to_affine",
     "to_ants",
     "from_ants",
+    "to_sitk",
     "new_like",
     "itk_threads",
 ]
@@ -71,6 +73,19 @@ def to_ants(img: nib.spatialimages.SpatialImage) -> Any:
     )
 
 
+def to_sitk(data: np.ndarray, affine: np.ndarray) -> Any:
+    """A ``SimpleITK.Image`` of a 3D array (nibabel's x, y, z order) on a RAS affine."""
+    import SimpleITK as sitk
+
+    # SimpleITK arrays are indexed (z, y, x); nibabel's (x, y, z).
+    img = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))
+    origin, spacing, direction = affine_to_itk(affine)
+    img.SetOrigin(origin.tolist())
+    img.SetSpacing(spacing.tolist())
+    img.SetDirection(direction.ravel().tolist())
+    return img
+
+
 def from_ants(
     aimg: Any, like: nib.spatialimages.SpatialImage | None = None, dtype: Any = np.float32
 ) -> nib.Nifti1Image:
@@ -107,15 +122,22 @@ def itk_threads(num_threads: int) -> Iterator[None]:
 
     antspyx exposes no thread setting; its ITK reads
     ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` when a filter is created, so the
-    variable is set for the duration of the call and restored afterwards.
+    variable is set for the duration of the call and restored afterwards. SimpleITK's
+    own global default is set too when SimpleITK is loaded: its registration method's
+    thread setting does not reach every filter inside it, and the others' threads
+    summing in a varying order made repeated fits differ in the last digits.
     """
     if num_threads < 1:
         raise ValueError(f"num_threads must be >= 1, got {num_threads}")
     keys = ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "ITK_NUMBER_OF_THREADS")
     saved = {key: os.environ.get(key) for key in keys}
+    sitk = sys.modules.get("SimpleITK")
+    saved_sitk = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() if sitk else None
     try:
         for key in keys:
             os.environ[key] = str(num_threads)
+        if sitk:
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(num_threads)
         yield
     finally:
         for key, value in saved.items():
@@ -123,3 +145,5 @@ def itk_threads(num_threads: int) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        if sitk:
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(saved_sitk)

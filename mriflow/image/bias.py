@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-from mriflow.image._itk import affine_to_itk, new_like
+from mriflow.image._itk import new_like, to_sitk
 from mriflow.image.masks import finite_values, largest_component
 
 __all__ = ["n4_bias_correct", "head_mask", "remove_bias_field"]
@@ -50,18 +50,6 @@ def head_mask(data: np.ndarray) -> np.ndarray:
     from skimage.filters import threshold_otsu
 
     return ndi.binary_fill_holes(largest_component(data > threshold_otsu(finite_values(data))))
-
-
-def _sitk_image(data: np.ndarray, affine: np.ndarray):  # -> sitk.Image
-    import SimpleITK as sitk
-
-    # SimpleITK arrays are indexed (z, y, x); nibabel's (x, y, z).
-    img = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))
-    origin, spacing, direction = affine_to_itk(affine)
-    img.SetOrigin(origin.tolist())
-    img.SetSpacing(spacing.tolist())
-    img.SetDirection(direction.ravel().tolist())
-    return img
 
 
 def n4_bias_correct(
@@ -134,8 +122,8 @@ def n4_bias_correct(
     if fit_mask.sum() < 1000:
         raise ValueError(f"only {int(fit_mask.sum())} positive voxels in the mask: too few for N4")
 
-    image = _sitk_image(data, img.affine)
-    mask_img = _sitk_image(fit_mask.astype(np.uint8), img.affine)
+    image = to_sitk(data, img.affine)
+    mask_img = to_sitk(fit_mask.astype(np.uint8), img.affine)
     if shrink_factor > 1:
         small = sitk.Shrink(image, [int(shrink_factor)] * 3)
         small_mask = sitk.Shrink(mask_img, [int(shrink_factor)] * 3)

@@ -21,7 +21,6 @@ class _CoregisterInputSpec(BaseInterfaceInputSpec):
     fixed_mask_file = File(exists=True, mandatory=True, desc="reference brain mask")
     transform = traits.Enum("rigid", "affine", usedefault=True)
     initialisation = traits.Enum("auto", "header", "moments", usedefault=True)
-    random_seed = traits.Int(42, usedefault=True)
     num_threads = traits.Int(1, usedefault=True, desc="ITK threads")
     step_name = traits.Str("coregistration", usedefault=True, desc="name in the sidecar chain")
 
@@ -50,10 +49,8 @@ class Coregister(MriflowInterface):
             load_image(inputs.moving_file),
             load_image(inputs.fixed_file),
             load_image(inputs.fixed_mask_file),
-            work_prefix=Path(runtime.cwd) / f"{stem}_coreg_",
             transform=inputs.transform,
             initialisation=inputs.initialisation,
-            random_seed=inputs.random_seed,
             num_threads=inputs.num_threads,
         )
         out = Path(runtime.cwd) / work_filename(stem, suffix="xfm", extension=".txt")
@@ -61,13 +58,13 @@ class Coregister(MriflowInterface):
         self._results["metric"] = float(result.metric)
         parameters = {
             "transform": inputs.transform,
-            "metric": "Mattes MI (32 bins), reference brain mask dilated 2 voxels",
+            "metric": "Mattes MI (32 bins, every voxel), reference brain mask dilated 2 voxels",
+            "optimiser": "regular-step gradient descent, 3 levels (6.4, 3.2, 1.6 mm)",
             "initialisation": inputs.initialisation,
             "kept_start": result.initialisation,
             "final_metric": {k: round(float(v), 6) for k, v in result.candidates.items()},
-            "random_seed": inputs.random_seed,
         }
-        self._results["step"] = step_record(inputs.step_name, parameters, ["antspyx"])
+        self._results["step"] = step_record(inputs.step_name, parameters, ["SimpleITK"])
         return runtime
 
 

@@ -268,7 +268,7 @@ def init_contrast_wf(
     workflow.__desc__ = (
         f"The {contrast} image was denoised ({config.denoise.method}) and corrected for "
         "intensity non-uniformity (N4) on its own grid, aligned to the reference T1w "
-        f"with a {config.coregistration.transform} registration (antsRegistration, "
+        f"with a {config.coregistration.transform} registration (SimpleITK, "
         "Mattes mutual information inside the T1w brain mask), and resampled once to "
         "each output grid through the composed transforms."
     )
@@ -289,7 +289,6 @@ def init_contrast_wf(
         Coregister(
             transform=config.coregistration.transform,
             initialisation=config.coregistration.initialisation,
-            random_seed=config.seed,
             num_threads=threads,
         ),
         name="coregister",
@@ -423,7 +422,7 @@ def init_longitudinal_wf(
     workflow = pe.Workflow(name=name)
     workflow.__desc__ = (
         "The T1w image of each later session was aligned rigidly to the first session's "
-        "T1w (antsRegistration, Mattes mutual information inside its brain mask) and "
+        "T1w (SimpleITK, Mattes mutual information inside its brain mask) and "
         "resampled onto its grid."
     )
     inputnode = pe.Node(
@@ -436,7 +435,6 @@ def init_longitudinal_wf(
         Coregister(
             transform="rigid",
             initialisation=config.coregistration.initialisation,
-            random_seed=config.seed,
             num_threads=threads,
             step_name="longitudinal_coregistration",
         ),
