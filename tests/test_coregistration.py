@@ -34,7 +34,7 @@ def moved_header(img: nib.Nifti1Image, matrix: np.ndarray) -> nib.Nifti1Image:
 
 
 @pytest.fixture(scope="module")
-def template_pair():
+def template_pair(tmp_path_factory):
     """Fixed: the 2 mm template brain. Moving: a T2-like contrast of the same head on
     another grid (2.5 mm, LAS, larger field of view), so the metric must be MI."""
     tpl = load_template(2)
@@ -48,22 +48,12 @@ def template_pair():
     grid_affine[:3, 3] = [100.0, -130.0, -85.0]
     grid = nib.Nifti1Image(np.zeros((80, 96, 78), np.float32), grid_affine)
     moving = apply_transforms(
-        nib.Nifti1Image(t2, tpl.t1w.affine), _identity_file(), grid, interpolation="linear"
+        nib.Nifti1Image(t2, tpl.t1w.affine),
+        write_itk_affine(np.eye(4), tmp_path_factory.mktemp("identity") / "identity.txt"),
+        grid,
+        interpolation="linear",
     )
     return tpl.t1w, tpl.mask, moving
-
-
-_IDENTITY: dict[str, str] = {}
-
-
-def _identity_file() -> str:
-    if "path" not in _IDENTITY:
-        import tempfile
-
-        path = tempfile.NamedTemporaryFile(suffix=".txt", delete=False).name
-        write_itk_affine(np.eye(4), path)
-        _IDENTITY["path"] = path
-    return _IDENTITY["path"]
 
 
 def test_itk_text_transform_round_trip_and_ants_reads_it(tmp_path):
