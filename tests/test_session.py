@@ -4,6 +4,7 @@ mask, a multi-channel export that TorchIO and MONAI load, and failures that stay
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 import json
 import shutil
@@ -22,7 +23,13 @@ from mriflow.config import Config
 from mriflow.image.coregistration import read_itk_affine, rms_deviation
 from mriflow.image.slices import extract_slice, slice_layout
 from mriflow.ml.channel_stack import ChannelStackError, channel_order, stack_channels
-from mriflow.ml.manifest import ManifestEntry, select_channels, select_stacks
+from mriflow.ml.manifest import (
+    ManifestEntry,
+    ManifestError,
+    select_channels,
+    select_rows,
+    select_stacks,
+)
 from mriflow.ml.slices import export_slices
 from mriflow.workflows.base import init_single_subject_wf
 from mriflow.workflows.session import init_session_wf
@@ -151,6 +158,17 @@ def test_missing_channels_drop_the_session_never_shift_the_channels():
         "sub-02: its stack has channels ['T1w', 'T2w', 'FLAIR'], not ['T1w', 'FLAIR', 'T2w']",
         "sub-03: no multi-channel stack",
     ]
+    # what the manifest writer gets: the stacks' channel order, or a clear error
+    stacks = [dataclasses.replace(e, channels={"FLAIR": "f", "T2w": "t"}) for e in stacks]
+    rows = select_rows(stacks, ["FLAIR", "T2w"], "stacked")
+    assert rows.stacked and rows.columns == ["T1w", "FLAIR", "T2w"]
+    assert [e.participant_id for e in rows.entries] == ["sub-01"]
+    assert "channels last" in rows.descriptions["image"]
+    files = select_rows(entries, ["FLAIR", "T2w"])
+    assert not files.stacked and files.columns == ["image", "image_FLAIR", "image_T2w"]
+    assert files.notes == ["sub-03: no FLAIR (left out)"]
+    with pytest.raises(ManifestError, match="no session has a stack of the channels"):
+        select_rows(stacks[1:], ["FLAIR", "T2w"], "stacked")
 
 
 def test_stacking_refuses_other_grids_and_a_missing_channel_gets_no_stack(tmp_path, caplog):

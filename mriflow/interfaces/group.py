@@ -232,8 +232,7 @@ class WriteManifest(MriflowInterface):
         from mriflow.ml.manifest import (
             ManifestEntry,
             build_manifest,
-            select_channels,
-            select_stacks,
+            select_rows,
             write_manifest,
             write_slices_manifest,
         )
@@ -245,24 +244,10 @@ class WriteManifest(MriflowInterface):
         if not entries:
             return runtime
         wanted = self.inputs.channels if isdefined(self.inputs.channels) else []
-        kept, channels, notes = select_channels(entries, wanted)
-        for note in notes:
-            log.warning("multi-channel manifest: %s (left out)", note)
-        if not kept:
-            raise ValueError(f"no session has every channel of {wanted}: {'; '.join(notes)}")
-        names = ["image", *(f"image_{name}" for name in channels)]
-        descriptions = {}
-        if self.inputs.channel_layout == "stacked" and not channels:
-            log.warning("multi-channel manifest: no channel besides the reference to stack")
-        elif self.inputs.channel_layout == "stacked":
-            kept, names, notes = select_stacks(kept, channels)
-            for note in notes:
-                log.warning("multi-channel manifest: %s (left out)", note)
-            if not kept:
-                raise ValueError(f"no session has a stack of the channels {channels}: {notes[0]}")
-            descriptions["image"] = (
-                "model-ready 4D image (NIfTI), channels last, in the order of Channels"
-            )
+        selection = select_rows(entries, wanted, self.inputs.channel_layout)
+        for note in selection.notes:
+            log.warning("multi-channel manifest: %s", note)
+        kept = selection.entries
         left_out = {e.participant_id for e in entries} - {e.participant_id for e in kept}
         rows = build_manifest(
             kept, read_splits(self.inputs.splits_file), out_dir, left_out=sorted(left_out)
@@ -275,11 +260,11 @@ class WriteManifest(MriflowInterface):
             metadata={
                 "seed": self.inputs.seed,
                 "space": self.inputs.space,
-                "Channels": names,
+                "Channels": selection.columns,
                 # only when image is a stack: a default run's dataset.json is unchanged
-                **({"ChannelLayout": "stacked"} if descriptions else {}),
+                **({"ChannelLayout": "stacked"} if selection.stacked else {}),
             },
-            descriptions=descriptions,
+            descriptions=selection.descriptions,
         )
         self._results["manifest"] = str(csv_path)
         self._results["n_rows"] = len(rows)

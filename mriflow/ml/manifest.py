@@ -58,11 +58,13 @@ __all__ = [
     "FILE_KEYS",
     "ManifestEntry",
     "ManifestError",
+    "ManifestRows",
     "build_manifest",
     "write_manifest",
     "load_manifest",
     "select",
     "select_channels",
+    "select_rows",
     "select_stacks",
     "write_slices_manifest",
     "write_split_bundles",
@@ -193,6 +195,54 @@ def select_stacks(
         else:
             kept.append(dataclasses.replace(entry, image=entry.stack, channels={}))
     return kept, order, notes
+
+
+@dataclass(frozen=True)
+class ManifestRows:
+    """What :func:`select_rows` keeps for the manifest."""
+
+    entries: list[ManifestEntry]
+    columns: list[str]
+    """The image columns in channel order (``dataset.json``'s ``Channels``)."""
+    stacked: bool
+    """``image`` is each session's 4D stack."""
+    notes: list[str]
+    """Warnings: every channel or entry left out, and why."""
+
+    @property
+    def descriptions(self) -> dict[str, str]:
+        """Column descriptions that differ from :data:`KEY_DESCRIPTIONS`'s."""
+        if not self.stacked:
+            return {}
+        return {"image": "model-ready 4D image (NIfTI), channels last, in the order of Channels"}
+
+
+def select_rows(
+    entries: Sequence[ManifestEntry], wanted: Sequence[str] = (), layout: str = "files"
+) -> ManifestRows:
+    """The missing-channel rule (:func:`select_channels`), then, for the ``stacked``
+    layout, the stacks (:func:`select_stacks`).
+
+    Raises
+    ------
+    ManifestError
+        When no entry is left.
+    """
+    kept, channels, notes = select_channels(entries, wanted)
+    notes = [f"{note} (left out)" for note in notes]
+    if not kept:
+        raise ManifestError(f"no session has every channel of {list(wanted)}: {'; '.join(notes)}")
+    columns = ["image", *(f"image_{name}" for name in channels)]
+    if layout != "stacked":
+        return ManifestRows(kept, columns, False, notes)
+    if not channels:
+        notes.append("no channel besides the reference to stack")
+        return ManifestRows(kept, columns, False, notes)
+    kept, order, stack_notes = select_stacks(kept, channels)
+    notes += [f"{note} (left out)" for note in stack_notes]
+    if not kept:
+        raise ManifestError(f"no session has a stack of the channels {channels}: {stack_notes[0]}")
+    return ManifestRows(kept, order, True, notes)
 
 
 def _relative(path: str | Path, root: Path, what: str) -> str:
