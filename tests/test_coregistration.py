@@ -103,6 +103,14 @@ def test_far_off_header_needs_the_moments_start(template_pair):
     assert rms_deviation(result.fixed_to_moving, truth, mask) < 0.5
 
 
+def test_affine_option_refines_the_rigid_fit_without_inventing_a_scaling(template_pair):
+    fixed, mask, moving = template_pair
+    truth = rigid(8.0, 0, [6.0, 0.0, 0.0])
+    result = coregister(moved_header(moving, truth), fixed, mask, transform="affine")
+    assert rms_deviation(result.fixed_to_moving, truth, mask) < 0.5
+    assert np.allclose(np.linalg.svd(result.fixed_to_moving[:3, :3])[1], 1.0, atol=0.02)
+
+
 def test_rejects_a_mask_off_the_fixed_grid(template_pair):
     fixed, _, moving = template_pair
     other = load_template(1).mask
