@@ -48,6 +48,7 @@ __all__ = [
     "declare_resources",
     "prepare_batch_environment",
     "poll_interval",
+    "prestarted_workers",
     "GraphRun",
     "run_workflow",
     "log_nipype_to_file",
@@ -348,10 +349,94 @@ def disk_error(text: str) -> str | None:
     return None
 
 
-def _make_plugin_class():
+# MultiProc worker pools booted before their graph exists (see prestarted_workers), by
+# (processes, mp_context, working folder, log file); a plugin with the same takes its own
+_PRESTARTED: dict[tuple[int, str | None, str, str | None], Any] = {}
+
+
+def _worker_pool(processes: int, mp_context: str | None, cwd: str, log_file: str | None):
+    """The MultiProc workers: Nipype's, with an initializer that also routes their log."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from nipype.pipeline.plugins.multiproc import MultiProcPlugin, mp, run_node
+    from nipype.pipeline.plugins.multiproc import mp
+
+    return ProcessPoolExecutor(
+        max_workers=processes,
+        initializer=_worker_initializer,
+        initargs=(cwd, log_file),
+        mp_context=mp.get_context(mp_context),
+    )
+
+
+@contextmanager
+def prestarted_workers(
+    plugin: str,
+    plugin_args: dict[str, Any],
+    *,
+    cwd: str | Path,
+    log_file: str | Path | None,
+) -> Iterator[None]:
+    """Boot MultiProc's first worker now; the run's plugin takes the pool when it starts.
+
+    A worker's boot (a forked Python that imports the CLI's modules and Nipype: about
+    1.1 s from a node's submission to its start, measured in the run's log) otherwise
+    waits for the first node, after the inputs are indexed and the graph is built;
+    booted here, the two overlap (the other workers start on demand, as before). The
+    plugin takes the pool only when its processes, context, working folder and log
+    file are these; a pool not taken is stopped when the block ends. Other plugins:
+    nothing.
+
+    Parameters
+    ----------
+    plugin : str
+    plugin_args : dict
+        As :func:`mriflow.cli.participant.plugin_settings` returns them.
+    cwd : path
+        The workflow's ``base_dir`` (created here): where the workers work.
+    log_file : path, optional
+        The run's log file, as given to :func:`run_workflow`.
+    """
+    key = None
+    if plugin == "MultiProc":
+        import multiprocessing
+
+        Path(cwd).mkdir(parents=True, exist_ok=True)
+        processes = int(plugin_args.get("n_procs") or multiprocessing.cpu_count())
+        key = _pool_key(processes, plugin_args.get("mp_context"), cwd, log_file)
+        pool = _worker_pool(*key)
+        # each task that finds no idle worker starts one (its initializer runs there);
+        # one core stays with this process, which is busy building the graph (booting
+        # both workers of a 2-core machine delayed the graph more than it saved)
+        for _ in range(max(1, min(processes, (os.cpu_count() or 1) - 1))):
+            pool.submit(os.getpid)
+        _PRESTARTED[key] = pool
+    # a SIGTERM (a scheduler's time limit) before the graph runs must stop the booted
+    # worker too, as run_workflow's handler does once it runs
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_sigterm = signal.signal(signal.SIGTERM, _interrupt) if key and in_main_thread else None
+    try:
+        yield
+    finally:
+        unused = _PRESTARTED.pop(key, None) if key else None
+        if unused is not None:
+            unused.shutdown(wait=True, cancel_futures=True)
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _pool_key(
+    processes: int, mp_context: str | None, cwd: str | Path, log_file: str | Path | None
+) -> tuple[int, str | None, str, str | None]:
+    return (
+        processes,
+        mp_context,
+        os.path.realpath(cwd),
+        None if log_file is None else os.path.realpath(log_file),
+    )
+
+
+def _make_plugin_class():
+    from nipype.pipeline.plugins.multiproc import MultiProcPlugin, run_node
 
     class WatchedMultiProcPlugin(MultiProcPlugin):
         """Nipype's MultiProc that cannot wait for ever (nipype#3404).
@@ -384,15 +469,13 @@ def _make_plugin_class():
             # set by a worker's future when its task ends (from the executor's thread)
             self._task_ended = threading.Event()
             self._poll_s = 0.0
-            # Nipype's pool, restarted with an initializer that also routes the
-            # workers' Nipype log to the run's log file
+            # Nipype's pool, replaced by one whose initializer also routes the workers'
+            # Nipype log to the run's log file (booted early if prestarted_workers did)
             self.pool.shutdown(wait=True)
-            self.pool = ProcessPoolExecutor(
-                max_workers=self.processors,
-                initializer=_worker_initializer,
-                initargs=(self._cwd, log_file),
-                mp_context=mp.get_context(self.plugin_args.get("mp_context")),
+            key = _pool_key(
+                self.processors, self.plugin_args.get("mp_context"), self._cwd, log_file
             )
+            self.pool = _PRESTARTED.pop(key, None) or _worker_pool(*key)
 
         def _submit_job(self, node, updatehash=False):
             self._taskid += 1
