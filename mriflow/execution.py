@@ -46,6 +46,7 @@ __all__ = [
     "set_thread_environment",
     "limit_threads",
     "declare_resources",
+    "hash_inputs_by_mtime",
     "prepare_batch_environment",
     "poll_interval",
     "prestarted_workers",
@@ -212,6 +213,27 @@ def declare_resources(
     if job_args:
         # overwrite=False: appended to the run-wide arguments, not replacing them
         node.plugin_args = {**(node.plugin_args or {}), **job_args, "overwrite": False}
+    return node
+
+
+def hash_inputs_by_mtime(node: Any) -> Any:
+    """Let Nipype tell whether ``node``'s input files changed by size and mtime.
+
+    A run hashes every input file's content (``hash_method = "content"``: a rewritten
+    but identical file keeps the nodes after it cached), and reads each byte to do so,
+    in the worker before the node starts, or in the main process for the nodes that
+    run there: 0.05-0.3 s per 35-100 MB of inputs, 3.9 s of a 3-T1w run, 0.5-1.2 s
+    before each QC and publishing node. For nodes that only pass paths on (Select,
+    Split) or only read what the chains made (QC, publishing), size and mtime tell as
+    well: if one reruns, it repeats what it wrote, and the nodes after it still compare
+    contents.
+
+    Returns
+    -------
+    The same node, for chaining.
+    """
+    node.config = {**(node.config or {})}
+    node.config["execution"] = {**node.config.get("execution", {}), "hash_method": "timestamp"}
     return node
 
 

@@ -73,3 +73,15 @@ def test_skull_strip_and_registration_do_not_wait_for_denoising():
     # what is published still comes from the denoised image
     assert by_name["remove_bias_field"] in after_denoise
     assert by_name["segment"] in after_denoise
+
+
+def test_only_nodes_that_pass_paths_on_hash_their_inputs_by_mtime():
+    """The run hashes input files by content (a rewritten identical file keeps the rest
+    cached); the nodes that only pass paths on skip reading them (mriflow.execution)."""
+    graph = init_anat_preproc_wf(config=Config())._create_flat_graph()
+    by_mtime = {
+        node.name
+        for node in graph.nodes()
+        if ((node.config or {}).get("execution") or {}).get("hash_method") == "timestamp"
+    }
+    assert by_mtime == {"first_fwd", "first_rev", "split_probseg"}

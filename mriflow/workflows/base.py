@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from copy import deepcopy
 from pathlib import Path
 
 from nipype.pipeline import engine as pe
@@ -21,6 +20,7 @@ from mriflow.bids.outputs import (
 )
 from mriflow.bids.paths import bids_uri
 from mriflow.config import Config
+from mriflow.execution import hash_inputs_by_mtime
 from mriflow.interfaces.bids import PublishSubject
 from mriflow.interfaces.reports import NATIVE_QC_OUTPUTS, TEMPLATE_QC_OUTPUTS, ImageQC
 from mriflow.workflows.session import (
@@ -31,13 +31,6 @@ from mriflow.workflows.session import (
 )
 
 log = logging.getLogger("mriflow")
-
-# Nipype config of the nodes that only read what the chains made (QC and publishing).
-# Their inputs are most of a subject's work files (200-730 MB for one 1 mm T1w), and
-# the run's content hash reads every byte before the node starts (0.5-1.2 s, on the
-# critical path); an input's size and mtime tell as well whether it was rewritten, and
-# rerunning one of these nodes only repeats what it wrote. (Publishing always runs.)
-_READER_NODE_CONFIG = {"execution": {"hash_method": "timestamp"}}
 
 __all__ = [
     "init_mriflow_wf",
@@ -303,7 +296,9 @@ def init_single_subject_wf(
         mem_gb=2.0,
         overwrite=True,  # cheap, and restores outputs deleted since the last run
     )
-    publish.config = deepcopy(_READER_NODE_CONFIG)
+    # its inputs are most of the subject's work files (730 MB for one 1 mm T1w), and it
+    # always runs: hashing their content only delayed its start
+    hash_inputs_by_mtime(publish)
     for node, output, field in wiring:
         workflow.connect(node, output, publish, field)
     for field in qc_fields:
@@ -355,7 +350,7 @@ def _qc_nodes(
                 name=name,
                 mem_gb=1.0,
             )
-            node.config = deepcopy(_READER_NODE_CONFIG)
+            hash_inputs_by_mtime(node)  # 200 MB of inputs it only reads
             for field, (source, _) in fields.items():
                 workflow.connect(session_wf, f"outputnode.{source}", node, field)
             if part == "native":
