@@ -332,8 +332,7 @@ def log_nipype_to_file(log_file: str | Path | None, level: int = logging.INFO) -
         handler: logging.Handler = logging.StreamHandler(sys.stderr)
         level = logging.WARNING
     else:
-        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(str(log_file), mode="a", encoding="utf-8", delay=True)
+        handler = _FolderOnFirstRecord(str(log_file), mode="a", encoding="utf-8", delay=True)
     handler.setFormatter(logging.Formatter(_NIPYPE_LOG_FORMAT))
     # nibabel's header repairs ("setting 0 dims to 1") name no file; mriflow's input
     # checks report them with the file's name
@@ -346,6 +345,16 @@ def log_nipype_to_file(log_file: str | Path | None, level: int = logging.INFO) -
         logger.propagate = False  # the root logger prints to the terminal
     for name in ("nipype.workflow", "nipype.interface", "nipype.utils", "nipype.filemanip"):
         logging.getLogger(name).setLevel(level)
+
+
+class _FolderOnFirstRecord(logging.FileHandler):
+    """A log file whose folder is made with its first record: a worker booted before
+    the run's OUT_DIR exists (``prestarted_workers``) leaves nothing behind when the
+    run stops before any node (exit 2)."""
+
+    def _open(self):
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
 
 
 def _worker_initializer(cwd: str, log_file: str | None) -> None:
