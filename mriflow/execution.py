@@ -427,30 +427,34 @@ def prestarted_workers(
     log_file : path, optional
         The run's log file, as given to :func:`run_workflow`.
     """
-    key = None
-    if plugin == "MultiProc":
-        import multiprocessing
-
-        Path(cwd).mkdir(parents=True, exist_ok=True)
-        processes = int(plugin_args.get("n_procs") or multiprocessing.cpu_count())
-        key = _pool_key(processes, plugin_args.get("mp_context"), cwd, log_file)
-        pool = _worker_pool(*key)
-        # each task that finds no idle worker starts one (its initializer runs there);
-        # one core stays with this process, which is busy building the graph (booting
-        # both workers of a 2-core machine delayed the graph more than it saved)
-        for _ in range(max(1, min(processes, (os.cpu_count() or 1) - 1))):
-            pool.submit(os.getpid)
-        _PRESTARTED[key] = pool
-    # a SIGTERM (a scheduler's time limit) before the graph runs must stop the booted
-    # worker too, as run_workflow's handler does once it runs
+    key = pool = None
+    # a SIGTERM (a scheduler's time limit) from the first worker's start on must stop it
+    # too, as run_workflow's handler does once the graph runs
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous_sigterm = signal.signal(signal.SIGTERM, _interrupt) if key and in_main_thread else None
+    previous_sigterm = None
+    if plugin == "MultiProc" and in_main_thread:
+        previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
     try:
+        if plugin == "MultiProc":
+            import multiprocessing
+
+            Path(cwd).mkdir(parents=True, exist_ok=True)
+            processes = int(plugin_args.get("n_procs") or multiprocessing.cpu_count())
+            key = _pool_key(processes, plugin_args.get("mp_context"), cwd, log_file)
+            pool = _PRESTARTED[key] = _worker_pool(*key)
+            # each task that finds no idle worker starts one (its initializer runs there);
+            # one core stays with this process, which is busy building the graph (booting
+            # both workers of a 2-core machine delayed the graph more than it saved)
+            for _ in range(max(1, min(processes, (os.cpu_count() or 1) - 1))):
+                pool.submit(os.getpid)
         yield
     finally:
-        unused = _PRESTARTED.pop(key, None) if key else None
-        if unused is not None:
-            unused.shutdown(wait=True, cancel_futures=True)
+        if key is not None:
+            _PRESTARTED.pop(key, None)
+        if pool is not None:
+            # not taken, or taken by a run that stopped it (or was interrupted before it
+            # could): no worker outlives the block
+            pool.shutdown(wait=True, cancel_futures=True)
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
 
@@ -540,7 +544,8 @@ def _make_plugin_class():
             else:
                 # the wait is in _send_procs_to_workers, which ends early when a task ends
                 config = {**config, "execution": {**config["execution"], "poll_sleep_duration": 0}}
-            gc.collect()
+            with _signals_held():
+                gc.collect()  # not to freeze garbage
             gc.freeze()
             try:
                 return super().run(graph, config, updatehash=updatehash)
@@ -663,6 +668,26 @@ def run_workflow(
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
     return outcome
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Deliver SIGTERM and SIGINT after the block, not during it.
+
+    A signal's handler runs wherever the main thread is; inside ``gc.collect()`` that
+    can be a finalizer (pybids' SQLAlchemy objects have some), where Python prints the
+    KeyboardInterrupt of :func:`_interrupt` and drops it: a SIGTERM then did not stop
+    the run (seen once in 14 runs signalled in their first seconds).
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        yield
+        return
+    held = {signal.SIGTERM, signal.SIGINT}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
