@@ -108,7 +108,7 @@ def run_sampled(cmd: list[str], cwd: Path, work: Path) -> dict:
             peak = max(peak, total)
             done.wait(0.1)
 
-    start = time.perf_counter()
+    start, launched = time.perf_counter(), time.time()
     proc = subprocess.Popen(
         cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -120,21 +120,31 @@ def run_sampled(cmd: list[str], cwd: Path, work: Path) -> dict:
     sampler.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{output[-3000:]}")
-    steps = node_steps(work)
+    steps, first_start = node_steps(work, with_origin=True)
     for node, step in steps.items():
         step["cpu"] = node_cpu.get(node, 0.0)
         step["rss_gb"] = node_rss.get(node, 0) / 1024**3
+    critical = critical_path(steps)
+    last_end = max((s["end"] for s in steps.values()), default=0.0)
     return {
         "wall": wall,
         "tree_gb": peak / 1024**3,
         "largest_gb": largest / 1024**3,
         "steps": steps,
-        "critical": critical_path(steps),
+        "critical": critical,
+        # launch -> first node's start; last node's end -> exit; waits between the
+        # critical path's nodes (what Nipype does between one's end and the next's start)
+        "startup": first_start - launched,
+        "ending": wall - (first_start - launched) - last_end,
+        "handovers": sum(
+            max(0.0, steps[b]["start"] - steps[a]["end"]) for a, b in zip(critical, critical[1:])
+        ),
     }
 
 
-def node_steps(work: Path) -> dict[str, dict]:
-    """Start, end and duration of every node run, from the result files Nipype keeps."""
+def node_steps(work: Path, with_origin: bool = False):
+    """Start, end and duration of every node run, from the result files Nipype keeps
+    (in s from the first node's start; ``with_origin``: also that start, epoch s)."""
     from nipype.utils.filemanip import loadpkl
 
     steps = {}
@@ -151,7 +161,7 @@ def node_steps(work: Path) -> dict[str, dict]:
         step["start"] -= t0
         step["end"] -= t0
         step["wall"] = step["end"] - step["start"]
-    return steps
+    return (steps, t0) if with_origin else steps
 
 
 def critical_path(steps: dict[str, dict], slack: float = 1.0) -> list[str]:
@@ -264,6 +274,12 @@ def print_run(label: str, run: dict, anchor_s: float) -> None:
     print(f"{'all steps (sum)':<28}{'':>8}{total_cpu:>8.1f}")
     path = " -> ".join(f"{steps[n]['name']} {steps[n]['wall']:.1f}" for n in run["critical"])
     print(f"critical path (s): {path}")
+    if "startup" in run:
+        print(
+            f"overhead (s): start-up {run['startup']:.2f} (launch -> first node), hand-overs "
+            f"{run['handovers']:.2f} (between the critical path's nodes), end "
+            f"{run['ending']:.2f} (last node -> exit)"
+        )
 
 
 def main() -> int:

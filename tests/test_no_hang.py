@@ -119,6 +119,79 @@ def test_task_without_a_result_file_fails_instead_of_hanging(tmp_path):
     assert "Traceback" in (tmp_path / "run.log").read_text()
 
 
+def test_next_node_starts_when_a_task_ends_not_at_the_next_poll(tmp_path):
+    """A chain of 8 quick nodes run in workers, with a 3 s poll: Nipype alone sleeps a
+    whole poll after every pass (at least 8 x 3 s); mriflow's MultiProc starts the next
+    pass when a task ends. The garbage collector is unfrozen afterwards."""
+    import gc
+
+    from nipype.interfaces import utility as niu
+    from nipype.pipeline import engine as pe
+
+    workflow = pe.Workflow("handover", base_dir=str(tmp_path / "work"))
+    previous = None
+    for index in range(8):
+        node = pe.Node(
+            niu.Function(function=_plus_one, input_names=["x"], output_names=["y"]),
+            name=f"step{index}",
+        )
+        if previous is None:
+            node.inputs.x = 0
+        else:
+            workflow.connect(previous, "y", node, "x")
+        previous = node
+    workflow.config["execution"].update(
+        {"crashdump_dir": str(tmp_path / "crash"), "poll_sleep_duration": 3.0}
+    )
+    started = time.monotonic()
+    outcome = run_workflow(
+        workflow, "MultiProc", {"n_procs": 2, "mp_context": "forkserver"}, log_file=None
+    )
+    elapsed = time.monotonic() - started
+    assert not outcome.failures and outcome.fatal is None
+    assert elapsed < 12, f"8 chained nodes took {elapsed:.1f} s with a 3 s poll"
+    from nipype.utils.filemanip import loadpkl
+
+    result = loadpkl(tmp_path / "work" / "handover" / "step7" / "result_step7.pklz")
+    assert result.outputs.y == 8
+    assert gc.get_freeze_count() == 0
+
+
+def test_prestarted_workers_are_taken_by_the_run_or_stopped(tmp_path):
+    """The pool booted before the graph existed runs the graph (its workers log to the
+    run's log file); a pool no run took is stopped when the block ends."""
+    from nipype.interfaces import utility as niu
+    from nipype.pipeline import engine as pe
+
+    from mriflow import execution
+
+    args = {"n_procs": 2, "mp_context": "forkserver"}
+    work, log = tmp_path / "work", tmp_path / "logs" / "run.log"
+    with execution.prestarted_workers("MultiProc", args, cwd=work, log_file=log):
+        (pool,) = execution._PRESTARTED.values()
+        workflow = pe.Workflow("prestart", base_dir=str(work))
+        node = pe.Node(
+            niu.Function(function=_plus_one, input_names=["x"], output_names=["y"]), name="one"
+        )
+        node.inputs.x = 0
+        workflow.add_nodes([node])
+        workflow.config["execution"]["crashdump_dir"] = str(tmp_path / "crash")
+        outcome = run_workflow(workflow, "MultiProc", args, log_file=log)
+        assert not outcome.failures and execution._PRESTARTED == {}  # taken by the run
+    with pytest.raises(RuntimeError):  # the run stopped it at its end
+        pool.submit(os.getpid)
+    assert 'Executing "one"' in log.read_text()  # logged by a worker
+    with execution.prestarted_workers("MultiProc", args, cwd=work, log_file=log):
+        (unused,) = execution._PRESTARTED.values()
+    assert execution._PRESTARTED == {}
+    with pytest.raises(RuntimeError):  # shut down: takes no more work
+        unused.submit(os.getpid)
+    # another working folder or log file: not this run's pool
+    with execution.prestarted_workers("MultiProc", args, cwd=tmp_path / "w2", log_file=log):
+        outcome = run_workflow(workflow, "MultiProc", args, log_file=log)
+        assert len(execution._PRESTARTED) == 1
+
+
 def test_disk_errors_are_recognised_in_tracebacks():
     text = "OSError: [Errno 28] No space left on device: '/w/n4/result_n4.pklz'"
     assert disk_error(text) == "No space left on device (/w/n4/result_n4.pklz)"

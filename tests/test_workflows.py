@@ -73,3 +73,41 @@ def test_skull_strip_and_registration_do_not_wait_for_denoising():
     # what is published still comes from the denoised image
     assert by_name["remove_bias_field"] in after_denoise
     assert by_name["segment"] in after_denoise
+
+
+def test_only_nodes_that_pass_paths_on_hash_their_inputs_by_mtime():
+    """The run hashes input files by content (a rewritten identical file keeps the rest
+    cached); the nodes that only pass paths on skip reading them (mriflow.execution)."""
+    graph = init_anat_preproc_wf(config=Config())._create_flat_graph()
+    by_mtime = {
+        node.name
+        for node in graph.nodes()
+        if ((node.config or {}).get("execution") or {}).get("hash_method") == "timestamp"
+    }
+    assert by_mtime == {"first_fwd", "first_rev", "split_probseg"}
+
+
+def test_native_derivatives_are_written_beside_registration_not_after_it(tmp_path):
+    """The publishing node copies what ``prewrite`` compressed: the reference T1w's
+    native-space images, none that waits for registration (it would delay publishing)."""
+    import networkx as nx
+    from nipype.pipeline.engine.utils import generate_expanded_graph
+
+    from mriflow.bids.discovery import collect_inputs
+    from mriflow.workflows.base import init_single_subject_wf
+    from tests.helpers import make_bids_dataset
+
+    root = make_bids_dataset(tmp_path / "raw", {"01": [""]})
+    (subject,) = collect_inputs(root)
+    workflow = init_single_subject_wf(
+        subject, config=Config(), bids_dir=root, out_dir=tmp_path / "out"
+    )
+    # the graph that runs: outputnodes (identity) removed, as Workflow.run does
+    graph = generate_expanded_graph(workflow._create_flat_graph())
+    by_name = {node.name: node for node in graph.nodes()}
+    prewrite = by_name["prewrite"]
+    assert {item["output"] for item in prewrite.inputs.plan} == {
+        "preproc", "brain_mask", "norm", "dseg", "probseg_csf", "probseg_gm", "probseg_wm",
+    }  # fmt: skip
+    assert prewrite not in nx.descendants(graph, by_name["register"])
+    assert by_name["publish"] in nx.descendants(graph, prewrite)

@@ -146,9 +146,55 @@ def run_participant(
     (``provenance/workflow.dot``) into OUT_DIR and returns without running it.
     ``show_progress`` shows the progress line on stderr (:mod:`mriflow.cli.progress`).
     """
+    started = time.monotonic()
+    run_id = time.strftime("%Y%m%d-%H%M%S") + "_" + uuid.uuid4().hex[:8]
+    arguments = dict(
+        bids_dir=bids_dir,
+        out_dir=out_dir,
+        work_dir=work_dir,
+        config=config,
+        participant_labels=participant_labels,
+        session_labels=session_labels,
+        database_dir=database_dir,
+        bids_filter_file=bids_filter_file,
+        build_only=build_only,
+        show_progress=show_progress,
+        run_id=run_id,
+        started=started,
+    )
+    if build_only:
+        return _run_participant(**arguments)
+    from mriflow.execution import prestarted_workers
+
+    # the workers boot while the inputs are indexed and the graph is built
+    with prestarted_workers(
+        *plugin_settings(config), cwd=work_dir, log_file=_log_file(out_dir, run_id)
+    ):
+        return _run_participant(**arguments)
+
+
+def _log_file(out_dir: Path, run_id: str) -> Path:
+    """Where the run's Nipype log and tracebacks go."""
+    return out_dir / "logs" / f"run-{run_id}.log"
+
+
+def _run_participant(
+    *,
+    bids_dir: Path,
+    out_dir: Path,
+    work_dir: Path,
+    config: Config,
+    participant_labels: list[str] | None,
+    session_labels: list[str] | None,
+    database_dir: Path | None,
+    bids_filter_file: Path | None,
+    build_only: str | None,
+    show_progress: bool,
+    run_id: str,
+    started: float,
+) -> int:
     from mriflow.bids.discovery import DiscoveryError, collect_inputs, load_bids_filters
 
-    started = time.monotonic()
     try:
         filters = load_bids_filters(bids_filter_file) if bids_filter_file else None
         subjects = collect_inputs(
@@ -176,7 +222,6 @@ def run_participant(
         # one lookup table at the root applies to every dseg (BIDS inheritance)
         atomic_write_text(out_dir / GROUP_OUTPUTS["dseg_lut"], dseg_tsv())
 
-    run_id = time.strftime("%Y%m%d-%H%M%S") + "_" + uuid.uuid4().hex[:8]
     crash_dir = work_dir / "crash" / run_id
     runnable = [s for s in subjects if not s.error]
     for subject in subjects:
@@ -315,7 +360,7 @@ def _run_graph(
         # failed nodes are reported, not raised; tracebacks go to the log file
         try:
             graph_run = run_workflow(
-                workflow, plugin, plugin_args, log_file=out_dir / "logs" / f"run-{run_id}.log"
+                workflow, plugin, plugin_args, log_file=_log_file(out_dir, run_id)
             )
         finally:
             if progress is not None:

@@ -26,14 +26,47 @@ from nipype.interfaces.base import (
 )
 from nipype.interfaces.io import add_traits
 
-from mriflow.bids.derivatives import derivative_sidecar, write_derivative
+from mriflow.bids.derivatives import derivative_sidecar, prewrite_derivatives, write_derivative
 from mriflow.bids.paths import atomic_copy, atomic_write_json, sidecar_path, staged_relpath
 from mriflow.bids.publish import begin_subject, carry_over, commit_subject
 from mriflow.interfaces.base import MriflowInterface
 
 log = logging.getLogger("mriflow")
 
-__all__ = ["PublishSubject"]
+__all__ = ["PrewriteDerivatives", "PublishSubject"]
+
+
+class _PrewriteDerivativesInputSpec(DynamicTraitedSpec, BaseInterfaceInputSpec):
+    plan = traits.List(
+        traits.Dict, mandatory=True, desc="publishing plan items (field, relpath, data_dtype)"
+    )
+
+
+class _PrewriteDerivativesOutputSpec(TraitedSpec):
+    written = traits.Dict(traits.Str, traits.Str, desc="plan field -> written derivative")
+
+
+class PrewriteDerivatives(MriflowInterface):
+    """Write some of a subject's derivatives ahead of :class:`PublishSubject`, in the work dir.
+
+    Parameters
+    ----------
+    fields : list of str
+        The plan fields the workflow connects (their work files).
+    """
+
+    input_spec = _PrewriteDerivativesInputSpec
+    output_spec = _PrewriteDerivativesOutputSpec
+
+    def __init__(self, fields: list[str] | None = None, **inputs) -> None:
+        super().__init__(**inputs)
+        self._fields = list(fields or [])
+        add_traits(self.inputs, self._fields)
+
+    def _run_interface(self, runtime):
+        files = {name: getattr(self.inputs, name) for name in self._fields}
+        self._results["written"] = prewrite_derivatives(self.inputs.plan, files, runtime.cwd)
+        return runtime
 
 
 class _PublishSubjectInputSpec(DynamicTraitedSpec, BaseInterfaceInputSpec):
@@ -57,6 +90,11 @@ class _PublishSubjectInputSpec(DynamicTraitedSpec, BaseInterfaceInputSpec):
         traits.Str,
         desc="fields holding records of the graph's QC nodes (ImageQC): the IQMs and "
         "figures they hold are not measured and drawn again",
+    )
+    prewritten = traits.Dict(
+        traits.Str,
+        traits.Str,
+        desc="plan field -> the derivative PrewriteDerivatives already wrote (copied as is)",
     )
 
 
@@ -91,12 +129,17 @@ class PublishSubject(MriflowInterface):
         out_dir = Path(self.inputs.out_dir)
         subject, run_id = self.inputs.subject, self.inputs.run_id
         staging = begin_subject(out_dir, subject, run_id)
+        prewritten = self.inputs.prewritten if isdefined(self.inputs.prewritten) else {}
         published = []
         for item in self.inputs.plan:
             steps = self._field(item["steps_field"]) if item.get("steps_field") else None
             extra = self._field(item["metadata_field"]) if item.get("metadata_field") else None
             relpath = item["relpath"]
-            write_derivative(self._field(item["field"]), staging / relpath, item.get("data_dtype"))
+            if item["field"] in prewritten:
+                atomic_copy(prewritten[item["field"]], staging / relpath)
+            else:
+                source = self._field(item["field"])
+                write_derivative(source, staging / relpath, item.get("data_dtype"))
             sidecar = derivative_sidecar(
                 item["raw_relpath"],
                 derived_from=item.get("derived_from", ()),

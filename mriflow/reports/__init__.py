@@ -269,12 +269,15 @@ def write_participant_reports(
         ``label -> files written`` (``"_run"`` for the workflow graph). A subject
         whose report fails is logged and skipped; the others are still written.
     """
-    from mriflow.reports.html import write_subject_report
-    from mriflow.reports.iqms import compute_subject_iqms
     from mriflow.reports.provenance import write_provenance, write_workflow_graph
 
     errors = dict(errors or {})
     written: dict[str, list[Path]] = {}
+    if subjects:
+        # 0.3 s of imports (matplotlib, scipy.stats) at the end of every run; a
+        # participant run has reports to write here only for its failed subjects
+        from mriflow.reports.html import write_subject_report
+        from mriflow.reports.iqms import compute_subject_iqms
     for subject in subjects:
         label = subject[4:] if subject.startswith("sub-") else subject
         files: list[Path] = []

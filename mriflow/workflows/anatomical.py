@@ -7,6 +7,7 @@ from nipype.pipeline import engine as pe
 
 from mriflow.bids.outputs import SPACE_OUTPUTS, space_output
 from mriflow.config import NATIVE_SPACE, Config, OutputSpace
+from mriflow.execution import hash_inputs_by_mtime
 from mriflow.image.intensity import method_parameters
 from mriflow.interfaces.anatomical import (
     ApplyTransforms,
@@ -243,8 +244,13 @@ def init_anat_preproc_wf(
             n_procs=threads,
             mem_gb=2.0,
         )
-        first_fwd = pe.Node(niu.Select(index=[0]), name="first_fwd", run_without_submitting=True)
-        first_rev = pe.Node(niu.Select(index=[0]), name="first_rev", run_without_submitting=True)
+        # pass paths on, in the main process: no need to read the transforms to hash them
+        first_fwd = hash_inputs_by_mtime(
+            pe.Node(niu.Select(index=[0]), name="first_fwd", run_without_submitting=True)
+        )
+        first_rev = hash_inputs_by_mtime(
+            pe.Node(niu.Select(index=[0]), name="first_rev", run_without_submitting=True)
+        )
         grid = config.registration.space_resolution(spaces[0])
         std_preproc = _apply(config, "std_preproc", "linear", resolution=grid)
         std_mask = _apply(config, "std_mask", "nearest", resolution=grid)
@@ -321,10 +327,14 @@ def init_anat_preproc_wf(
             name="segment",
             mem_gb=2.0,
         )
-        split_probseg = pe.Node(
-            niu.Split(splits=[1, 1, 1], squeeze=True),
-            name="split_probseg",
-            run_without_submitting=True,
+        # passes paths on, in the main process: hashing the three maps' content took
+        # 0.1-0.8 s there, holding up every other hand-over
+        split_probseg = hash_inputs_by_mtime(
+            pe.Node(
+                niu.Split(splits=[1, 1, 1], squeeze=True),
+                name="split_probseg",
+                run_without_submitting=True,
+            )
         )
         workflow.connect([
             (preproc_source[0], segment, [(preproc_source[1], "in_file")]),

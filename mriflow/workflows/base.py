@@ -20,7 +20,8 @@ from mriflow.bids.outputs import (
 )
 from mriflow.bids.paths import bids_uri
 from mriflow.config import Config
-from mriflow.interfaces.bids import PublishSubject
+from mriflow.execution import hash_inputs_by_mtime
+from mriflow.interfaces.bids import PrewriteDerivatives, PublishSubject
 from mriflow.interfaces.reports import NATIVE_QC_OUTPUTS, TEMPLATE_QC_OUTPUTS, ImageQC
 from mriflow.workflows.session import (
     init_longitudinal_wf,
@@ -30,6 +31,12 @@ from mriflow.workflows.session import (
 )
 
 log = logging.getLogger("mriflow")
+
+# A reference T1w's outputs that exist well before registration ends (native space): the
+# publishing node's copies of them are written while it runs (PrewriteDerivatives)
+_PREWRITTEN_OUTPUTS = frozenset(
+    {"preproc", "brain_mask", "norm", "dseg", "probseg_csf", "probseg_gm", "probseg_wm"}
+)
 
 __all__ = [
     "init_mriflow_wf",
@@ -217,6 +224,7 @@ def init_single_subject_wf(
     staged_fields: list[str] = []
     bias_fields: dict[str, str] = {}
     qc_fields: list[str] = []
+    prewritten: set[str] = set()
     session_wfs: list[tuple[SessionInputs, pe.Workflow]] = []
     for session in subject.sessions(config.coregistration.reference):
         reference = session.reference
@@ -250,6 +258,10 @@ def init_single_subject_wf(
             is_reference = image is reference
             image_plan, outputs = publish_plan(image, config, None if is_reference else reference)
             plan += image_plan
+            if is_reference:
+                prewritten |= {
+                    item["field"] for item in image_plan if item["output"] in _PREWRITTEN_OUTPUTS
+                }
             for output in outputs:
                 source = output if is_reference else session_output_field(image.key, output)
                 wiring.append((session_wf, f"outputnode.{source}", _field(image, output)))
@@ -280,6 +292,7 @@ def init_single_subject_wf(
                 field = _field(image, output, "longitudinal")
                 wiring.append((long_wf, f"outputnode.{output}", field))
 
+    prewrite = _prewrite_node(workflow, plan, wiring, prewritten)
     publish = pe.Node(
         PublishSubject(
             fields=[field for _, _, field in wiring],
@@ -295,11 +308,35 @@ def init_single_subject_wf(
         mem_gb=2.0,
         overwrite=True,  # cheap, and restores outputs deleted since the last run
     )
+    # its inputs are most of the subject's work files (730 MB for one 1 mm T1w), and it
+    # always runs: hashing their content only delayed its start
+    hash_inputs_by_mtime(publish)
     for node, output, field in wiring:
         workflow.connect(node, output, publish, field)
     for field in qc_fields:
         workflow.connect(workflow.get_node(field), "out_record", publish, field)
+    if prewrite is not None:
+        workflow.connect(prewrite, "written", publish, "prewritten")
     return workflow
+
+
+def _prewrite_node(
+    workflow: pe.Workflow, plan: list[dict], wiring: list, fields: set[str]
+) -> pe.Node | None:
+    """The node that writes the plan items of ``fields`` ahead of publishing, if any."""
+    items = [item for item in plan if item["field"] in fields]
+    if not items:
+        return None
+    node = pe.Node(
+        PrewriteDerivatives(fields=[item["field"] for item in items], plan=items),
+        name="prewrite",
+        mem_gb=1.0,
+    )
+    hash_inputs_by_mtime(node)  # it only reads them
+    for source, output, field in wiring:
+        if field in fields:
+            workflow.connect(source, output, node, field)
+    return node
 
 
 def _qc_nodes(
@@ -346,6 +383,7 @@ def _qc_nodes(
                 name=name,
                 mem_gb=1.0,
             )
+            hash_inputs_by_mtime(node)  # 200 MB of inputs it only reads
             for field, (source, _) in fields.items():
                 workflow.connect(session_wf, f"outputnode.{source}", node, field)
             if part == "native":
