@@ -8,8 +8,15 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from nipype.interfaces.base import SimpleInterface, isdefined
+from nipype.interfaces.io import add_traits
 
-__all__ = ["MriflowInterface", "StepError", "step_record", "package_version"]
+__all__ = [
+    "MriflowInterface",
+    "DynamicInputsInterface",
+    "StepError",
+    "step_record",
+    "package_version",
+]
 
 # The inputs that say which image a step was working on, most specific first.
 _INPUT_TRAITS = ("in_file", "source_file", "in_files", "reference_file", "mask_file")
@@ -48,6 +55,19 @@ class MriflowInterface(SimpleInterface):
                 value = value[0]
             return str(value)
         return None
+
+
+class DynamicInputsInterface(MriflowInterface):
+    """An interface whose workflow decides some input names (``fields``), one per
+    connected output of the graph (their ``input_spec`` derives from
+    ``DynamicTraitedSpec``). Dynamic inputs may also be given as keyword arguments."""
+
+    def __init__(self, fields: list[str] | None = None, **inputs: Any) -> None:
+        self._fields = list(fields or [])
+        super().__init__(**{k: v for k, v in inputs.items() if k not in self._fields})
+        add_traits(self.inputs, self._fields)
+        for name in set(self._fields) & set(inputs):
+            setattr(self.inputs, name, inputs[name])
 
 
 def _naming_failures(run):

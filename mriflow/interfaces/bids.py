@@ -24,12 +24,11 @@ from nipype.interfaces.base import (
     isdefined,
     traits,
 )
-from nipype.interfaces.io import add_traits
 
 from mriflow.bids.derivatives import derivative_sidecar, prewrite_derivatives, write_derivative
 from mriflow.bids.paths import atomic_copy, atomic_write_json, sidecar_path, staged_relpath
 from mriflow.bids.publish import begin_subject, carry_over, commit_subject
-from mriflow.interfaces.base import MriflowInterface
+from mriflow.interfaces.base import DynamicInputsInterface
 
 log = logging.getLogger("mriflow")
 
@@ -46,7 +45,7 @@ class _PrewriteDerivativesOutputSpec(TraitedSpec):
     written = traits.Dict(traits.Str, traits.Str, desc="plan field -> written derivative")
 
 
-class PrewriteDerivatives(MriflowInterface):
+class PrewriteDerivatives(DynamicInputsInterface):
     """Write some of a subject's derivatives ahead of :class:`PublishSubject`, in the work dir.
 
     Parameters
@@ -57,11 +56,6 @@ class PrewriteDerivatives(MriflowInterface):
 
     input_spec = _PrewriteDerivativesInputSpec
     output_spec = _PrewriteDerivativesOutputSpec
-
-    def __init__(self, fields: list[str] | None = None, **inputs) -> None:
-        super().__init__(**inputs)
-        self._fields = list(fields or [])
-        add_traits(self.inputs, self._fields)
 
     def _run_interface(self, runtime):
         files = {name: getattr(self.inputs, name) for name in self._fields}
@@ -103,7 +97,7 @@ class _PublishSubjectOutputSpec(TraitedSpec):
     out_report = traits.Str(desc="the subject's HTML report")
 
 
-class PublishSubject(MriflowInterface):
+class PublishSubject(DynamicInputsInterface):
     """Publish one subject's outputs and its QC report into OUT_DIR, atomically.
 
     Parameters
@@ -115,11 +109,6 @@ class PublishSubject(MriflowInterface):
 
     input_spec = _PublishSubjectInputSpec
     output_spec = _PublishSubjectOutputSpec
-
-    def __init__(self, fields: list[str] | None = None, **inputs) -> None:
-        super().__init__(**inputs)
-        self._fields = list(fields or [])
-        add_traits(self.inputs, self._fields)
 
     def _field(self, name: str):
         value = getattr(self.inputs, name)

@@ -23,10 +23,9 @@ from nipype.interfaces.base import (
     isdefined,
     traits,
 )
-from nipype.interfaces.io import add_traits
 
 from mriflow.bids.paths import bids_uri
-from mriflow.interfaces.base import MriflowInterface
+from mriflow.interfaces.base import DynamicInputsInterface
 
 log = logging.getLogger("mriflow")
 
@@ -66,7 +65,7 @@ class _ImageQCOutputSpec(TraitedSpec):
     out_figures = traits.List(File, desc="the figures drawn")
 
 
-class ImageQC(MriflowInterface):
+class ImageQC(DynamicInputsInterface):
     """Native or template-space IQMs and figures of one image from the graph's files.
 
     Never fails: a QC error leaves the record's ``iqms`` and ``figures`` empty and
@@ -81,13 +80,6 @@ class ImageQC(MriflowInterface):
 
     input_spec = _ImageQCInputSpec
     output_spec = _ImageQCOutputSpec
-
-    def __init__(self, fields: list[str] | None = None, **inputs) -> None:
-        fields = list(fields or [])
-        super().__init__(**{k: v for k, v in inputs.items() if k not in fields})
-        add_traits(self.inputs, fields)
-        for name in set(fields) & set(inputs):  # dynamic inputs given here, not connected
-            setattr(self.inputs, name, inputs[name])
 
     def _group(self, raw_relpath: str):
         from mriflow.reports import graph_image
