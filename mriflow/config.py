@@ -344,13 +344,17 @@ _SHELL_SAFE = re.compile(r"[A-Za-z0-9_\-=:,./@%+\[\] ]*")
 
 @dataclass
 class ExecutionConfig:
-    """How the workflow runs. Only ``omp_nthreads`` can change outputs (ITK steps are
-    not bit-reproducible across thread counts; see docs/parallel.md)."""
+    """How the workflow runs. Only ``omp_nthreads`` and ``reproducible`` can change
+    outputs (ITK steps are not bit-reproducible across thread counts; see docs/parallel.md)."""
 
     nprocs: int = 0
     """Processes for MultiProc (0: all cores)."""
     omp_nthreads: int = 1
     """Threads per node for ITK/ANTs/BLAS."""
+    reproducible: bool = True
+    """Run the steps that cannot repeat their output with several threads (registration,
+    co-registration, ANTs denoising) on one thread whatever ``omp_nthreads`` is, so a
+    rerun gives the same bytes; ``false`` trades that for speed."""
     mem_gb: float = 0.0
     """Memory available to MultiProc (0: let Nipype decide)."""
     plugin: str = "MultiProc"

@@ -84,10 +84,11 @@ STEP_MEMORY_GB: dict[str, float] = {
 
 
 # Steps whose output changes from one run to the next, same seed and input, when they
-# use more than one thread (antspyx registration and denoising: ITK sums the metric in
-# thread-finishing order; benchmarks/bench_threads.py, docs/parallel.md). All ITK steps
-# also differ between thread counts, but repeat exactly at a fixed count.
-THREAD_NONDETERMINISTIC_STEPS = frozenset({"registration", "denoise"})
+# use more than one thread (antspyx registration and denoising, SimpleITK co-registration:
+# ITK sums the metric in thread-finishing order; benchmarks/bench_threads.py,
+# docs/parallel.md). All ITK steps also differ between thread counts, but repeat exactly
+# at a fixed count.
+THREAD_NONDETERMINISTIC_STEPS = frozenset({"registration", "denoise", "coregistration"})
 
 
 def step_threads(step: str, omp_nthreads: int, *, reproducible: bool = True) -> int:

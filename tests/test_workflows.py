@@ -111,3 +111,28 @@ def test_native_derivatives_are_written_beside_registration_not_after_it(tmp_pat
     }  # fmt: skip
     assert prewrite not in nx.descendants(graph, by_name["register"])
     assert by_name["publish"] in nx.descendants(graph, prewrite)
+
+
+def test_steps_that_cannot_repeat_on_several_threads_get_one_unless_asked():
+    """``--omp-nthreads 2`` keeps reruns byte-identical: registration, co-registration and
+    denoising run on one thread (ITK sums their metrics in thread-finishing order); N4,
+    which repeats at a fixed count, gets the two threads. ``execution.reproducible =
+    false`` gives every step the threads asked for."""
+    from mriflow.workflows.session import init_session_wf
+
+    for reproducible, pinned in ((True, 1), (False, 2)):
+        config = Config()
+        config.set("execution.omp_nthreads", 2)
+        config.set("execution.reproducible", reproducible)
+        anat_graph = init_anat_preproc_wf(config=config)._create_flat_graph()
+        anat = {node.name: node for node in anat_graph.nodes()}
+        session = {
+            node.name: node
+            for node in init_session_wf(config=config, contrasts={"T2w": "T2w"})
+            ._create_flat_graph()
+            .nodes()
+        }
+        for node in (anat["register"], anat["denoise"], session["coregister"]):
+            assert node.interface.inputs.num_threads == pinned, node.name
+            assert node.n_procs == pinned, node.name
+        assert anat["n4"].interface.inputs.num_threads == 2

@@ -7,7 +7,7 @@ from nipype.pipeline import engine as pe
 
 from mriflow.bids.outputs import SPACE_OUTPUTS, space_output
 from mriflow.config import NATIVE_SPACE, Config, OutputSpace
-from mriflow.execution import hash_inputs_by_mtime
+from mriflow.execution import hash_inputs_by_mtime, step_threads
 from mriflow.image.intensity import method_parameters
 from mriflow.interfaces.anatomical import (
     ApplyTransforms,
@@ -236,12 +236,12 @@ def init_anat_preproc_wf(
                 preset=config.registration.preset,
                 template_resolution=config.registration.template_resolution,
                 random_seed=config.seed,
-                num_threads=threads,
+                num_threads=_step_threads(config, "registration"),
                 write_warped=False,
                 **_template_inputs(config),
             ),
             name="register",
-            n_procs=threads,
+            n_procs=_step_threads(config, "registration"),
             mem_gb=2.0,
         )
         # pass paths on, in the main process: no need to read the transforms to hash them
@@ -406,8 +406,16 @@ def _init_export(workflow, config, inputnode, outputnode, steps, image, mask, ds
         workflow.connect(model, "out_dseg", slices, "dseg_file")
 
 
+def _step_threads(config: Config, step: str) -> int:
+    """Threads of ``step``'s node: one for a step that cannot repeat itself on several
+    threads, when the run asks for reproducible outputs (the default)."""
+    return step_threads(
+        step, max(1, config.execution.omp_nthreads), reproducible=config.execution.reproducible
+    )
+
+
 def _denoise_node(config: Config) -> pe.Node:
-    threads = max(1, config.execution.omp_nthreads)
+    threads = _step_threads(config, "denoise")
     return pe.Node(
         Denoise(
             method=config.denoise.method,

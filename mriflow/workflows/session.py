@@ -36,6 +36,7 @@ from mriflow.workflows.anatomical import (
     _n4_node,
     _normalize_node,
     _slices_node,
+    _step_threads,
     anat_output_fields,
     init_anat_preproc_wf,
 )
@@ -289,10 +290,10 @@ def init_contrast_wf(
         Coregister(
             transform=config.coregistration.transform,
             initialisation=config.coregistration.initialisation,
-            num_threads=threads,
+            num_threads=_step_threads(config, "coregistration"),
         ),
         name="coregister",
-        n_procs=threads,
+        n_procs=_step_threads(config, "coregistration"),
         mem_gb=1.5,
     )
     brain_mask_here = pe.Node(
@@ -435,11 +436,11 @@ def init_longitudinal_wf(
         Coregister(
             transform="rigid",
             initialisation=config.coregistration.initialisation,
-            num_threads=threads,
+            num_threads=_step_threads(config, "coregistration"),
             step_name="longitudinal_coregistration",
         ),
         name="coregister",
-        n_procs=threads,
+        n_procs=_step_threads(config, "coregistration"),
         mem_gb=1.5,
     )
     resampled = {
