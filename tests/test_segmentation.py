@@ -305,13 +305,21 @@ def spm_truth(data_dir):
     return t1, mask, truth
 
 
+# GM / WM Dice floors on the SPM average, a little under what each method gives
+# (hmrf 0.840 / 0.878, gmm 0.875 / 0.878, Atropos + priors 0.868 / 0.879), so that
+# none of them gets worse unnoticed.
+SPM_FLOORS = {"hmrf": (0.835, 0.87), "gmm": (0.87, 0.87), "atropos": (0.86, 0.87)}
+
+
 @pytest.mark.data
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["hmrf", "gmm", "atropos"])
 def test_dice_on_spm_ground_truth(spm_truth, method):
-    # hmrf (the default, no priors): GM 0.840 / WM 0.878 here (issue 14 asks >= 0.86 / 0.86;
-    # Atropos with priors 0.868 / 0.879): its CSF/GM cut, right for FAST on a real head,
-    # takes some of this smooth average's GM as CSF (docs/anatomical.md).
+    # hmrf (the default, no priors) stays under issue 14's GM >= 0.86 here: its CSF/GM
+    # cut, the one that matches FAST and FreeSurfer on the AOMIC head, takes 15 k voxels
+    # of this blurred average's GM as CSF. Moving the cut far enough for 0.86 costs the
+    # AOMIC FAST GM bar (0.838 < 0.85); no setting measured passes both
+    # (docs/anatomical.md, benchmarks/bench_segmentation.py --csf-shift).
     t1, mask, truth = spm_truth
     data = t1.get_fdata()
     params = {}
@@ -321,8 +329,9 @@ def test_dice_on_spm_ground_truth(spm_truth, method):
         # the default: template priors (here the grids are both MNI, no warp needed) + MRF
         params = {"priors": _nilearn_priors(t1), "spacing": t1.header.get_zooms()[:3]}
     seg = S.segment(data, mask, method, **params)
-    assert dice(seg.dseg == LABEL["WM"], truth["WM"]) >= 0.85
-    assert dice(seg.dseg == LABEL["GM"], truth["GM"]) >= 0.80
+    gm_floor, wm_floor = SPM_FLOORS[method]
+    assert dice(seg.dseg == LABEL["GM"], truth["GM"]) >= gm_floor
+    assert dice(seg.dseg == LABEL["WM"], truth["WM"]) >= wm_floor
     assert S.check_plausibility(seg, data) == []
 
 

@@ -57,9 +57,10 @@ def test_default_tissue_classes_match_fast_and_freesurfer(aomic_run):
     # Against FreeSurfer's aseg (issue 14: >= 0.88 / 0.93; main gave 0.770 / 0.849): not
     # reached. The classifier gave 0.885 / 0.921 on ANTs-NLM-denoised input; with the numpy
     # NLM denoising and N4 at 6 mm that are now the defaults, 0.877 / 0.910 (FAST itself
-    # agrees with aseg at 0.817 / 0.863). These bars guard that level; docs/anatomical.md.
-    assert dice(dseg == GM, np.isin(aseg, ASEG_GM)) >= 0.87
-    assert dice(dseg == WM, np.isin(aseg, ASEG_WM)) >= 0.90
+    # agrees with aseg at 0.817 / 0.863). These bars guard that level; aseg WM 0.93 is out
+    # of reach while FAST WM >= 0.90 holds (docs/anatomical.md).
+    assert dice(dseg == GM, np.isin(aseg, ASEG_GM)) >= 0.875
+    assert dice(dseg == WM, np.isin(aseg, ASEG_WM)) >= 0.905
     # CSF volume within 25 % of FAST's (sulcal CSF counted, the mask's dark rim not)
     voxel_ml = float(np.prod(img.header.get_zooms()[:3])) / 1000
     csf_ml, fast_csf_ml = (np.count_nonzero(d == CSF) * voxel_ml for d in (dseg, fast))
