@@ -148,3 +148,29 @@ def test_bad_user_template_files_are_named(tmp_path, change, message):
     with pytest.raises(TemplateError, match=message) as info:
         check_template_files(files)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("resolution", [1, 2])
+def test_cropped_template_keeps_every_brain_voxel_in_place_with_its_margin(resolution):
+    from mriflow.image.template import cropped_to_brain
+
+    full = load_template(resolution)
+    crop = cropped_to_brain(full, 20.0)
+    assert crop.space == full.space and crop.resolution == full.resolution
+    # voxel (0, 0, 0) of the crop is a voxel of the full grid: an integer offset
+    offset = np.linalg.inv(full.t1w.affine) @ crop.t1w.affine @ [0, 0, 0, 1]
+    start = np.round(offset[:3]).astype(int)
+    assert np.allclose(offset[:3], start)
+    box = tuple(slice(s, s + n) for s, n in zip(start, crop.t1w.shape))
+    for key in ("t1w", "mask", "gm", "wm", "csf"):
+        assert np.array_equal(
+            np.asarray(getattr(crop, key).dataobj), np.asarray(getattr(full, key).dataobj)[box]
+        ), key
+    brain = np.asarray(full.mask.dataobj) > 0
+    assert (np.asarray(crop.mask.dataobj) > 0).sum() == brain.sum()
+    # 20 mm of the empty border kept on every side (or the grid's edge)
+    kept = np.argwhere(np.asarray(crop.mask.dataobj) > 0)
+    border_mm = np.minimum(kept.min(0), np.array(crop.t1w.shape) - 1 - kept.max(0)) * resolution
+    edge = (start == 0) | (start + np.array(crop.t1w.shape) == brain.shape)
+    assert np.all((border_mm >= 20) | edge)
+    assert np.prod(crop.t1w.shape) < 0.9 * np.prod(full.t1w.shape)

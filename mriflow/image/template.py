@@ -54,12 +54,15 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
+from mriflow.image.masks import bounding_box
+
 __all__ = [
     "TEMPLATE_SPACE",
     "TEMPLATE_RESOLUTIONS",
     "Template",
     "TemplateError",
     "check_template_files",
+    "cropped_to_brain",
     "downsampled",
     "get_template",
     "load_template",
@@ -240,6 +243,37 @@ def downsampled(template: Template, *, resolution: float | None = None) -> Templ
         maps["gm"],
         maps["wm"],
         maps["csf"],
+        space=template.space,
+        sform_code=int(template.t1w.header["sform_code"]),
+    )
+
+
+def cropped_to_brain(template: Template, margin_mm: float) -> Template:
+    """``template`` on the part of its grid within ``margin_mm`` of its brain mask's
+    bounding box; voxels keep their world positions.
+
+    Raises
+    ------
+    ValueError
+        The brain mask is empty, or ``margin_mm`` is negative.
+    """
+    if margin_mm < 0:
+        raise ValueError(f"margin_mm must be >= 0, got {margin_mm}")
+    mask = np.asarray(template.mask.dataobj) > 0
+    if not mask.any():
+        raise ValueError(f"template {template.space}: the brain mask is empty")
+    zoom = float(np.min(template.mask.header.get_zooms()[:3]))
+    box = bounding_box(mask, int(np.ceil(margin_mm / zoom)))
+    affine = template.t1w.affine.copy()
+    affine[:3, 3] = affine[:3, :3] @ [s.start for s in box] + affine[:3, 3]
+    maps = [
+        None if getattr(template, key) is None else np.asarray(getattr(template, key).dataobj)[box]
+        for key in ("t1w", "mask", "gm", "wm", "csf")
+    ]
+    return _freeze(
+        template.resolution,
+        affine,
+        *maps,
         space=template.space,
         sform_code=int(template.t1w.header["sform_code"]),
     )
