@@ -170,12 +170,19 @@ def efc(data: np.ndarray, frame_mask: np.ndarray | None = None) -> float:
     n_vox = values.size
     if n_vox < 2:
         raise ValueError("efc: fewer than 2 voxels outside the frame mask")
-    b_max = np.sqrt((values**2).sum())
+    # in place, in one scratch array: the same numbers as the plain expressions, without
+    # four more copies of the image (they made the native QC step's peak: +406 MB
+    # against +209 MB now, on a 12.6 M-voxel conformed image)
+    scratch = np.square(values)
+    b_max = np.sqrt(scratch.sum())
     if b_max <= 0:
         raise ValueError("efc: the image is all zeros")
     efc_max = n_vox * (1.0 / np.sqrt(n_vox)) * np.log(1.0 / np.sqrt(n_vox))
-    ratio = values / b_max
-    return float(np.sum(ratio * np.log(ratio + 1e-16)) / efc_max)
+    ratio = np.divide(values, b_max, out=values)
+    np.add(ratio, 1e-16, out=scratch)
+    np.log(scratch, out=scratch)
+    np.multiply(ratio, scratch, out=scratch)
+    return float(np.sum(scratch) / efc_max)
 
 
 def fber(data: np.ndarray, head_mask: np.ndarray, frame_mask: np.ndarray | None = None) -> float:
@@ -518,7 +525,7 @@ def _tissue_maps(
                 f"compute_iqms: tissue_probs needs keys gm, wm, csf; missing {sorted(missing)}"
             )
         maps = {
-            k: _array(tissue_probs[k], f"tissue_probs[{k!r}]").astype(np.float32)
+            k: _array(tissue_probs[k], f"tissue_probs[{k!r}]").astype(np.float32, copy=False)
             for k in ("gm", "wm", "csf")
         }
     elif dseg is not None:
