@@ -389,12 +389,16 @@ def estimate_head_mask(
     # must not pull the threshold up into the tissue.
     clipped = np.minimum(smooth, np.percentile(smooth, 99.5))
     head = smooth > threshold_otsu(clipped)
+    # the float images are done with: freed before the labelling below (this function's
+    # peak: +338 -> +204 MB on a 12.6 M-voxel image)
+    del positive, smooth, clipped
     # closing = dilation then erosion; in a box padded so the dilation never hits its edge
     box = bounding_box(head, 3)
     padded = np.pad(head[box], 2)
     closed = ndi.binary_closing(padded, ndi.generate_binary_structure(3, 1), iterations=2)
     head = np.zeros(head.shape, bool)
     head[box] = closed[2:-2, 2:-2, 2:-2]
+    del padded, closed
     head = ndi.binary_fill_holes(head)
     head = largest_component(head)
     if brain_mask is not None:
