@@ -45,6 +45,7 @@ from mriflow.image._itk import LPS, itk_threads, to_sitk
 __all__ = [
     "CoregistrationResult",
     "coregister",
+    "method_parameters",
     "read_itk_affine",
     "write_itk_affine",
     "rms_deviation",
@@ -98,6 +99,21 @@ _LEVELS = ((4, 2.0, 2.0, 1e-2, 1.0), (2, 1.0, 1.0, 1e-2, 1.0), (1, 0.0, 0.5, 1e-
 _MAX_ITERATIONS = 100
 _SAMPLING_SEED = 42
 _HISTOGRAM_BINS = 32
+_MASK_DILATION_VOXELS = 2
+
+
+def method_parameters() -> dict[str, Any]:
+    """How :func:`coregister` fits, for a step record (from the constants it uses)."""
+    return {
+        "metric": f"Mattes MI ({_HISTOGRAM_BINS} bins), reference brain mask dilated "
+        f"{_MASK_DILATION_VOXELS} voxels",
+        "optimiser": "regular-step gradient descent",
+        "working_voxel_mm": f">= {WORKING_VOXEL_MM:g}",
+        "levels": [
+            {"shrink": shrink, "smoothing_voxels": sigma, "sampled_fraction": fraction}
+            for shrink, sigma, _, _, fraction in _LEVELS
+        ],
+    }
 
 
 def _working_grid(
@@ -267,7 +283,7 @@ def coregister(
     working, working_brain = _working_grid(fixed, brain)
     s_fixed = to_sitk(working.get_fdata(dtype=np.float32), working.affine)
     s_moving = to_sitk(moving.get_fdata(dtype=np.float32), moving.affine)
-    dilated = ndi.binary_dilation(working_brain, iterations=2).astype(np.uint8)
+    dilated = ndi.binary_dilation(working_brain, iterations=_MASK_DILATION_VOXELS).astype(np.uint8)
     s_mask = to_sitk(dilated, working.affine)
 
     def optimise(fit: Any, level: int) -> float:

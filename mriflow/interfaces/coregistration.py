@@ -41,7 +41,11 @@ class Coregister(MriflowInterface):
     output_spec = _CoregisterOutputSpec
 
     def _run_interface(self, runtime):
-        from mriflow.image.coregistration import coregister, write_itk_affine
+        from mriflow.image.coregistration import (
+            coregister,
+            method_parameters,
+            write_itk_affine,
+        )
 
         inputs = self.inputs
         stem = _stem(inputs.moving_file)
@@ -58,11 +62,12 @@ class Coregister(MriflowInterface):
         self._results["metric"] = float(result.metric)
         parameters = {
             "transform": inputs.transform,
-            "metric": "Mattes MI (32 bins, every voxel), reference brain mask dilated 2 voxels",
-            "optimiser": "regular-step gradient descent, 3 levels (6.4, 3.2, 1.6 mm)",
+            **method_parameters(),
             "initialisation": inputs.initialisation,
             "kept_start": result.initialisation,
-            "final_metric": {k: round(float(v), 6) for k, v in result.candidates.items()},
+            # each start's metric after the coarsest level; the better one was refined
+            "start_metrics": {k: round(float(v), 6) for k, v in result.candidates.items()},
+            "final_metric": round(float(result.metric), 6),
         }
         self._results["step"] = step_record(inputs.step_name, parameters, ["SimpleITK"])
         return runtime
