@@ -231,17 +231,18 @@ def init_anat_preproc_wf(
     registered = bool(spaces)
     if registered:
         # registered once; each requested space/resolution is a resampling of its transform
+        register_threads = _step_threads(config, "registration")
         register = pe.Node(
             RegisterToTemplate(
                 preset=config.registration.preset,
                 template_resolution=config.registration.template_resolution,
                 random_seed=config.seed,
-                num_threads=_step_threads(config, "registration"),
+                num_threads=register_threads,
                 write_warped=False,
                 **_template_inputs(config),
             ),
             name="register",
-            n_procs=_step_threads(config, "registration"),
+            n_procs=register_threads,
             mem_gb=2.0,
         )
         # pass paths on, in the main process: no need to read the transforms to hash them

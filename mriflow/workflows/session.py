@@ -286,14 +286,15 @@ def init_contrast_wf(
 
     denoise = _denoise_node(config)
     n4_head = _n4_node(config, "n4_head")
+    coregister_threads = _step_threads(config, "coregistration")
     coregister = pe.Node(
         Coregister(
             transform=config.coregistration.transform,
             initialisation=config.coregistration.initialisation,
-            num_threads=_step_threads(config, "coregistration"),
+            num_threads=coregister_threads,
         ),
         name="coregister",
-        n_procs=_step_threads(config, "coregistration"),
+        n_procs=coregister_threads,
         mem_gb=1.5,
     )
     brain_mask_here = pe.Node(
@@ -432,15 +433,16 @@ def init_longitudinal_wf(
     )
     fields = ["xfm_longitudinal", "longitudinal_preproc", "longitudinal_mask", "steps"]
     outputnode = pe.Node(niu.IdentityInterface(fields=fields), name="outputnode")
+    coregister_threads = _step_threads(config, "coregistration")
     coregister = pe.Node(
         Coregister(
             transform="rigid",
             initialisation=config.coregistration.initialisation,
-            num_threads=_step_threads(config, "coregistration"),
+            num_threads=coregister_threads,
             step_name="longitudinal_coregistration",
         ),
         name="coregister",
-        n_procs=_step_threads(config, "coregistration"),
+        n_procs=coregister_threads,
         mem_gb=1.5,
     )
     resampled = {
