@@ -24,6 +24,7 @@ from mriflow.bids.outputs import anat_derivatives, derivative_relpath
 from mriflow.cli.run import main
 from mriflow.config import Config, ConfigError, OutputSpace, parse_output_space
 from mriflow.image.template import TEMPLATE_SPACE, load_template
+from mriflow.interfaces.anatomical import ResampleToTemplate
 from mriflow.workflows.anatomical import init_anat_preproc_wf
 from tests.spaces_helpers import MOVE, write_moved_template, write_template_subject
 
@@ -86,11 +87,21 @@ def test_two_resolutions_register_once_and_resample_per_grid():
     workflow = init_anat_preproc_wf(config=config)
     nodes = workflow.list_node_names()
     assert [n for n in nodes if n.startswith("register")] == ["register"]
-    grids = {n: workflow.get_node(n).inputs.template_resolution for n in nodes if "std_" in n}
-    assert grids == {
-        "std_preproc": 2, "std_mask": 2, "std_norm": 2, "std_dseg": 2,
-        "std_preproc_space2": 1, "std_mask_space2": 1, "std_norm_space2": 1, "std_dseg_space2": 1,
+    # one resampling node per grid, all four images through one evaluation of the transforms
+    resamplings = {
+        n: workflow.get_node(n).inputs
+        for n in nodes
+        if isinstance(workflow.get_node(n).interface, ResampleToTemplate)
+    }
+    assert {n: (i.template_resolution, i.step_names) for n, i in resamplings.items()} == {
+        "to_template": (2, ["std_preproc", "std_mask", "std_norm", "std_dseg"]),
+        "to_template_space2": (
+            1, ["std_preproc_space2", "std_mask_space2", "std_norm_space2", "std_dseg_space2"],
+        ),
     }  # fmt: skip
+    assert resamplings["to_template"].interpolations == [
+        "linear", "nearest", "linear", "genericLabel",
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(

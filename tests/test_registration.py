@@ -16,6 +16,7 @@ from scipy.spatial.transform import Rotation
 from mriflow.image._hdf5 import clear_timestamps, lookup3
 from mriflow.image.registration import (
     apply_transforms,
+    apply_transforms_many,
     register_to_template,
     transform_points,
 )
@@ -192,6 +193,34 @@ def test_warped_brain_mask_overlaps_template_mask(real_brain, tmp_path, transfor
     dice = _dice(np.asarray(warped_mask.dataobj) > 0, np.asarray(tpl.mask.dataobj) > 0)
     print(f"{transform} dice {dice:.4f}")
     assert dice >= min_dice, dice
+
+
+@pytest.mark.slow
+def test_resampling_many_images_at_once_matches_ants(real_brain, affine_result, tmp_path):
+    """One evaluation of a SyN chain for several images gives what antsApplyTransforms
+    gives each (the template-space outputs are made this way), whatever their types."""
+    img, mask = real_brain
+    syn = register_to_template(img, tmp_path / "sub_", preset="fast", output_resolution=2)
+    labels = np.digitize(img.get_fdata(), [1.0, 200.0, 400.0]).astype(np.int16)  # 0..3
+    images = [img, mask, nib.Nifti1Image(labels, img.affine)]
+    interpolations = ["linear", "nearest", "genericLabel"]
+    reference = load_template(2).t1w
+    # a chain of two files, the last applied first, as ANTs reads a list
+    chains = [syn.forward_transforms, [*syn.forward_transforms, *affine_result.forward_transforms]]
+    for chain in chains:
+        together = apply_transforms_many(images, chain, reference, interpolations=interpolations)
+        for image, interpolation, out in zip(images, interpolations, together, strict=True):
+            ants = apply_transforms(image, chain, reference, interpolation=interpolation)
+            assert out.get_data_dtype() == ants.get_data_dtype()
+            assert np.array_equal(out.affine, reference.affine)
+            expected, got = np.asarray(ants.dataobj), np.asarray(out.dataobj)
+            if interpolation == "linear":
+                assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+            else:
+                assert set(np.unique(got)) == set(np.unique(expected))
+                assert (got != expected).mean() < 1e-4, (got != expected).sum()
+    with pytest.raises(ValueError, match="2 interpolations given for 3 images"):
+        apply_transforms_many(images, chains[0], reference, interpolations=["linear"] * 2)
 
 
 def test_nearest_neighbour_keeps_label_values(affine_result, moved_template):

@@ -38,6 +38,7 @@ __all__ = [
     "SkullStrip",
     "RegisterToTemplate",
     "ApplyTransforms",
+    "ResampleToTemplate",
     "TemplateTissuePriors",
 ]
 
@@ -418,6 +419,70 @@ class ApplyTransforms(MriflowInterface):
             "interpolation": inputs.interpolation,
         }
         self._results["step"] = step_record(inputs.step_name, parameters, ["antspyx"])
+        return runtime
+
+
+# ---------------------------------------------------------- ResampleToTemplate
+class _ResampleToTemplateInputSpec(_TemplateInputSpec):
+    in_files = InputMultiObject(
+        File(exists=True), mandatory=True, desc="images in the transforms' moving space"
+    )
+    interpolations = traits.List(
+        traits.Enum("linear", "nearest", "genericLabel"),
+        mandatory=True,
+        desc="one per image: nearest or genericLabel for masks and labels",
+    )
+    step_names = traits.List(
+        traits.Str, mandatory=True, desc="one per image: its step's name in the sidecar chain"
+    )
+    transforms = InputMultiObject(File(exists=True), mandatory=True, desc="ANTs transforms")
+    template_resolution = traits.Enum(1, 2, usedefault=True, desc="template grid (mm)")
+    num_threads = traits.Int(1, usedefault=True, desc="ITK threads")
+
+
+class _ResampleToTemplateOutputSpec(TraitedSpec):
+    out_files = traits.List(File(exists=True), desc="resampled images, in the inputs' order")
+    step = traits.List(traits.Dict, desc="a step record per image, for the sidecars")
+
+
+class ResampleToTemplate(MriflowInterface):
+    """Resample a subject's images into a template space through one transform chain.
+
+    See :func:`mriflow.image.registration.apply_transforms_many`.
+    """
+
+    input_spec = _ResampleToTemplateInputSpec
+    output_spec = _ResampleToTemplateOutputSpec
+
+    def _run_interface(self, runtime):
+        from mriflow.image.registration import apply_transforms_many
+
+        inputs = self.inputs
+        counts = {len(inputs.in_files), len(inputs.interpolations), len(inputs.step_names)}
+        if len(counts) != 1:
+            raise ValueError("in_files, interpolations and step_names must have one entry each")
+        template = _template(inputs, int(inputs.template_resolution))
+        outputs = apply_transforms_many(
+            [load_image(path) for path in inputs.in_files],
+            list(inputs.transforms),
+            template.t1w,
+            interpolations=list(inputs.interpolations),
+            num_threads=inputs.num_threads,
+        )
+        target = f"{template.space} {template.resolution:g} mm"
+        transforms = [Path(t).name for t in inputs.transforms]
+        self._results["out_files"] = []
+        self._results["step"] = []
+        for in_file, out, interpolation, name in zip(
+            inputs.in_files, outputs, inputs.interpolations, inputs.step_names, strict=True
+        ):
+            self._results["out_files"].append(_save(out, runtime.cwd, in_file, name))
+            parameters = {
+                "transforms": transforms,
+                "reference": target,
+                "interpolation": interpolation,
+            }
+            self._results["step"].append(step_record(name, parameters, ["SimpleITK", "scipy"]))
         return runtime
 
 

@@ -15,6 +15,7 @@ from mriflow.interfaces.anatomical import (
     N4BiasFieldCorrection,
     RegisterToTemplate,
     RemoveBiasField,
+    ResampleToTemplate,
     SkullStrip,
     TemplateTissuePriors,
 )
@@ -252,10 +253,7 @@ def init_anat_preproc_wf(
         first_rev = hash_inputs_by_mtime(
             pe.Node(niu.Select(index=[0]), name="first_rev", run_without_submitting=True)
         )
-        grid = config.registration.space_resolution(spaces[0])
-        std_preproc = _apply(config, "std_preproc", "linear", resolution=grid)
-        std_mask = _apply(config, "std_mask", "nearest", resolution=grid)
-        steps += [register, std_preproc, std_mask]
+        steps.append(register)
         workflow.connect([
             # the extracted brain is the moving image; a moving-mask metric adds nothing
             # and antspyx's mask argument breaks its 3D call (seen: 2x2 spacing, exit 1)
@@ -264,17 +262,8 @@ def init_anat_preproc_wf(
             (register, first_rev, [("reverse_transforms", "inlist")]),
             (first_fwd, outputnode, [("out", "xfm_fwd")]),
             (first_rev, outputnode, [("out", "xfm_rev")]),
-            (preproc_source[0], std_preproc, [(preproc_source[1], "in_file")]),
-            (register, std_preproc, [("forward_transforms", "transforms")]),
-            (skullstrip, std_mask, [("out_mask", "in_file")]),
-            (register, std_mask, [("forward_transforms", "transforms")]),
-            (std_preproc, outputnode, [("out_file", "std_preproc")]),
-            (std_mask, outputnode, [("out_file", "std_mask")]),
         ])  # fmt:skip
-        # the ML export works in template space when there is one, else natively
-        export_image, export_mask = (std_preproc, "out_file"), (std_mask, "out_file")
-    else:
-        export_image, export_mask = preproc_source, (skullstrip, "out_mask")
+    export_image, export_mask = preproc_source, (skullstrip, "out_mask")
 
     if config.intensity.method != "none":
         intensity = config.intensity
@@ -291,15 +280,6 @@ def init_anat_preproc_wf(
             (normalize, outputnode, [("out_file", "norm")]),
         ])  # fmt:skip
         export_image = (normalize, "out_file")
-        if registered:
-            std_norm = _apply(config, "std_norm", "linear", resolution=grid)
-            steps.append(std_norm)
-            workflow.connect([
-                (normalize, std_norm, [("out_file", "in_file")]),
-                (register, std_norm, [("forward_transforms", "transforms")]),
-                (std_norm, outputnode, [("out_file", "std_norm")]),
-            ])  # fmt:skip
-            export_image = (std_norm, "out_file")
 
     export_dseg = None
     # sources of the images resampled into each template space: (node, field) by output
@@ -363,19 +343,17 @@ def init_anat_preproc_wf(
                 ]),
             ])  # fmt:skip
         steps.append(segment)
-        if registered:
-            std_dseg = _apply(config, "std_dseg", "genericLabel", resolution=grid)
-            steps.append(std_dseg)
-            workflow.connect([
-                (segment, std_dseg, [("dseg_file", "in_file")]),
-                (register, std_dseg, [("forward_transforms", "transforms")]),
-                (std_dseg, outputnode, [("out_file", "std_dseg")]),
-            ])  # fmt:skip
-            export_dseg = (std_dseg, "out_file")
         space_sources["std_dseg"] = (segment, "dseg_file")
 
-    for index, space in enumerate(spaces[1:], start=2):
-        _resample_into(workflow, config, space, index, register, space_sources, outputnode, steps)
+    for index, space in enumerate(spaces, start=1):
+        resampled = _resample_into(
+            workflow, config, space, index, register, space_sources, outputnode, steps
+        )
+        if index == 1:
+            # the ML export works in the first template space when there is one
+            export_image = resampled.get("std_norm", resampled["std_preproc"])
+            export_mask = resampled["std_mask"]
+            export_dseg = resampled.get("std_dseg")
     _init_export(workflow, config, inputnode, outputnode, steps,
                  export_image, export_mask, export_dseg)  # fmt:skip
     return _collect_steps(workflow, steps, outputnode)
@@ -525,19 +503,51 @@ def _resample_into(
     sources: dict[str, tuple[pe.Node, str]],
     outputnode: pe.Node,
     steps: list[pe.Node],
-) -> None:
-    """The template-space images once more, on the grid of another requested space."""
+) -> dict[str, tuple[pe.Node, str]]:
+    """The images of ``sources`` resampled into the ``index``-th template space, in one
+    node (the transform chain is evaluated once for all of them); returns where each
+    output can be taken from, by output name."""
     interpolation = {"std_mask": "nearest", "std_dseg": "genericLabel"}
-    grid = config.registration.space_resolution(space)
-    for output, (node, field) in sources.items():
-        name = space_output(output, index)
-        apply = _apply(config, name, interpolation.get(output, "linear"), resolution=grid)
-        steps.append(apply)
-        workflow.connect([
-            (node, apply, [(field, "in_file")]),
-            (register, apply, [("forward_transforms", "transforms")]),
-            (apply, outputnode, [("out_file", name)]),
-        ])  # fmt:skip
+    names = [space_output(output, index) for output in sources]
+    suffix = "" if index == 1 else f"_space{index}"
+    gather = pe.Node(niu.Merge(len(sources)), name=f"to_template{suffix}_inputs",
+                     run_without_submitting=True)  # fmt: skip
+    resample = pe.Node(
+        ResampleToTemplate(
+            interpolations=[interpolation.get(output, "linear") for output in sources],
+            step_names=names,
+            template_resolution=(
+                config.registration.space_resolution(space)
+                or config.registration.template_resolution
+            ),
+            num_threads=max(1, config.execution.omp_nthreads),
+            **_template_inputs(config),
+        ),
+        name=f"to_template{suffix}",
+        mem_gb=1.5,
+    )
+    # passes paths on, in the main process (as split_probseg)
+    split = hash_inputs_by_mtime(
+        pe.Node(
+            niu.Split(splits=[1] * len(sources), squeeze=True),
+            name=f"to_template{suffix}_outputs",
+            run_without_submitting=True,
+        )
+    )
+    steps.append(resample)
+    workflow.connect([
+        (register, resample, [("forward_transforms", "transforms")]),
+        (gather, resample, [("out", "in_files")]),
+        (resample, split, [("out_files", "inlist")]),
+    ])  # fmt:skip
+    resampled = {}
+    for position, ((output, (node, field)), name) in enumerate(
+        zip(sources.items(), names, strict=True), start=1
+    ):
+        workflow.connect(node, field, gather, f"in{position}")
+        workflow.connect(split, f"out{position}", outputnode, name)
+        resampled[output] = (split, f"out{position}")
+    return resampled
 
 
 def _collect_steps(workflow: pe.Workflow, nodes: list[pe.Node], outputnode: pe.Node):
