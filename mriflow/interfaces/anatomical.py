@@ -509,18 +509,18 @@ class TemplateTissuePriors(MriflowInterface):
     output_spec = _PriorsOutputSpec
 
     def _run_interface(self, runtime):
-        from mriflow.image.registration import apply_transforms
+        from mriflow.image.registration import apply_transforms_many
 
         template = _template(self.inputs, 1)
-        reference = load_image(self.inputs.reference_file)
-        for label in ("GM", "WM", "CSF"):
-            warped = apply_transforms(
-                template.probseg(label),
-                list(self.inputs.reverse_transforms),
-                reference,
-                interpolation="linear",
-                num_threads=self.inputs.num_threads,
-            )
+        labels = ("GM", "WM", "CSF")
+        priors = apply_transforms_many(
+            [template.probseg(label) for label in labels],
+            list(self.inputs.reverse_transforms),
+            load_image(self.inputs.reference_file),
+            interpolations=["linear"] * len(labels),
+            num_threads=self.inputs.num_threads,
+        )
+        for label, warped in zip(labels, priors, strict=True):
             self._results[f"{label.lower()}_prior"] = _save(
                 warped,
                 runtime.cwd,
@@ -529,7 +529,7 @@ class TemplateTissuePriors(MriflowInterface):
             )
         self._results["step"] = step_record(
             "template_priors",
-            {"template": template.space, "labels": ["GM", "WM", "CSF"], "interpolation": "linear"},
-            ["antspyx", "nilearn"],
+            {"template": template.space, "labels": list(labels), "interpolation": "linear"},
+            ["SimpleITK", "scipy", "nilearn"],
         )
         return runtime
