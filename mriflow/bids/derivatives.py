@@ -152,7 +152,21 @@ def write_derivative(in_file: str | os.PathLike[str], target: Path, data_dtype: 
     out.set_qform(img.affine, code=1)
     out.set_sform(img.affine, code=1)
     out.header.set_xyzt_units("mm", "sec")
-    atomic_write(target, lambda tmp: nib.save(out, str(tmp)))
+    if str(target).endswith(".nii.gz"):
+        atomic_write(target, lambda tmp: tmp.write_bytes(gzip_bytes(out.to_bytes())))
+    else:
+        atomic_write(target, lambda tmp: nib.save(out, str(tmp)))
+
+
+def gzip_bytes(data: bytes) -> bytes:
+    """``data`` as one gzip member that says nothing of when or from what it was made
+    (mtime 0, no file name), compressed by ISA-L at level 1: 10x faster than zlib's
+    level 1, which nibabel uses, for 0.3 % larger files (a 1 mm float32 volume: 0.21
+    against 2.1 s; docs/anatomical.md). A T1w publishes 14 volumes, and zlib was most
+    of the publishing nodes' time (3.1 of 5.6 s for the example's sub-01)."""
+    from isal import igzip
+
+    return igzip.compress(data, compresslevel=1, mtime=0)
 
 
 def prewrite_derivatives(
