@@ -64,6 +64,26 @@ def test_template_rejects_unknown_resolution():
         load_template(3)
 
 
+def test_template_grid_is_the_loaded_templates_grid(tmp_path):
+    """Resampling onto a template needs its grid only: read from the header, it is the
+    loaded template's, for the 2 mm grid too (odd sizes padded as the block mean pads)."""
+    from mriflow.image.template import get_template, template_grid
+
+    for resolution in (1, 2):
+        grid, tpl = template_grid(resolution=resolution), load_template(resolution)
+        assert grid.shape == tpl.t1w.shape and np.array_equal(grid.affine, tpl.t1w.affine)
+        assert grid.resolution == tpl.resolution
+    one = load_template(1)
+    files = {"t1w": _write(one.t1w, tmp_path / "t1w.nii.gz"),
+             "mask": _write(one.mask, tmp_path / "mask.nii.gz", np.uint8)}  # fmt: skip
+    user, grid = get_template("Mine", None, files), template_grid("Mine", None, files)
+    assert grid.shape == user.t1w.shape and np.allclose(grid.affine, user.t1w.affine)
+    with pytest.raises(ValueError, match="resolution must be one of"):
+        template_grid(resolution=3)
+    with pytest.raises(ValueError, match="is not embedded"):
+        template_grid("Other")
+
+
 def _write(img, path, dtype=None):
     out = nib.Nifti1Image(np.asarray(img.dataobj, dtype=dtype or np.float32), img.affine)
     nib.save(out, str(path))

@@ -58,7 +58,13 @@ import numpy as np
 from mriflow.image._hdf5 import clear_timestamps
 from mriflow.image._itk import LPS, affine_to_itk, itk_threads, to_ants
 from mriflow.image.masks import bounding_box
-from mriflow.image.template import Template, cropped_to_brain, downsampled, load_template
+from mriflow.image.template import (
+    Grid,
+    Template,
+    cropped_to_brain,
+    downsampled,
+    load_template,
+)
 
 __all__ = [
     "PRESETS",
@@ -519,7 +525,7 @@ def apply_transforms(
 def apply_transforms_many(
     images: Sequence[nib.spatialimages.SpatialImage],
     transforms: Sequence[str | Path] | str | Path,
-    reference: nib.spatialimages.SpatialImage,
+    reference: nib.spatialimages.SpatialImage | Grid,
     *,
     interpolations: Sequence[Interpolation],
     default_value: float = 0.0,
@@ -540,8 +546,8 @@ def apply_transforms_many(
     transforms : path or sequence of paths
         As :func:`apply_transforms` (``.h5`` composites, ``.mat``/``.txt`` affines,
         warp fields; the last listed is applied to the image first); not inverted.
-    reference : nibabel image
-        Output grid.
+    reference : nibabel image or :class:`mriflow.image.template.Grid`
+        Output grid (only its shape and affine are used).
     interpolations : sequence of {"linear", "nearest", "genericLabel"}
         One per image. ``genericLabel`` is ANTs' label interpolator: each label's
         indicator interpolated linearly, the largest wins (ties: the lower label).
@@ -584,20 +590,38 @@ def apply_transforms_many(
     displacement = sitk.GetArrayFromImage(field).transpose(2, 1, 0, 3)
     del field
     output_lps = LPS @ np.asarray(reference.affine, dtype=float)
-    coordinates: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
+    grids = {_grid_key(img): img for img in images}
+    coordinates = {
+        key: _voxel_coordinates(displacement, output_lps, img) for key, img in grids.items()
+    }
+    del displacement
     outputs = []
+    # the points to interpolate, shared by consecutive images with one grid and one
+    # nonzero box (a brain's mask, labels and normalized image)
+    shared: tuple | None = None
     for img, interpolation in zip(images, interpolations, strict=True):
-        grid = np.asarray(img.affine, dtype=float).tobytes() + bytes(str(img.shape), "ascii")
-        if grid not in coordinates:
-            coordinates[grid] = _voxel_coordinates(displacement, output_lps, img)
-        voxels, inside = coordinates[grid]
-        label = interpolation != "linear"
-        dtype = img.get_data_dtype() if label else np.float32
-        data = _interpolate(img, voxels, inside, interpolation, default_value)
+        key = _grid_key(img)
+        voxels, inside = coordinates[key]
+        data = np.asanyarray(img.dataobj)
+        # outside the box of an image's nonzero voxels there are only zeros to interpolate
+        box = bounding_box(data != 0, 0) if default_value == 0 else None
+        if shared is None or shared[0] != (key, box):
+            shared = ((key, box), *_points(voxels, inside, box))
+        _, block, selected, points = shared
+        out = np.full(inside.shape, default_value, np.float32)
+        if selected.size:
+            filled = out[block].copy()
+            filled.reshape(-1)[selected] = _interpolate(data, points, interpolation)
+            out[block] = filled
+        dtype = img.get_data_dtype() if interpolation != "linear" else np.float32
         outputs.append(
-            nib.Nifti1Image(data.astype(dtype), reference.affine, _header_for(img, dtype))
+            nib.Nifti1Image(out.astype(dtype), reference.affine, _header_for(img, dtype))
         )
     return outputs
+
+
+def _grid_key(img: nib.spatialimages.SpatialImage) -> bytes:
+    return np.asarray(img.affine, dtype=float).tobytes() + bytes(str(img.shape[:3]), "ascii")
 
 
 _SCIPY_INTERPOLATIONS = ("linear", "nearest", "genericLabel")
@@ -636,66 +660,58 @@ def _voxel_coordinates(
     return voxels, inside
 
 
-def _interpolate(
-    img: nib.spatialimages.SpatialImage,
-    voxels: np.ndarray,
-    inside: np.ndarray,
-    interpolation: str,
-    default_value: float,
-) -> np.ndarray:
-    """Interpolate ``img`` at ``voxels`` as ITK does: edge voxels extend half a voxel
-    outward, ``default_value`` beyond. Only points near the image's nonzero voxels are
-    computed when the default is 0 (the rest interpolate zeros)."""
-    from scipy import ndimage as ndi
-
-    data = np.asanyarray(img.dataobj)
-    if interpolation == "linear":
-        data = data.astype(np.float32, copy=False)
-    out = np.full(inside.shape, default_value, np.float32)
+def _points(
+    voxels: np.ndarray, inside: np.ndarray, box: tuple[slice, ...] | None
+) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray]:
+    """The output points to interpolate: inside the image (ITK's bounds) and, given the
+    box of its nonzero voxels, within a voxel of it. Returns the output block holding
+    them, their flat indices in the block, and their image coordinates (3, n)."""
     reached = inside
-    if default_value == 0:
-        # template-space outputs of a brain are mostly zeros: only the output block whose
-        # points reach the box of the image's nonzero voxels needs interpolating
-        box = bounding_box(data != 0, 0)
+    if box is not None:
         reached = inside.copy()
         for axis, side in enumerate(box):
             reached &= (voxels[axis] > side.start - 1) & (voxels[axis] < side.stop)
     block = bounding_box(reached, 0)
-    # the points inside the image, and near its nonzero voxels, of the block
     selected = np.flatnonzero(reached[block])
-    if selected.size == 0:
-        return out
     points = voxels[(slice(None), *block)].reshape(3, -1).take(selected, axis=1)
+    return block, selected, points
+
+
+def _interpolate(data: np.ndarray, points: np.ndarray, interpolation: str) -> np.ndarray:
+    """``data`` at ``points`` (image coordinates, (3, n)) as ITK interpolates: edge
+    voxels extend half a voxel outward (the caller keeps the points within that)."""
+    from scipy import ndimage as ndi
+
     if interpolation == "linear":
-        values = ndi.map_coordinates(data, points, order=1, mode="nearest", output=np.float32)
-    elif interpolation == "nearest":
-        values = ndi.map_coordinates(data, points, order=0, mode="nearest")
-    else:
-        # label 0's weight is what the others leave; it wins ties, as the lowest label
-        # does in ITK's label interpolator
-        values = np.zeros(points.shape[1], data.dtype)
-        weights = [
-            (
-                value,
-                ndi.map_coordinates(
-                    (data == value).astype(np.float32),
-                    points,
-                    order=1,
-                    mode="nearest",
-                    output=np.float32,
-                ),
-            )
-            for value in np.unique(data[data != 0])
-        ]
-        best = 1.0 - sum((weight for _, weight in weights), np.zeros(len(values), np.float32))
-        for value, weight in weights:
-            won = weight > best
-            values[won] = value
-            best[won] = weight[won]
-    filled = out[block].copy()
-    filled.reshape(-1)[selected] = values
-    out[block] = filled
-    return out
+        return ndi.map_coordinates(
+            data.astype(np.float32, copy=False), points, order=1, mode="nearest",
+            output=np.float32,
+        )  # fmt: skip
+    if interpolation == "nearest":
+        return ndi.map_coordinates(data, points, order=0, mode="nearest")
+    # genericLabel: each label's indicator interpolated linearly, the largest wins; label
+    # 0's weight is what the others leave, and it wins ties, as the lowest label does in
+    # ITK's label interpolator
+    weights = [
+        (
+            value,
+            ndi.map_coordinates(
+                (data == value).astype(np.float32),
+                points,
+                order=1,
+                mode="nearest",
+                output=np.float32,
+            ),
+        )  # fmt: skip
+        for value in np.unique(data[data != 0])
+    ]
+    values = np.zeros(points.shape[1], data.dtype)
+    best = 1.0 - sum((weight for _, weight in weights), np.zeros(len(values), np.float32))
+    for value, weight in weights:
+        won = weight > best
+        values[won] = value
+        best[won] = weight[won]
+    return values
 
 
 def _header_for(img: nib.spatialimages.SpatialImage, dtype: np.dtype) -> nib.Nifti1Header:

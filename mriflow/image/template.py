@@ -64,10 +64,12 @@ __all__ = [
     "check_template_files",
     "cropped_to_brain",
     "downsampled",
+    "Grid",
     "get_template",
     "load_template",
     "load_user_template",
     "template_files",
+    "template_grid",
 ]
 
 TEMPLATE_SPACE = "MNI152NLin2009aSym"
@@ -160,10 +162,7 @@ def load_template(resolution: int = 1) -> Template:
     The first call per resolution reads and derives the maps (about 1 s); later
     calls return the same cached, read-only images.
     """
-    if resolution not in TEMPLATE_RESOLUTIONS:
-        raise ValueError(
-            f"template resolution must be one of {TEMPLATE_RESOLUTIONS} (mm), got {resolution!r}"
-        )
+    _check_resolution(resolution)
     return _load(int(resolution))
 
 
@@ -210,6 +209,15 @@ def _block_mean(data: np.ndarray) -> np.ndarray:
     return padded.reshape(sx, 2, sy, 2, sz, 2).mean(axis=(1, 3, 5), dtype=np.float64)
 
 
+def _coarser_affine(affine: np.ndarray) -> np.ndarray:
+    """The affine of the grid made of ``affine``'s 2x2x2 blocks (:func:`_block_mean`)."""
+    coarse = np.asarray(affine, dtype=float).copy()
+    # The centre of coarse voxel (0, 0, 0) is the centre of fine voxels 0 and 1.
+    coarse[:3, 3] = coarse[:3, 3] + 0.5 * coarse[:3, :3].sum(axis=1)
+    coarse[:3, :3] = coarse[:3, :3] * 2.0
+    return coarse
+
+
 def _downsample(t1: Template) -> Template:
     return downsampled(t1, resolution=2)
 
@@ -220,10 +228,7 @@ def downsampled(template: Template, *, resolution: float | None = None) -> Templ
     The mask is the block mean of the mask thresholded at 0.5; maps a template lacks
     stay ``None``. ``resolution`` labels the result (default: twice the voxel size).
     """
-    affine = template.t1w.affine.copy()
-    # The centre of coarse voxel (0, 0, 0) is the centre of fine voxels 0 and 1.
-    affine[:3, 3] = affine[:3, 3] + 0.5 * affine[:3, :3].sum(axis=1)
-    affine[:3, :3] = affine[:3, :3] * 2.0
+    affine = _coarser_affine(template.t1w.affine)
     maps = {
         key: None
         if getattr(template, key) is None
@@ -379,13 +384,61 @@ def get_template(
     files : mapping or None
         ``registration.template_files``.
     """
+    _check_request(name, resolution, files)
     if files:
-        if resolution is not None:
-            raise ValueError(f"template {name} given as files has one grid: no resolution")
         return load_user_template(name, files)
-    if name != TEMPLATE_SPACE:
-        raise ValueError(f"template {name!r} is not embedded: give it as files")
     return load_template(1 if resolution is None else resolution)
+
+
+def _check_request(
+    name: str, resolution: int | None, files: Mapping[str, str | os.PathLike[str]] | None
+) -> None:
+    if files and resolution is not None:
+        raise ValueError(f"template {name} given as files has one grid: no resolution")
+    if not files and name != TEMPLATE_SPACE:
+        raise ValueError(f"template {name!r} is not embedded: give it as files")
+    if not files and resolution is not None:
+        _check_resolution(resolution)
+
+
+def _check_resolution(resolution: int) -> None:
+    if resolution not in TEMPLATE_RESOLUTIONS:
+        raise ValueError(
+            f"template resolution must be one of {TEMPLATE_RESOLUTIONS} (mm), got {resolution!r}"
+        )
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A voxel grid: what resampling onto a template needs of it, without its voxels."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+
+    @property
+    def resolution(self) -> float:
+        """Mean voxel size (mm), as :attr:`Template.resolution`."""
+        return float(np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)).mean())
+
+
+def template_grid(
+    name: str = TEMPLATE_SPACE,
+    resolution: int | None = None,
+    files: Mapping[str, str | os.PathLike[str]] | None = None,
+) -> Grid:
+    """The grid of :func:`get_template`'s template, from the T1w file's header alone
+    (loading the template derives every map: 0.7-1.5 s in a new process)."""
+    _check_request(name, resolution, files)
+    if files:
+        check_template_files(files)
+        header = nib.load(os.fspath(files["t1w"]))
+        return Grid(tuple(int(n) for n in header.shape[:3]), header.affine)
+    header = nib.load(str(template_files()["t1w"]))
+    shape, affine = tuple(int(n) for n in header.shape[:3]), header.affine
+    if resolution == 2:
+        # _block_mean pads odd sizes by one voxel
+        shape, affine = tuple((n + 1) // 2 for n in shape), _coarser_affine(affine)
+    return Grid(shape, affine)
 
 
 def _freeze(

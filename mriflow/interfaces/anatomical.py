@@ -77,8 +77,19 @@ def _template(inputs, resolution: int | None = None):
     """The template the inputs name, at ``resolution`` mm when it is the embedded one."""
     from mriflow.image.template import get_template
 
+    return get_template(*_template_request(inputs, resolution))
+
+
+def _template_grid(inputs, resolution: int | None = None):
+    """The grid of :func:`_template`'s template, its voxels unread."""
+    from mriflow.image.template import template_grid
+
+    return template_grid(*_template_request(inputs, resolution))
+
+
+def _template_request(inputs, resolution: int | None) -> tuple:
     files = inputs.template_files if isdefined(inputs.template_files) else {}
-    return get_template(inputs.template_name, None if files else resolution, files or None)
+    return inputs.template_name, None if files else resolution, files or None
 
 
 # --------------------------------------------------------------------- Denoise
@@ -461,15 +472,15 @@ class ResampleToTemplate(MriflowInterface):
         counts = {len(inputs.in_files), len(inputs.interpolations), len(inputs.step_names)}
         if len(counts) != 1:
             raise ValueError("in_files, interpolations and step_names must have one entry each")
-        template = _template(inputs, int(inputs.template_resolution))
+        grid = _template_grid(inputs, int(inputs.template_resolution))
         outputs = apply_transforms_many(
             [load_image(path) for path in inputs.in_files],
             list(inputs.transforms),
-            template.t1w,
+            grid,
             interpolations=list(inputs.interpolations),
             num_threads=inputs.num_threads,
         )
-        target = f"{template.space} {template.resolution:g} mm"
+        target = f"{inputs.template_name} {grid.resolution:g} mm"
         transforms = [Path(t).name for t in inputs.transforms]
         self._results["out_files"] = []
         self._results["step"] = []
