@@ -683,28 +683,18 @@ def _interpolate(data: np.ndarray, points: np.ndarray, interpolation: str) -> np
     from scipy import ndimage as ndi
 
     if interpolation == "linear":
-        return ndi.map_coordinates(
-            data.astype(np.float32, copy=False), points, order=1, mode="nearest",
-            output=np.float32,
-        )  # fmt: skip
+        linear = data.astype(np.float32, copy=False)
+        return ndi.map_coordinates(linear, points, order=1, mode="nearest", output=np.float32)
     if interpolation == "nearest":
         return ndi.map_coordinates(data, points, order=0, mode="nearest")
     # genericLabel: each label's indicator interpolated linearly, the largest wins; label
     # 0's weight is what the others leave, and it wins ties, as the lowest label does in
     # ITK's label interpolator
-    weights = [
-        (
-            value,
-            ndi.map_coordinates(
-                (data == value).astype(np.float32),
-                points,
-                order=1,
-                mode="nearest",
-                output=np.float32,
-            ),
-        )  # fmt: skip
-        for value in np.unique(data[data != 0])
-    ]
+    weights = []
+    for value in np.unique(data[data != 0]):
+        indicator = (data == value).astype(np.float32)
+        weight = ndi.map_coordinates(indicator, points, order=1, mode="nearest", output=np.float32)
+        weights.append((value, weight))
     values = np.zeros(points.shape[1], data.dtype)
     best = 1.0 - sum((weight for _, weight in weights), np.zeros(len(values), np.float32))
     for value, weight in weights:
