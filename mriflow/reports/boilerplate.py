@@ -43,10 +43,11 @@ class StepText:
     """How one interface is described: ``sentence(inputs) -> (text, software, refs)``.
 
     ``sentence`` returns None when the inputs say the step does nothing (``method =
-    "none"``). ``step`` is the name the step has in the sidecars' ``Steps``.
+    "none"``). ``steps`` gives the names the node's steps have in the sidecars' ``Steps``
+    (one node may make several outputs, each with its own step).
     """
 
-    step: Callable[[Any], str]
+    steps: Callable[[Any], tuple[str, ...]]
     sentence: Callable[[Any], tuple[str, tuple[str, ...], tuple[str, ...]] | None]
 
 
@@ -157,13 +158,16 @@ def _register(i):
     )
 
 
+_TEMPLATE_SPACE_OUTPUTS = {
+    "std_preproc": "preprocessed image",
+    "std_mask": "brain mask",
+    "std_norm": "intensity-normalized image",
+    "std_dseg": "tissue labels",
+}
+
+
 def _apply(i):
-    what = {
-        "std_preproc": "preprocessed image",
-        "std_mask": "brain mask",
-        "std_norm": "intensity-normalized image",
-        "std_dseg": "tissue labels",
-    }.get(i.step_name, i.step_name)
+    what = _TEMPLATE_SPACE_OUTPUTS.get(i.step_name, i.step_name)
     if i.step_name == "to_t1w":
         return (
             f"was resampled onto the reference T1w grid ({i.interpolation} interpolation, antspyx)",
@@ -178,10 +182,25 @@ def _apply(i):
     )
 
 
+def _resample_to_template(i):
+    # one sentence per template grid; names of later grids end in _space2, _space3, ...
+    what = [_TEMPLATE_SPACE_OUTPUTS[re.sub(r"_space\d+$", "", name)] for name in i.step_names]
+    how = {"linear": "linearly", "nearest": "by nearest neighbour",
+           "genericLabel": "by ANTs' label interpolation"}  # fmt: skip
+    parts = [f"its {w} {how[interpolation]}" for w, interpolation in zip(what, i.interpolations)]
+    listed = ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
+    return (
+        f"was resampled to template space ({listed}), the transforms evaluated once for all "
+        "(SimpleITK, scipy)",
+        ("SimpleITK", "scipy"),
+        ("lowekamp2013",),
+    )
+
+
 def _priors(i):
     return (
         "had the template's GM, WM and CSF probability maps mapped onto it as tissue priors",
-        ("antspyx", "nilearn"),
+        ("SimpleITK", "scipy", "nilearn"),
         ("fonov2009",),
     )
 
@@ -278,8 +297,12 @@ def _face_removed(i):
     )
 
 
-def _name(step: str) -> Callable[[Any], str]:
-    return lambda inputs: step
+def _name(step: str) -> Callable[[Any], tuple[str, ...]]:
+    return lambda inputs: (step,)
+
+
+def _step_name(inputs) -> tuple[str, ...]:
+    return (inputs.step_name,)
 
 
 #: interface class name -> its description
@@ -291,13 +314,14 @@ STEP_TEXTS: dict[str, StepText] = {
     "SkullStrip": StepText(_name("skull_strip"), _skull_strip),
     "Deface": StepText(_name("deface"), _deface),
     "RegisterToTemplate": StepText(_name("registration"), _register),
-    "ApplyTransforms": StepText(lambda i: i.step_name, _apply),
+    "ApplyTransforms": StepText(_step_name, _apply),
+    "ResampleToTemplate": StepText(lambda i: tuple(i.step_names), _resample_to_template),
     "TemplateTissuePriors": StepText(_name("template_priors"), _priors),
     "TissueSegmentation": StepText(_name("tissue_segmentation"), _segment),
     "Normalize": StepText(_name("intensity_normalization"), _normalize),
     "ModelReady": StepText(_name("model_ready"), _model_ready),
     "ExportSlices": StepText(_name("slices"), _slices),
-    "Coregister": StepText(lambda i: i.step_name, _coregister),
+    "Coregister": StepText(_step_name, _coregister),
     "ApplyFaceMask": StepText(_name("deface"), _face_removed),
 }
 
@@ -459,7 +483,8 @@ def build_boilerplate(workflow) -> Boilerplate:
             if made is None:
                 continue
             sentence, software, refs = made
-            text.steps.setdefault(described.step(node.inputs), set()).update(software)
+            for step in described.steps(node.inputs):
+                text.steps.setdefault(step, set()).update(software)
             sentence += text.cite(refs)
             if sentence not in sentences:  # e.g. the raw and the denoised image conformed
                 sentences.append(sentence)
