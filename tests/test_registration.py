@@ -198,12 +198,14 @@ def test_warped_brain_mask_overlaps_template_mask(real_brain, tmp_path, transfor
 @pytest.mark.slow
 def test_resampling_many_images_at_once_matches_ants(real_brain, affine_result, tmp_path):
     """One evaluation of a SyN chain for several images gives what antsApplyTransforms
-    gives each (the template-space outputs are made this way), whatever their types."""
+    gives each (the template-space outputs are made this way), whatever their types;
+    the 2 mm grid's 99 planes are resampled in five slabs."""
     img, mask = real_brain
     syn = register_to_template(img, tmp_path / "sub_", preset="fast", output_resolution=2)
     labels = np.digitize(img.get_fdata(), [1.0, 200.0, 400.0]).astype(np.int16)  # 0..3
-    images = [img, mask, nib.Nifti1Image(labels, img.affine)]
-    interpolations = ["linear", "nearest", "genericLabel"]
+    empty = nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine)
+    images = [img, mask, nib.Nifti1Image(labels, img.affine), empty]
+    interpolations = ["linear", "nearest", "genericLabel", "nearest"]
     reference = load_template(2).t1w
     # a chain of two files, the last applied first, as ANTs reads a list
     chains = [syn.forward_transforms, [*syn.forward_transforms, *affine_result.forward_transforms]]
@@ -219,7 +221,7 @@ def test_resampling_many_images_at_once_matches_ants(real_brain, affine_result, 
             else:
                 assert set(np.unique(got)) == set(np.unique(expected))
                 assert (got != expected).mean() < 1e-4, (got != expected).sum()
-    with pytest.raises(ValueError, match="2 interpolations given for 3 images"):
+    with pytest.raises(ValueError, match="2 interpolations given for 4 images"):
         apply_transforms_many(images, chains[0], reference, interpolations=["linear"] * 2)
 
 
