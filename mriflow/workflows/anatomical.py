@@ -10,7 +10,6 @@ from mriflow.config import NATIVE_SPACE, Config, OutputSpace
 from mriflow.execution import hash_inputs_by_mtime, step_threads
 from mriflow.image.intensity import method_parameters
 from mriflow.interfaces.anatomical import (
-    ApplyTransforms,
     Denoise,
     N4BiasFieldCorrection,
     RegisterToTemplate,
@@ -347,8 +346,9 @@ def init_anat_preproc_wf(
 
     for index, space in enumerate(spaces, start=1):
         resampled = _resample_into(
-            workflow, config, space, index, register, space_sources, outputnode, steps
-        )
+            workflow, config, space, index, (register, "forward_transforms"), space_sources,
+            outputnode, steps,
+        )  # fmt: skip
         if index == 1:
             # the ML export works in the first template space when there is one
             export_image = resampled.get("std_norm", resampled["std_preproc"])
@@ -463,24 +463,6 @@ def _slices_node(config: Config) -> pe.Node:
     )
 
 
-def _apply(
-    config: Config, name: str, interpolation: str, *, resolution: int | None = None
-) -> pe.Node:
-    """An ApplyTransforms node onto the run's template grid (``resolution`` mm when the
-    template is the embedded one; default ``registration.template_resolution``)."""
-    return pe.Node(
-        ApplyTransforms(
-            interpolation=interpolation,
-            template_resolution=resolution or config.registration.template_resolution,
-            num_threads=max(1, config.execution.omp_nthreads),
-            step_name=name,
-            **_template_inputs(config),
-        ),
-        name=name,
-        mem_gb=1.0,
-    )
-
-
 def _template_inputs(config: Config) -> dict:
     """Interface inputs naming a user template; none for the embedded one (its defaults)."""
     reg = config.registration
@@ -499,14 +481,15 @@ def _resample_into(
     config: Config,
     space: OutputSpace,
     index: int,
-    register: pe.Node,
+    transforms: tuple[pe.Node, str],
     sources: dict[str, tuple[pe.Node, str]],
     outputnode: pe.Node,
     steps: list[pe.Node],
 ) -> dict[str, tuple[pe.Node, str]]:
-    """The images of ``sources`` resampled into the ``index``-th template space, in one
-    node (the transform chain is evaluated once for all of them); returns where each
-    output can be taken from, by output name."""
+    """The images of ``sources`` resampled into the ``index``-th template space through
+    the chain ``transforms`` gives (subject -> template), in one node (the chain is
+    evaluated once for all of them); returns where each output can be taken from, by
+    output name."""
     interpolation = {"std_mask": "nearest", "std_dseg": "genericLabel"}
     names = [space_output(output, index) for output in sources]
     suffix = "" if index == 1 else f"_space{index}"
@@ -536,7 +519,7 @@ def _resample_into(
     )
     steps.append(resample)
     workflow.connect([
-        (register, resample, [("forward_transforms", "transforms")]),
+        (transforms[0], resample, [(transforms[1], "transforms")]),
         (gather, resample, [("out", "in_files")]),
         (resample, split, [("out_files", "inlist")]),
     ])  # fmt:skip

@@ -29,12 +29,12 @@ from mriflow.interfaces.deface import ApplyFaceMask
 from mriflow.interfaces.ml import StackChannels
 from mriflow.ml.channel_stack import channel_order
 from mriflow.workflows.anatomical import (
-    _apply,
     _collect_steps,
     _denoise_node,
     _model_ready_node,
     _n4_node,
     _normalize_node,
+    _resample_into,
     _slices_node,
     _step_threads,
     anat_output_fields,
@@ -354,18 +354,17 @@ def init_contrast_wf(
     if registered:
         # reference -> template, then contrast -> reference (ANTs applies the last first)
         compose = pe.Node(niu.Merge(2), name="compose_to_template", run_without_submitting=True)
-        # the first template space (the model-ready grid) only
-        grid = config.registration.space_resolution(spaces[0])
-        std_preproc = _apply(config, "std_preproc", "linear", resolution=grid)
-        steps.append(std_preproc)
         workflow.connect([
             (inputnode, compose, [("xfm_fwd", "in1")]),
             (coregister, compose, [("transform_file", "in2")]),
-            (native[0], std_preproc, [(native[1], "in_file")]),
-            (compose, std_preproc, [("out", "transforms")]),
-            (std_preproc, outputnode, [("out_file", "std_preproc")]),
         ])  # fmt:skip
-        export_image, export_mask = (std_preproc, "out_file"), (inputnode, "std_mask")
+        # the first template space (the model-ready grid) only
+        resampled = _resample_into(
+            workflow, config, spaces[0], 1, (compose, "out"), {"std_preproc": native},
+            outputnode, steps,
+        )  # fmt: skip
+        std_preproc = resampled["std_preproc"]
+        export_image, export_mask = std_preproc, (inputnode, "std_mask")
 
     method = contrast_normalization(config)
     if method != "none":
@@ -382,7 +381,7 @@ def init_contrast_wf(
             # same voxelwise mapping as in T1w space, without resampling a resample
             std_normalize = _normalize_node(config, method, "std_normalize")
             workflow.connect([
-                (std_preproc, std_normalize, [("out_file", "in_file")]),
+                (std_preproc[0], std_normalize, [(std_preproc[1], "in_file")]),
                 (inputnode, std_normalize, [("std_mask", "mask_file")]),
                 (std_normalize, outputnode, [("out_file", "std_norm")]),
             ])  # fmt:skip
