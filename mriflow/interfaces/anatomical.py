@@ -424,13 +424,21 @@ class ApplyTransforms(MriflowInterface):
             num_threads=inputs.num_threads,
         )
         self._results["out_file"] = _save(out, runtime.cwd, inputs.in_file, "resampled")
-        parameters = {
-            "transforms": [Path(t).name for t in inputs.transforms],
-            "reference": target,
-            "interpolation": inputs.interpolation,
-        }
-        self._results["step"] = step_record(inputs.step_name, parameters, ["antspyx"])
+        self._results["step"] = _resampling_step(
+            inputs.step_name, inputs.transforms, target, inputs.interpolation, ["antspyx"]
+        )
         return runtime
+
+
+def _resampling_step(
+    name: str, transforms: list[str], target: str, interpolation: str, software: list[str]
+) -> dict:
+    parameters = {
+        "transforms": [Path(t).name for t in transforms],
+        "reference": target,
+        "interpolation": interpolation,
+    }
+    return step_record(name, parameters, software)
 
 
 # ---------------------------------------------------------- ResampleToTemplate
@@ -481,19 +489,17 @@ class ResampleToTemplate(MriflowInterface):
             num_threads=inputs.num_threads,
         )
         target = f"{inputs.template_name} {grid.resolution:g} mm"
-        transforms = [Path(t).name for t in inputs.transforms]
         self._results["out_files"] = []
         self._results["step"] = []
         for in_file, out, interpolation, name in zip(
             inputs.in_files, outputs, inputs.interpolations, inputs.step_names, strict=True
         ):
             self._results["out_files"].append(_save(out, runtime.cwd, in_file, name))
-            parameters = {
-                "transforms": transforms,
-                "reference": target,
-                "interpolation": interpolation,
-            }
-            self._results["step"].append(step_record(name, parameters, ["SimpleITK", "scipy"]))
+            self._results["step"].append(
+                _resampling_step(
+                    name, inputs.transforms, target, interpolation, ["SimpleITK", "scipy"]
+                )
+            )
         return runtime
 
 
